@@ -1,0 +1,65 @@
+//! Errors as the protocol wants them: `{"error": "..."}` with the status Triton would use.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::codec::DecodeError;
+use crate::pipeline::InferError;
+use crate::registry::LookupError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(status = self.status.as_u16(), error = %self.message, "request failed");
+        } else {
+            tracing::debug!(status = self.status.as_u16(), error = %self.message, "request refused");
+        }
+        (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+impl From<LookupError> for ApiError {
+    fn from(error: LookupError) -> Self {
+        match error {
+            LookupError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
+            LookupError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(error: InferError) -> Self {
+        match error {
+            InferError::Lookup(e) => e.into(),
+            InferError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            e @ InferError::Backend { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+        }
+    }
+}
+
+impl From<DecodeError> for ApiError {
+    fn from(error: DecodeError) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, error.to_string())
+    }
+}

@@ -1,0 +1,100 @@
+//! The `modelyard` command line: the edge where errors become messages and exit codes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use modelyard::config::Config;
+use modelyard::telemetry::{self, LogFormat};
+
+/// Modelyard serves ONNX models over the Open Inference Protocol (KServe v2).
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr: readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the model repository over HTTP until SIGINT or SIGTERM.
+    ///
+    /// Models live in `<models>/<name>/<version>/model.onnx`, with an optional
+    /// `<models>/<name>/model.toml`; adding, replacing or removing them takes effect while
+    /// the server runs. On SIGINT/SIGTERM the server stops accepting connections, finishes
+    /// the requests in flight and exits 0.
+    Serve {
+        /// Configuration file. Default: ./modelyard.toml if it exists, else built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides server.listen; default 127.0.0.1:8080).
+        #[arg(long, short)]
+        listen: Option<String>,
+        /// Model repository directory (overrides models.dir; default ./models).
+        #[arg(long, short)]
+        models: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            models,
+        } => serve(config, listen, models),
+    }
+}
+
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    models: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let default = Path::new("modelyard.toml");
+    let mut config = match config {
+        Some(path) => Config::load(&path)?,
+        None if default.is_file() => Config::load(default)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    if let Some(models) = models {
+        config.models.dir = models;
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let result = runtime.block_on(modelyard::server::run(&config, shutdown_signal()));
+    // A model load still running on a blocking thread must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(result?)
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

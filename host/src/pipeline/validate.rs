@@ -1,0 +1,92 @@
+//! Checks a request against the signature of the version that will answer it, so that
+//! every mistake a client can make is a 400 that says what and where, and the backend
+//! only ever sees inputs it declared.
+
+use super::InferError;
+use crate::registry::LoadedVersion;
+use crate::tensor::{Tensor, TensorSpec};
+
+fn names(specs: &[TensorSpec]) -> String {
+    specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn shape_text(shape: &[impl std::fmt::Display]) -> String {
+    let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+pub(super) fn inputs(target: &LoadedVersion, inputs: &[Tensor]) -> Result<(), InferError> {
+    let at = |what: String| {
+        InferError::Invalid(format!(
+            "{what} (model '{}' version {})",
+            target.model, target.version
+        ))
+    };
+    for (i, input) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|other| other.name == input.name) {
+            return Err(at(format!(
+                "input '{}' is given more than once",
+                input.name
+            )));
+        }
+        let Some(spec) = target.inputs.iter().find(|s| s.name == input.name) else {
+            return Err(at(format!(
+                "unknown input '{}'; the inputs are: {}",
+                input.name,
+                names(&target.inputs)
+            )));
+        };
+        if spec.datatype != input.datatype {
+            return Err(at(format!(
+                "input '{}' has datatype {}, but the model expects {}",
+                input.name, input.datatype, spec.datatype
+            )));
+        }
+        if !spec.accepts_shape(&input.shape) {
+            return Err(at(format!(
+                "input '{}' has shape {}, but the model expects {} (-1: any size)",
+                input.name,
+                shape_text(&input.shape),
+                shape_text(&spec.shape)
+            )));
+        }
+    }
+    if let Some(missing) = target
+        .inputs
+        .iter()
+        .find(|spec| !inputs.iter().any(|i| i.name == spec.name))
+    {
+        return Err(at(format!(
+            "input '{}' is missing; the model needs: {}",
+            missing.name,
+            names(&target.inputs)
+        )));
+    }
+    Ok(())
+}
+
+/// The output names to return, in order; every name must exist.
+pub(super) fn outputs(
+    target: &LoadedVersion,
+    requested: Option<Vec<String>>,
+) -> Result<Vec<String>, InferError> {
+    let Some(requested) = requested else {
+        return Ok(target.outputs.iter().map(|s| s.name.clone()).collect());
+    };
+    if let Some(unknown) = requested
+        .iter()
+        .find(|name| !target.outputs.iter().any(|s| &s.name == *name))
+    {
+        return Err(InferError::Invalid(format!(
+            "unknown output '{unknown}'; the outputs of model '{}' version {} are: {}",
+            target.model,
+            target.version,
+            names(&target.outputs)
+        )));
+    }
+    Ok(requested)
+}

@@ -1,0 +1,143 @@
+//! `models/<name>/model.toml`: what a model's directory may say about the model.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::backend::TensorOverride;
+
+/// The parsed `model.toml`; every field is optional, and a model without the file gets the
+/// defaults (all versions, the signature the ONNX file declares, no card).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+    /// Inputs whose type or shape the ONNX file leaves open.
+    #[serde(default)]
+    pub inputs: Vec<TensorOverride>,
+    #[serde(default)]
+    pub outputs: Vec<TensorOverride>,
+    pub card: Option<ModelCard>,
+}
+
+/// Which version directories are served: `"all"`, `{ latest = N }` or `{ specific = [..] }`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionPolicy {
+    #[default]
+    All,
+    Latest(usize),
+    Specific(Vec<u64>),
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of those present, in ascending order.
+    pub fn select(&self, mut present: Vec<u64>) -> Vec<u64> {
+        present.sort_unstable();
+        match self {
+            VersionPolicy::All => present,
+            VersionPolicy::Latest(n) => present.split_off(present.len().saturating_sub(*n)),
+            VersionPolicy::Specific(wanted) => {
+                present.retain(|v| wanted.contains(v));
+                present
+            }
+        }
+    }
+}
+
+/// What people need to know before relying on a model; served with its metadata.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCard {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intended_use: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limitations: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training_data: Option<String>,
+    /// Evaluation results, free-form: typically one table per version.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid model.toml: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+}
+
+impl ModelConfig {
+    pub fn load(path: &Path) -> Result<ModelConfig, ModelConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ModelConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DataType;
+
+    #[test]
+    fn policies_select_versions() {
+        let present = vec![3, 1, 2];
+        assert_eq!(VersionPolicy::All.select(present.clone()), vec![1, 2, 3]);
+        assert_eq!(VersionPolicy::Latest(2).select(present.clone()), vec![2, 3]);
+        assert_eq!(
+            VersionPolicy::Latest(9).select(present.clone()),
+            vec![1, 2, 3]
+        );
+        assert_eq!(VersionPolicy::Specific(vec![1, 7]).select(present), vec![1]);
+    }
+
+    #[test]
+    fn parses_every_section() {
+        let config: ModelConfig = toml::from_str(
+            r#"
+            version_policy = { latest = 1 }
+            [[inputs]]
+            name = "x"
+            datatype = "FP32"
+            shape = [-1, 4]
+            [card]
+            owner = "ml-team"
+            [card.metrics."1"]
+            accuracy = 0.9
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.version_policy, VersionPolicy::Latest(1));
+        assert_eq!(config.inputs[0].datatype, Some(DataType::Fp32));
+        assert_eq!(config.card.unwrap().metrics["1"]["accuracy"], 0.9);
+    }
+
+    #[test]
+    fn typos_are_refused() {
+        let err = toml::from_str::<ModelConfig>("version_polcy = \"all\"").unwrap_err();
+        assert!(err.to_string().contains("version_polcy"), "{err}");
+        let err = toml::from_str::<ModelConfig>("[[inputs]]\nname = \"x\"\ndatatype = \"FLOAT\"")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown datatype 'FLOAT'"),
+            "{err}"
+        );
+    }
+}

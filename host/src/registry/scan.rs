@@ -1,0 +1,245 @@
+//! One pass over the model directory, producing the next snapshot from the previous one:
+//! unchanged files keep their loaded graphs, changed and new ones are loaded, and anything
+//! that fails to load is refused while whatever served before keeps serving.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{LoadedVersion, Model, ModelConfig, Snapshot, VersionEntry};
+use crate::backend::TractBackend;
+
+const MODEL_FILE: &str = "model.onnx";
+const CONFIG_FILE: &str = "model.toml";
+
+/// Enough of a file's metadata to tell that it changed since it was last read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        let meta = fs::metadata(path).ok().filter(|m| m.is_file())?;
+        Some(FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// Editors and copy tools leave these behind; they are never models.
+fn is_ignored(name: &str) -> bool {
+    name.starts_with('.') || name.ends_with('~') || name.ends_with(".tmp")
+}
+
+fn subdirectories(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) => {
+            tracing::error!(dir = %dir.display(), %error, "cannot list the model directory");
+            return Vec::new();
+        }
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .filter(|(name, _)| !is_ignored(name))
+        .collect()
+}
+
+pub(super) fn scan(dir: &Path, previous: &Snapshot) -> Snapshot {
+    let models = subdirectories(dir)
+        .into_iter()
+        .map(|(name, path)| {
+            let model = scan_model(&path, &name, previous.models.get(&name).map(Arc::as_ref));
+            (name, Arc::new(model))
+        })
+        .collect();
+    Snapshot { models }
+}
+
+fn scan_model(dir: &Path, name: &str, previous: Option<&Model>) -> Model {
+    let config_path = dir.join(CONFIG_FILE);
+    let config_stamp = FileStamp::of(&config_path);
+    let unchanged = previous.filter(|p| p.config_stamp == config_stamp);
+    let (config, refused_config, config_changed) = match unchanged {
+        Some(p) => (p.config.clone(), p.refused_config.clone(), false),
+        None if config_stamp.is_none() => (ModelConfig::default(), None, true),
+        None => match ModelConfig::load(&config_path) {
+            Ok(config) => (config, None, true),
+            Err(error) => {
+                tracing::error!(model = name, %error, "model.toml refused; the model keeps its previous settings");
+                let kept = previous.map(|p| p.config.clone()).unwrap_or_default();
+                (kept, Some(Arc::from(error.to_string())), false)
+            }
+        },
+    };
+
+    let present = subdirectories(dir)
+        .into_iter()
+        .filter_map(|(v, _)| v.parse::<u64>().ok())
+        .collect();
+    let versions = config
+        .version_policy
+        .select(present)
+        .into_iter()
+        .map(|version| {
+            let before = previous.and_then(|p| p.versions.get(&version));
+            let entry = scan_version(dir, name, version, &config, before, config_changed);
+            (version, entry)
+        })
+        .collect::<BTreeMap<_, _>>();
+
+    Model {
+        name: name.to_string(),
+        config,
+        refused_config,
+        versions,
+        config_stamp,
+    }
+}
+
+fn scan_version(
+    dir: &Path,
+    name: &str,
+    version: u64,
+    config: &ModelConfig,
+    before: Option<&VersionEntry>,
+    config_changed: bool,
+) -> VersionEntry {
+    let path = dir.join(version.to_string()).join(MODEL_FILE);
+    let stamp = FileStamp::of(&path);
+    if let Some(before) = before.filter(|b| b.stamp == stamp && !config_changed) {
+        return before.clone();
+    }
+    let kept = before.and_then(|b| b.loaded.clone());
+    let Some(_) = stamp else {
+        return VersionEntry {
+            loaded: kept,
+            refused: Some(Arc::from(format!("{} does not exist yet", path.display()))),
+            stamp,
+        };
+    };
+    let loaded = fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            TractBackend::load_onnx(&bytes, &config.inputs, &config.outputs)
+                .map_err(|e| e.to_string())
+        });
+    match loaded {
+        Ok(graph) => {
+            tracing::info!(model = name, version, file = %path.display(), "model version loaded");
+            VersionEntry {
+                loaded: Some(Arc::new(LoadedVersion {
+                    model: name.to_string(),
+                    version,
+                    graph: graph.graph,
+                    inputs: graph.inputs,
+                    outputs: graph.outputs,
+                })),
+                refused: None,
+                stamp,
+            }
+        }
+        Err(reason) => {
+            tracing::error!(
+                model = name,
+                version,
+                file = %path.display(),
+                %reason,
+                serving = kept.as_ref().map(|_| "the previously loaded file").unwrap_or("nothing"),
+                "model file refused"
+            );
+            VersionEntry {
+                loaded: kept,
+                refused: Some(Arc::from(format!("{} refused: {reason}", path.display()))),
+                stamp,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iris_bytes() -> Vec<u8> {
+        fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/iris/1/model.onnx"
+        ))
+        .unwrap()
+    }
+
+    fn temp_repo(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("modelyard-scan-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("iris/1")).unwrap();
+        fs::write(dir.join("iris/1/model.onnx"), iris_bytes()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn unchanged_files_keep_their_graph_and_corrupt_ones_keep_the_old() {
+        let dir = temp_repo("keep");
+        let first = scan(&dir, &Snapshot::default());
+        let loaded = first.resolve("iris", Some("1")).unwrap();
+        let second = scan(&dir, &first);
+        assert!(Arc::ptr_eq(
+            &loaded,
+            &second.resolve("iris", Some("1")).unwrap()
+        ));
+
+        fs::write(
+            dir.join("iris/1/model.onnx"),
+            b"garbage, and longer than before",
+        )
+        .unwrap();
+        let third = scan(&dir, &second);
+        assert!(Arc::ptr_eq(
+            &loaded,
+            &third.resolve("iris", Some("1")).unwrap()
+        ));
+        let refused = third.models["iris"].versions[&1].refused.clone().unwrap();
+        assert!(
+            refused.contains("iris/1/model.onnx refused: not an ONNX model"),
+            "{refused}"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn ignores_hidden_and_non_numeric_directories() {
+        let dir = temp_repo("ignore");
+        fs::create_dir_all(dir.join(".cache/1")).unwrap();
+        fs::create_dir_all(dir.join("iris/latest")).unwrap();
+        let snapshot = scan(&dir, &Snapshot::default());
+        assert_eq!(snapshot.models.keys().collect::<Vec<_>>(), vec!["iris"]);
+        assert_eq!(
+            snapshot.models["iris"].versions.keys().collect::<Vec<_>>(),
+            vec![&1]
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_versions_and_models_are_not_found() {
+        let dir = temp_repo("lookup");
+        let snapshot = scan(&dir, &Snapshot::default());
+        assert!(matches!(
+            snapshot.resolve("nope", None),
+            Err(super::super::LookupError::NotFound(_))
+        ));
+        assert!(matches!(
+            snapshot.resolve("iris", Some("9")),
+            Err(super::super::LookupError::NotFound(_))
+        ));
+        assert_eq!(snapshot.resolve("iris", None).unwrap().version, 1);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

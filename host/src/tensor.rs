@@ -1,0 +1,195 @@
+//! The tensor vocabulary every concern shares: the Open Inference Protocol datatypes and a
+//! tensor whose data is raw little-endian bytes, the form the binary extension, wasi-nn and
+//! (later) plugins all carry, so a tensor crosses from HTTP to the backend without
+//! re-encoding.
+
+use std::fmt;
+
+#[cfg(target_endian = "big")]
+compile_error!("tensor data is kept as little-endian bytes and handed to backends as is");
+
+/// An Open Inference Protocol datatype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataType {
+    Bool,
+    Uint8,
+    Uint16,
+    Uint32,
+    Uint64,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    Fp16,
+    Fp32,
+    Fp64,
+    /// Length-prefixed byte strings: each element is a u32 little-endian length, then that
+    /// many bytes (the binary extension's layout, kept the same in memory).
+    Bytes,
+}
+
+impl DataType {
+    pub const ALL: [DataType; 13] = [
+        DataType::Bool,
+        DataType::Uint8,
+        DataType::Uint16,
+        DataType::Uint32,
+        DataType::Uint64,
+        DataType::Int8,
+        DataType::Int16,
+        DataType::Int32,
+        DataType::Int64,
+        DataType::Fp16,
+        DataType::Fp32,
+        DataType::Fp64,
+        DataType::Bytes,
+    ];
+
+    /// The protocol's name for the datatype, as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::Uint8 => "UINT8",
+            DataType::Uint16 => "UINT16",
+            DataType::Uint32 => "UINT32",
+            DataType::Uint64 => "UINT64",
+            DataType::Int8 => "INT8",
+            DataType::Int16 => "INT16",
+            DataType::Int32 => "INT32",
+            DataType::Int64 => "INT64",
+            DataType::Fp16 => "FP16",
+            DataType::Fp32 => "FP32",
+            DataType::Fp64 => "FP64",
+            DataType::Bytes => "BYTES",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<DataType> {
+        DataType::ALL.into_iter().find(|dt| dt.as_str() == name)
+    }
+
+    /// Bytes per element; `None` for BYTES, whose elements vary in length.
+    pub fn element_size(self) -> Option<usize> {
+        match self {
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => Some(1),
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => Some(2),
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => Some(4),
+            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => Some(8),
+            DataType::Bytes => None,
+        }
+    }
+}
+
+impl fmt::Display for DataType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for DataType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DataType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DataType::parse(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown datatype '{name}' (expected one of {})",
+                DataType::ALL.map(DataType::as_str).join(", ")
+            ))
+        })
+    }
+}
+
+/// A named tensor with a concrete shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// Number of elements the shape describes, `None` if it overflows.
+    pub fn element_count(shape: &[usize]) -> Option<usize> {
+        shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// Splits BYTES data into its elements; `None` if the length prefixes do not add up.
+    pub fn byte_elements(data: &[u8]) -> Option<Vec<&[u8]>> {
+        let mut elements = Vec::new();
+        let mut rest = data;
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+            if tail.len() < len {
+                return None;
+            }
+            let (element, tail) = tail.split_at(len);
+            elements.push(element);
+            rest = tail;
+        }
+        Some(elements)
+    }
+}
+
+/// What a model declares for one of its inputs or outputs; `-1` marks a dimension that
+/// varies per request (the batch, most often).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+}
+
+impl TensorSpec {
+    /// Whether a concrete shape fits this spec.
+    pub fn accepts_shape(&self, shape: &[usize]) -> bool {
+        self.shape.len() == shape.len()
+            && self
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(&want, &got)| want < 0 || usize::try_from(want).ok() == Some(got))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datatype_names_round_trip() {
+        for dt in DataType::ALL {
+            assert_eq!(DataType::parse(dt.as_str()), Some(dt));
+        }
+        assert_eq!(DataType::parse("FLOAT"), None);
+    }
+
+    #[test]
+    fn byte_elements_follow_length_prefixes() {
+        let data = [2, 0, 0, 0, b'h', b'i', 0, 0, 0, 0];
+        assert_eq!(
+            Tensor::byte_elements(&data),
+            Some(vec![&b"hi"[..], &b""[..]])
+        );
+        assert_eq!(Tensor::byte_elements(&[5, 0, 0, 0, b'x']), None);
+        assert_eq!(Tensor::byte_elements(&[1, 0]), None);
+    }
+
+    #[test]
+    fn spec_accepts_variable_dimensions() {
+        let spec = TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 4],
+        };
+        assert!(spec.accepts_shape(&[7, 4]));
+        assert!(!spec.accepts_shape(&[7, 3]));
+        assert!(!spec.accepts_shape(&[4]));
+    }
+}
