@@ -43,6 +43,11 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    // A panic inside a backend run is caught and answered with a 500; report it as one
+    // log event rather than a raw backtrace on stderr.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "caught a panic; the request it belonged to failed");
+    }));
     match cli.command {
         Command::Serve {
             config,

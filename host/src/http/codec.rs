@@ -188,7 +188,7 @@ pub fn decode_request(
 fn check_binary(datatype: DataType, data: &[u8], count: usize) -> Result<(), String> {
     match datatype.element_size() {
         Some(size) => {
-            let want = count.checked_mul(size).unwrap_or(usize::MAX);
+            let want = count.saturating_mul(size);
             if data.len() != want {
                 return Err(format!(
                     "binary_data_size is {} bytes, but the shape needs {count} {datatype} elements = {want} bytes",
@@ -242,9 +242,10 @@ struct Flatten<'a> {
 }
 
 impl Flatten<'_> {
-    fn push(self, bytes: &[u8]) {
+    fn push<E>(self, bytes: &[u8]) -> Result<(), E> {
         self.out.extend_from_slice(bytes);
         *self.count += 1;
+        Ok(())
     }
 
     fn mismatch<E: serde::de::Error>(&self, value: impl std::fmt::Display) -> E {
@@ -258,7 +259,7 @@ impl Flatten<'_> {
         macro_rules! int {
             ($t:ty) => {
                 match <$t>::try_from(v) {
-                    Ok(x) => Ok(self.push(&x.to_le_bytes())),
+                    Ok(x) => self.push(&x.to_le_bytes()),
                     Err(_) => Err(self.mismatch(v)),
                 }
             };
@@ -279,9 +280,9 @@ impl Flatten<'_> {
 
     fn float<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
         match self.datatype {
-            DataType::Fp16 => Ok(self.push(&half::f16::from_f64(v).to_le_bytes())),
-            DataType::Fp32 => Ok(self.push(&(v as f32).to_le_bytes())),
-            DataType::Fp64 => Ok(self.push(&v.to_le_bytes())),
+            DataType::Fp16 => self.push(&half::f16::from_f64(v).to_le_bytes()),
+            DataType::Fp32 => self.push(&(v as f32).to_le_bytes()),
+            DataType::Fp64 => self.push(&v.to_le_bytes()),
             _ => Err(self.mismatch(v)),
         }
     }
@@ -316,7 +317,7 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
         match self.datatype {
-            DataType::Bool => Ok(self.push(&[u8::from(v)])),
+            DataType::Bool => self.push(&[u8::from(v)]),
             _ => Err(self.mismatch(v)),
         }
     }
@@ -339,8 +340,7 @@ impl<'de> Visitor<'de> for Flatten<'_> {
         }
         let len = u32::try_from(v.len()).map_err(|_| E::custom("a BYTES element is over 4 GiB"))?;
         self.out.extend_from_slice(&len.to_le_bytes());
-        self.push(v.as_bytes());
-        Ok(())
+        self.push(v.as_bytes())
     }
 }
 

@@ -1,0 +1,8 @@
+//! End-to-end tests: the real binary, real HTTP, real ONNX models.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod compat;
+mod harness;
+mod lifecycle;
+mod protocol;
+mod repository;
