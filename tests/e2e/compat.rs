@@ -26,5 +26,8 @@ fn tritonclient_works_in_json_and_binary_mode() {
         String::from_utf8_lossy(&output.stderr),
         server.logs()
     );
-    assert!(stdout.contains("tritonclient: all checks passed"), "{stdout}");
+    assert!(
+        stdout.contains("tritonclient: all checks passed"),
+        "{stdout}"
+    );
 }

@@ -34,7 +34,10 @@ pub fn repository(fixtures: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&root().join("models/iris"), &dir.path().join("iris"));
     for name in fixtures {
-        copy_dir(&root().join("tests/fixtures").join(name), &dir.path().join(name));
+        copy_dir(
+            &root().join("tests/fixtures").join(name),
+            &dir.path().join(name),
+        );
     }
     dir
 }
@@ -61,7 +64,12 @@ impl Reply {
 
     /// The `error` of a protocol error body, checking the status on the way.
     pub fn error(&self, status: u16) -> String {
-        assert_eq!(self.status, status, "{}", String::from_utf8_lossy(&self.body));
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
         self.json()["error"].as_str().unwrap().to_string()
     }
 }
@@ -74,7 +82,14 @@ impl Server {
         let config_path = config_dir.path().join("modelyard.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut child = Command::new(BIN)
-            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--config"])
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
             .arg(&config_path)
             .arg("--models")
             .arg(models)
@@ -111,7 +126,9 @@ impl Server {
             agent,
             _config_dir: config_dir,
         };
-        server.wait_until("the server is ready", || server.get("/v2/health/ready").status == 200);
+        server.wait_until("the server is ready", || {
+            server.get("/v2/health/ready").status == 200
+        });
         server
     }
 
@@ -128,7 +145,12 @@ impl Server {
         Reply {
             status: response.status().as_u16(),
             headers: response.headers().clone(),
-            body: response.body_mut().with_config().limit(u64::MAX).read_to_vec().unwrap(),
+            body: response
+                .body_mut()
+                .with_config()
+                .limit(u64::MAX)
+                .read_to_vec()
+                .unwrap(),
         }
     }
 
@@ -161,7 +183,11 @@ impl Server {
     pub fn wait_until(&self, what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !condition() {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}; logs:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}; logs:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -181,7 +207,11 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server did not exit; logs:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit; logs:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -228,10 +258,6 @@ pub fn predicted_classes(output: &Value) -> Vec<usize> {
         .collect();
     probs
         .chunks(3)
-        .map(|row| {
-            (0..3)
-                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                .unwrap()
-        })
+        .map(|row| (0..3).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap())
         .collect()
 }

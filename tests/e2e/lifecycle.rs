@@ -26,7 +26,9 @@ fn sigterm_finishes_the_request_in_flight_then_exits_zero() {
     std::thread::sleep(Duration::from_millis(300));
     server.signal("TERM");
 
-    server.wait_until("new connections are refused", || TcpStream::connect(&server.addr).is_err());
+    server.wait_until("new connections are refused", || {
+        TcpStream::connect(&server.addr).is_err()
+    });
     stream.write_all(tail.as_bytes()).unwrap();
     let mut reply = String::new();
     stream.read_to_string(&mut reply).unwrap();
@@ -43,29 +45,49 @@ fn sigint_exits_zero() {
     let models = repository(&[]);
     let mut server = Server::start(models.path(), "");
     server.signal("INT");
-    assert_eq!(server.wait_exit().code(), Some(0), "logs:\n{}", server.logs());
+    assert_eq!(
+        server.wait_exit().code(),
+        Some(0),
+        "logs:\n{}",
+        server.logs()
+    );
 }
 
 #[test]
 fn a_missing_model_directory_is_a_clear_startup_error() {
     let output = std::process::Command::new(crate::harness::BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--models", "/nonexistent/modelyard-models"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--models",
+            "/nonexistent/modelyard-models",
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("/nonexistent/modelyard-models") && stderr.contains("does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/modelyard-models") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn help_explains_the_commands() {
-    let output = std::process::Command::new(crate::harness::BIN).arg("--help").output().unwrap();
+    let output = std::process::Command::new(crate::harness::BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success());
     for needle in ["serve", "--log-format"] {
         assert!(help.contains(needle), "{help}");
     }
-    let output = std::process::Command::new(crate::harness::BIN).args(["serve", "--help"]).output().unwrap();
+    let output = std::process::Command::new(crate::harness::BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
     for needle in ["--config", "--listen", "--models", "SIGTERM"] {
         assert!(help.contains(needle), "{help}");

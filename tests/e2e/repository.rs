@@ -12,7 +12,12 @@ const SETOSA: [f32; 4] = [5.1, 3.5, 1.4, 0.2];
 
 fn served_version(server: &Server) -> String {
     let reply = server.post_json("/v2/models/iris/infer", &iris_request(&[SETOSA]));
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     reply.json()["model_version"].as_str().unwrap().to_string()
 }
 
@@ -43,9 +48,18 @@ fn versions_added_and_removed_under_load_fail_no_request() {
     std::thread::sleep(Duration::from_millis(200));
     let v3 = models.path().join("iris/3");
     std::fs::create_dir(&v3).unwrap();
-    std::fs::copy(root().join("models/iris/2/model.onnx"), v3.join("model.onnx")).unwrap();
-    server.wait_until("version 3 is the default", || served_version(&server) == "3");
-    assert_eq!(server.get("/v2/models/iris").json()["versions"], serde_json::json!(["1", "2", "3"]));
+    std::fs::copy(
+        root().join("models/iris/2/model.onnx"),
+        v3.join("model.onnx"),
+    )
+    .unwrap();
+    server.wait_until("version 3 is the default", || {
+        served_version(&server) == "3"
+    });
+    assert_eq!(
+        server.get("/v2/models/iris").json()["versions"],
+        serde_json::json!(["1", "2", "3"])
+    );
     std::thread::sleep(Duration::from_millis(200));
 
     std::fs::remove_dir_all(&v3).unwrap();
@@ -58,7 +72,10 @@ fn versions_added_and_removed_under_load_fail_no_request() {
     let mut versions = BTreeSet::new();
     for client in clients {
         let (ok, failures, seen) = client.join().unwrap();
-        assert!(failures.is_empty(), "requests failed during the change: {failures:?}");
+        assert!(
+            failures.is_empty(),
+            "requests failed during the change: {failures:?}"
+        );
         total += ok;
         versions.extend(seen);
     }
@@ -70,31 +87,57 @@ fn versions_added_and_removed_under_load_fail_no_request() {
 fn corrupt_models_are_refused_and_the_old_one_keeps_serving() {
     let models = repository(&[]);
     let server = Server::start(models.path(), "");
-    let before = server.post_json("/v2/models/iris/infer", &iris_request(&[SETOSA])).json();
+    let before = server
+        .post_json("/v2/models/iris/infer", &iris_request(&[SETOSA]))
+        .json();
 
     // A new version that is not a model: refused with the file and the reason.
     let v4 = models.path().join("iris/4");
     std::fs::create_dir(&v4).unwrap();
     std::fs::write(v4.join("model.onnx"), b"this is not protobuf").unwrap();
-    server.wait_until("version 4 is refused", || server.logs().contains("iris/4/model.onnx"));
+    server.wait_until("version 4 is refused", || {
+        server.logs().contains("iris/4/model.onnx")
+    });
     let logged = server.logs();
-    let line = logged.lines().find(|l| l.contains("iris/4/model.onnx")).unwrap();
-    assert!(line.contains("model file refused") && line.contains("not an ONNX model"), "{line}");
+    let line = logged
+        .lines()
+        .find(|l| l.contains("iris/4/model.onnx"))
+        .unwrap();
+    assert!(
+        line.contains("model file refused") && line.contains("not an ONNX model"),
+        "{line}"
+    );
     let error = server.get("/v2/models/iris/versions/4/ready").error(503);
-    assert!(error.contains("iris/4/model.onnx refused: not an ONNX model"), "{error}");
+    assert!(
+        error.contains("iris/4/model.onnx refused: not an ONNX model"),
+        "{error}"
+    );
     assert_eq!(served_version(&server), "2");
 
     // The serving version's file overwritten with garbage: the loaded graph stays.
-    std::fs::write(models.path().join("iris/2/model.onnx"), b"garbage garbage garbage").unwrap();
+    std::fs::write(
+        models.path().join("iris/2/model.onnx"),
+        b"garbage garbage garbage",
+    )
+    .unwrap();
     server.wait_until("the overwrite is refused", || {
         server.get("/v2/models/iris/versions/2").status == 200
-            && server.logs().lines().any(|l| l.contains("iris/2/model.onnx") && l.contains("refused"))
+            && server
+                .logs()
+                .lines()
+                .any(|l| l.contains("iris/2/model.onnx") && l.contains("refused"))
     });
-    let after = server.post_json("/v2/models/iris/infer", &iris_request(&[SETOSA])).json();
+    let after = server
+        .post_json("/v2/models/iris/infer", &iris_request(&[SETOSA]))
+        .json();
     assert_eq!(after, before);
 
     // Once a good file lands, version 4 loads and takes over.
-    std::fs::copy(root().join("models/iris/1/model.onnx"), v4.join("model.onnx")).unwrap();
+    std::fs::copy(
+        root().join("models/iris/1/model.onnx"),
+        v4.join("model.onnx"),
+    )
+    .unwrap();
     server.wait_until("version 4 loads", || served_version(&server) == "4");
 }
 
@@ -107,8 +150,13 @@ fn a_model_with_no_loadable_version_is_503_and_the_others_serve() {
     let server = Server::start(models.path(), "");
     let error = server.get("/v2/models/broken/ready").error(503);
     assert!(error.contains("broken/1/model.onnx refused"), "{error}");
-    let error = server.post_json("/v2/models/broken/infer", &iris_request(&[SETOSA])).error(503);
-    assert!(error.contains("model 'broken' has no loaded version"), "{error}");
+    let error = server
+        .post_json("/v2/models/broken/infer", &iris_request(&[SETOSA]))
+        .error(503);
+    assert!(
+        error.contains("model 'broken' has no loaded version"),
+        "{error}"
+    );
     assert_eq!(server.get("/v2/health/ready").status, 200);
     assert_eq!(served_version(&server), "2");
 }
@@ -120,16 +168,32 @@ fn model_toml_edits_apply_live() {
     let toml = models.path().join("iris/model.toml");
     let original = std::fs::read_to_string(&toml).unwrap();
 
-    std::fs::write(&toml, original.replace("version_policy = \"all\"", "version_policy = { latest = 1 }")).unwrap();
-    server.wait_until("only the latest version is served", || server.get("/v2/models/iris/versions/1/ready").status == 404);
-    assert_eq!(server.get("/v2/models/iris").json()["versions"], serde_json::json!(["2"]));
+    std::fs::write(
+        &toml,
+        original.replace(
+            "version_policy = \"all\"",
+            "version_policy = { latest = 1 }",
+        ),
+    )
+    .unwrap();
+    server.wait_until("only the latest version is served", || {
+        server.get("/v2/models/iris/versions/1/ready").status == 404
+    });
+    assert_eq!(
+        server.get("/v2/models/iris").json()["versions"],
+        serde_json::json!(["2"])
+    );
 
     // A broken edit is refused and the last good settings stay in force.
     std::fs::write(&toml, "version_policy = \"every\"\n").unwrap();
-    server.wait_until("the bad model.toml is refused", || server.logs().contains("model.toml refused"));
+    server.wait_until("the bad model.toml is refused", || {
+        server.logs().contains("model.toml refused")
+    });
     assert_eq!(server.get("/v2/models/iris/versions/1/ready").status, 404);
     assert_eq!(served_version(&server), "2");
 
     std::fs::write(&toml, &original).unwrap();
-    server.wait_until("both versions are back", || server.get("/v2/models/iris/versions/1/ready").status == 200);
+    server.wait_until("both versions are back", || {
+        server.get("/v2/models/iris/versions/1/ready").status == 200
+    });
 }

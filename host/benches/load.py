@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Runs the load benchmark that host/benches/load.sh sets up (see there)."""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [[5.1, 3.5, 1.4, 0.2]]}]}
+
+
+def wait_ready(url, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited early: {proc.args}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"{url} never became ready")
+
+
+def mlserver_model(workdir: Path):
+    """The same MLP as iris version 2 (see models/make_iris.py), as MLServer serves it."""
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.neural_network import MLPClassifier
+
+    data = load_iris()
+    mlp = MLPClassifier(hidden_layer_sizes=(16,), max_iter=4000, random_state=7).fit(data.data, data.target)
+    model_dir = workdir / "iris"
+    model_dir.mkdir()
+    joblib.dump(mlp, model_dir / "model.joblib")
+    (model_dir / "model-settings.json").write_text(json.dumps(
+        {"name": "iris", "implementation": "mlserver_sklearn.SKLearnModel", "parameters": {"uri": "./model.joblib"}}
+    ))
+    (workdir / "settings.json").write_text(json.dumps(
+        {"http_port": 18090, "grpc_port": 18091, "metrics_port": 18092}
+    ))
+
+
+# wrk keeps each connection busy with one request at a time (no pipelining) and reports
+# latency percentiles to the microsecond; non-2xx answers are counted as errors.
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[%s]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%f %%d %%d %%d\\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50), latency:percentile(99), e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def wrk(url, concurrency, duration, script):
+    out = subprocess.run(
+        ["wrk", "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{duration}s", "-s", script, url],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    requests, seconds, p50, p99, errors = line.split()[1:]
+    return {"rps": int(requests) / float(seconds), "p50": float(p50), "p99": float(p99), "errors": int(errors)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        script = tmp / "infer.lua"
+        script.write_text(WRK_SCRIPT % json.dumps(BODY))
+        (tmp / "ml").mkdir()
+        mlserver_model(tmp / "ml")
+
+        servers = {
+            "modelyard": (
+                subprocess.Popen([ROOT / "target/release/modelyard", "serve", "--listen", "127.0.0.1:18080",
+                                  "--models", ROOT / "models"], stderr=subprocess.DEVNULL),
+                "http://127.0.0.1:18080",
+            ),
+            "MLServer": (
+                subprocess.Popen(["mlserver", "start", str(tmp / "ml")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True),
+                "http://127.0.0.1:18090",
+            ),
+        }
+        try:
+            for proc, base in servers.values():
+                wait_ready(f"{base}/v2/models/iris/ready", proc)
+            results = {(name, c): [] for name in servers for c in (1, 8)}
+            for run in range(args.runs):
+                for name, (_, base) in servers.items():
+                    for c in (1, 8):
+                        r = wrk(f"{base}/v2/models/iris/infer", c, args.duration, str(script))
+                        results[(name, c)].append(r)
+                        print(f"run {run + 1} {name} c={c}: {r['rps']:.0f} req/s, p50 {r['p50']:.0f} us, "
+                              f"p99 {r['p99']:.0f} us, {r['errors']} errors", file=sys.stderr)
+        finally:
+            for proc, _ in servers.values():
+                os.killpg(proc.pid, signal.SIGTERM) if proc.args[0] == "mlserver" else proc.terminate()
+                proc.wait(timeout=30)
+
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50", "p99", "errors")}
+           for k, v in results.items()}
+    print(f"median of {args.runs} runs of {args.duration} s each, wrk on the same machine\n")
+    print("| server | concurrency | req/s | p50 (µs) | p99 (µs) | errors |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (name, c), m in med.items():
+        print(f"| {name} | {c} | {m['rps']:.0f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['errors']:.0f} |")
+    my, ml = "modelyard", "MLServer"
+    print(f"\nthroughput at concurrency 8: {med[(my, 8)]['rps'] / med[(ml, 8)]['rps']:.1f}x MLServer's; "
+          f"median latency at concurrency 1: 1/{med[(ml, 1)]['p50'] / med[(my, 1)]['p50']:.1f} of MLServer's")
+
+
+if __name__ == "__main__":
+    main()
