@@ -318,6 +318,14 @@ fn client_mistakes_are_400_and_say_where() {
             json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], "outputs": [{"name": "logits"}]}).to_string().into_bytes(),
             &["unknown output 'logits'", "probabilities"],
         ),
+        (
+            json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}], "outputs": [{"name": "probabilities"}, {"name": "probabilities"}]}).to_string().into_bytes(),
+            &["output 'probabilities' is requested more than once"],
+        ),
+        (
+            json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}, {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).to_string().into_bytes(),
+            &["input 'input' is given more than once"],
+        ),
     ];
     for (body, needles) in cases {
         let error = server.post(infer, &[], &body).error(400);

@@ -54,30 +54,36 @@ impl Default for ModelsConfig {
     }
 }
 
+/// A settings file that cannot be used, with its path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read the configuration file {path}: {source}")]
+    #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a valid configuration: {source}")]
+    #[error("{path} is not valid: {source}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
 }
 
+/// Reads a TOML settings file: `modelyard.toml` here, `model.toml` in the registry.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })?;
+        let mut config: Config = read_toml(path)?;
         if let Some(base) = path.parent() {
             config.models.dir = base.join(&config.models.dir);
         }

@@ -88,5 +88,14 @@ pub(super) fn outputs(
             names(&target.outputs)
         )));
     }
+    if let Some((_, twice)) = requested
+        .iter()
+        .enumerate()
+        .find(|(i, name)| requested[..*i].contains(name))
+    {
+        return Err(InferError::Invalid(format!(
+            "output '{twice}' is requested more than once"
+        )));
+    }
     Ok(requested)
 }

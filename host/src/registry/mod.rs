@@ -23,7 +23,7 @@ use wasmtime_wasi_nn::Graph;
 
 use crate::tensor::TensorSpec;
 
-pub use model_config::{ModelCard, ModelConfig, ModelConfigError, VersionPolicy};
+pub use model_config::{ModelCard, ModelConfig, VersionPolicy};
 pub use watch::WatchError;
 
 /// One loaded version of a model, ready to run.
@@ -97,14 +97,9 @@ pub enum LookupError {
 impl Snapshot {
     pub fn model(&self, name: &str) -> Result<&Arc<Model>, LookupError> {
         self.models.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.models.keys().map(String::as_str).collect();
             LookupError::NotFound(format!(
                 "unknown model '{name}' (served models: {})",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
+                list_or_none(self.models.keys())
             ))
         })
     }
@@ -129,14 +124,9 @@ impl Snapshot {
             .ok()
             .and_then(|v| model.versions.get(&v))
             .ok_or_else(|| {
-                let served: Vec<String> = model.versions.keys().map(u64::to_string).collect();
                 LookupError::NotFound(format!(
                     "model '{name}' has no version '{version}' (served versions: {})",
-                    if served.is_empty() {
-                        "none".to_string()
-                    } else {
-                        served.join(", ")
-                    }
+                    list_or_none(model.versions.keys())
                 ))
             })?;
         entry.loaded.clone().ok_or_else(|| {
@@ -145,6 +135,15 @@ impl Snapshot {
                 entry.refused.as_deref().unwrap_or("loading")
             ))
         })
+    }
+}
+
+fn list_or_none(items: impl Iterator<Item = impl std::fmt::Display>) -> String {
+    let items: Vec<String> = items.map(|i| i.to_string()).collect();
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
     }
 }
 
@@ -198,5 +197,20 @@ impl ModelRepository {
                 tracing::error!(%error, "model scan stopped unexpectedly; keeping the models served before")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_is_served_before_the_first_scan() {
+        let repository = ModelRepository::new(PathBuf::from("models"));
+        assert!(!repository.is_ready());
+        assert!(matches!(
+            repository.snapshot(),
+            Err(LookupError::Unavailable(m)) if m.contains("still loading")
+        ));
     }
 }

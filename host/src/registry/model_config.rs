@@ -1,7 +1,6 @@
 //! `models/<name>/model.toml`: what a model's directory may say about the model.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use crate::backend::TensorOverride;
 
@@ -62,33 +61,6 @@ pub struct ModelCard {
     /// Evaluation results, free-form: typically one table per version.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, serde_json::Value>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid model.toml: {source}")]
-    Parse {
-        path: String,
-        source: Box<toml::de::Error>,
-    },
-}
-
-impl ModelConfig {
-    pub fn load(path: &Path) -> Result<ModelConfig, ModelConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ModelConfigError::Parse {
-            path: path.display().to_string(),
-            source: Box::new(source),
-        })
-    }
 }
 
 #[cfg(test)]
