@@ -1,0 +1,155 @@
+//! Write Modelyard plugins in a few lines of Rust.
+//!
+//! A plugin implements one trait — [`Router`], [`Processor`] or [`Flags`] — and registers it
+//! with one line, `modelyard_sdk::register!(router: MyRouter);`, in a `cdylib` crate built
+//! with `cargo build --release --target wasm32-wasip2`. The SDK owns all WebAssembly glue:
+//! the configuration arrives parsed into the plugin's own `Config` type, requests arrive as
+//! the plain Rust types of this crate, and the same code runs natively under `cargo test`.
+//! See `guest-sdk/README.md` for a walk-through.
+
+mod tensor;
+mod types;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use tensor::{DataType, Tensor};
+pub use types::{Decision, Evaluation, RequestContext, VariantStats};
+
+/// Why a plugin refuses its configuration or a request. The host logs it with the plugin's
+/// name and applies the endpoint's failure policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(pub String);
+
+impl Error {
+    pub fn new(message: impl Into<String>) -> Error {
+        Error(message.into())
+    }
+}
+
+/// `Err(Error)` from a message: `return fail!("weights must be positive, got {w}")`.
+#[macro_export]
+macro_rules! fail {
+    ($($arg:tt)*) => {
+        ::core::result::Result::Err($crate::Error::new(::std::format!($($arg)*)))
+    };
+}
+
+/// Chooses which variant answers a request.
+pub trait Router: Sized + 'static {
+    /// The plugin's configuration: its table in `modelyard.toml`.
+    type Config: serde::de::DeserializeOwned;
+
+    /// Builds the router from its configuration, or refuses it.
+    fn new(config: Self::Config) -> Result<Self, Error>;
+
+    /// Picks the primary variant (and any shadows) for one request.
+    fn route(&self, ctx: &RequestContext, variants: &[VariantStats]) -> Result<Decision, Error>;
+}
+
+/// Shapes a request's tensors before the model and its answer after. Both steps pass the
+/// tensors through unchanged unless overridden.
+pub trait Processor: Sized + 'static {
+    type Config: serde::de::DeserializeOwned;
+
+    fn new(config: Self::Config) -> Result<Self, Error>;
+
+    fn preprocess(&self, _ctx: &RequestContext, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+        Ok(inputs)
+    }
+
+    fn postprocess(&self, _ctx: &RequestContext, outputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+        Ok(outputs)
+    }
+}
+
+/// Evaluates feature flags for a request.
+pub trait Flags: Sized + 'static {
+    type Config: serde::de::DeserializeOwned;
+
+    fn new(config: Self::Config) -> Result<Self, Error>;
+
+    fn evaluate(&self, ctx: &RequestContext) -> Vec<Evaluation>;
+}
+
+/// How much a log line matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// Logs into the host's log under the plugin's name; natively (in tests), to stderr.
+pub fn log(level: Level, message: &str) {
+    __private::log(level, message);
+}
+
+/// Registers the plugin type: `register!(router: T)`, `register!(processor: T)` or
+/// `register!(flags: T)`. Needs the SDK feature of the same name. Outside WebAssembly it
+/// expands to nothing, so the crate still builds and tests natively.
+#[macro_export]
+macro_rules! register {
+    (router: $plugin:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct Export;
+            impl $crate::__private::router::Guest for Export {
+                fn configure(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                    $crate::__private::configure(&config, <$plugin as $crate::Router>::new)
+                }
+                fn route(
+                    ctx: $crate::__private::router::RequestContext,
+                    variants: ::std::vec::Vec<$crate::__private::router::VariantStats>,
+                ) -> ::core::result::Result<$crate::__private::router::Decision, ::std::string::String> {
+                    $crate::__private::router::route::<$plugin>(ctx, variants)
+                }
+            }
+            $crate::__private::router::bindings::__export_router!(Export with_types_in $crate::__private::router::bindings);
+        };
+    };
+    (processor: $plugin:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct Export;
+            impl $crate::__private::processor::Guest for Export {
+                fn configure(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                    $crate::__private::configure(&config, <$plugin as $crate::Processor>::new)
+                }
+                fn preprocess(
+                    ctx: $crate::__private::processor::RequestContext,
+                    inputs: ::std::vec::Vec<$crate::__private::processor::Tensor>,
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::__private::processor::Tensor>, ::std::string::String> {
+                    $crate::__private::processor::preprocess::<$plugin>(ctx, inputs)
+                }
+                fn postprocess(
+                    ctx: $crate::__private::processor::RequestContext,
+                    outputs: ::std::vec::Vec<$crate::__private::processor::Tensor>,
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::__private::processor::Tensor>, ::std::string::String> {
+                    $crate::__private::processor::postprocess::<$plugin>(ctx, outputs)
+                }
+            }
+            $crate::__private::processor::bindings::__export_processor!(Export with_types_in $crate::__private::processor::bindings);
+        };
+    };
+    (flags: $plugin:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct Export;
+            impl $crate::__private::flags::Guest for Export {
+                fn configure(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                    $crate::__private::configure(&config, <$plugin as $crate::Flags>::new)
+                }
+                fn evaluate(
+                    ctx: $crate::__private::flags::RequestContext,
+                ) -> ::std::vec::Vec<$crate::__private::flags::Evaluation> {
+                    $crate::__private::flags::evaluate::<$plugin>(ctx)
+                }
+            }
+            $crate::__private::flags::bindings::__export_flags!(Export with_types_in $crate::__private::flags::bindings);
+        };
+    };
+}
