@@ -59,7 +59,11 @@ pub trait Processor: Sized + 'static {
         Ok(inputs)
     }
 
-    fn postprocess(&self, _ctx: &RequestContext, outputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+    fn postprocess(
+        &self,
+        _ctx: &RequestContext,
+        outputs: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>, Error> {
         Ok(outputs)
     }
 }

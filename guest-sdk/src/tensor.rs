@@ -32,7 +32,11 @@ pub struct Tensor {
 
 impl Tensor {
     /// An FP32 tensor; fails if `values` does not fill `shape` exactly.
-    pub fn from_f32(name: impl Into<String>, shape: &[u64], values: &[f32]) -> Result<Tensor, Error> {
+    pub fn from_f32(
+        name: impl Into<String>,
+        shape: &[u64],
+        values: &[f32],
+    ) -> Result<Tensor, Error> {
         let tensor = Tensor {
             name: name.into(),
             datatype: DataType::Fp32,
@@ -44,7 +48,11 @@ impl Tensor {
     }
 
     /// A BYTES tensor of strings; fails if `values` does not fill `shape` exactly.
-    pub fn from_strings<S: AsRef<str>>(name: impl Into<String>, shape: &[u64], values: &[S]) -> Result<Tensor, Error> {
+    pub fn from_strings<S: AsRef<str>>(
+        name: impl Into<String>,
+        shape: &[u64],
+        values: &[S],
+    ) -> Result<Tensor, Error> {
         let mut data = Vec::new();
         for v in values {
             let v = v.as_ref().as_bytes();
@@ -90,7 +98,11 @@ impl Tensor {
     /// Fails unless the shape is `expected`, where `None` matches any size.
     pub fn expect_shape(&self, expected: &[Option<u64>]) -> Result<(), Error> {
         let fits = self.shape.len() == expected.len()
-            && self.shape.iter().zip(expected).all(|(d, e)| e.is_none_or(|e| e == *d));
+            && self
+                .shape
+                .iter()
+                .zip(expected)
+                .all(|(d, e)| e.is_none_or(|e| e == *d));
         if !fits {
             let want: Vec<String> = expected
                 .iter()
@@ -125,17 +137,19 @@ impl Tensor {
         let mut rest = self.data.as_slice();
         while let Some((len, tail)) = rest.split_first_chunk::<4>() {
             let len = u32::from_le_bytes(*len) as usize;
-            let (value, tail) = tail
-                .split_at_checked(len)
-                .ok_or_else(|| Error::new(format!("tensor '{}': truncated BYTES element", self.name)))?;
-            out.push(
-                String::from_utf8(value.to_vec())
-                    .map_err(|_| Error::new(format!("tensor '{}': an element is not UTF-8", self.name)))?,
-            );
+            let (value, tail) = tail.split_at_checked(len).ok_or_else(|| {
+                Error::new(format!("tensor '{}': truncated BYTES element", self.name))
+            })?;
+            out.push(String::from_utf8(value.to_vec()).map_err(|_| {
+                Error::new(format!("tensor '{}': an element is not UTF-8", self.name))
+            })?);
             rest = tail;
         }
         if !rest.is_empty() {
-            return Err(Error::new(format!("tensor '{}': truncated BYTES element", self.name)));
+            return Err(Error::new(format!(
+                "tensor '{}': truncated BYTES element",
+                self.name
+            )));
         }
         Ok(out)
     }

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod config;
 pub mod http;
 pub mod pipeline;
+pub mod plugins;
 pub mod registry;
 pub mod server;
 pub mod telemetry;

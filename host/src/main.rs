@@ -1,11 +1,13 @@
 //! The `modelyard` command line: the edge where errors become messages and exit codes.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use modelyard::config::Config;
+use modelyard::plugins::{Limits, PluginEngine, WorldKind, new_plugin};
 use modelyard::telemetry::{self, LogFormat};
 
 /// Modelyard serves ONNX models over the Open Inference Protocol (KServe v2).
@@ -38,10 +40,50 @@ enum Command {
         #[arg(long, short)]
         models: Option<PathBuf>,
     },
+    /// Check and create plugins (WebAssembly components for wasm32-wasip2).
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Say which world a component implements, with its exports and imports, or exactly
+    /// why it would be refused (exit status 1).
+    Check {
+        /// The component, e.g. target/wasm32-wasip2/release/my_plugin.wasm.
+        file: PathBuf,
+    },
+    /// Create a plugin crate that builds with
+    /// `cargo build --release --target wasm32-wasip2`.
+    New {
+        /// Crate name: lowercase letters, digits, '-' and '_'.
+        name: String,
+        /// The world it implements.
+        #[arg(long, value_enum)]
+        kind: WorldKind,
+        /// Where to create the crate's directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The modelyard-sdk crate to depend on (default: the SDK of this source tree).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole cause chain, one line, no backtrace: this is for operators.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(cli.log_format);
     // A panic inside a backend run is caught and answered with a 500; report it as one
     // log event rather than a raw backtrace on stderr.
@@ -54,7 +96,52 @@ fn main() -> anyhow::Result<()> {
             listen,
             models,
         } => serve(config, listen, models),
+        Command::Plugin {
+            command: PluginCommand::Check { file },
+        } => check(&file),
+        Command::Plugin {
+            command:
+                PluginCommand::New {
+                    name,
+                    kind,
+                    dir,
+                    sdk,
+                },
+        } => {
+            let sdk = match sdk {
+                Some(sdk) => sdk,
+                None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk"),
+            };
+            let sdk = sdk
+                .canonicalize()
+                .with_context(|| format!("no modelyard-sdk at {}; pass --sdk", sdk.display()))?;
+            let root = new_plugin(&dir, &name, kind, &sdk)?;
+            println!(
+                "created {}; build it with:\n  cd {} && cargo build --release --target wasm32-wasip2",
+                root.display(),
+                root.display()
+            );
+            Ok(())
+        }
     }
+}
+
+fn check(file: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let engine = PluginEngine::new(Limits::default(), None)?;
+    let name = file.file_stem().map_or_else(
+        || file.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    );
+    let inspection = engine.inspect(&name, &bytes)?;
+    println!(
+        "{}: a {} plugin (modelyard:plugin@0.1.0)",
+        file.display(),
+        inspection.world.as_str()
+    );
+    println!("exports: {}", inspection.exports.join(", "));
+    println!("imports: {}", inspection.imports.join(", "));
+    Ok(())
 }
 
 fn serve(

@@ -1,7 +1,7 @@
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "flags",
+        world: "%flags",
         pub_export_macro: true,
         export_macro_name: "__export_flags",
         default_bindings_module: "modelyard_sdk::__private::flags::bindings",

@@ -86,15 +86,22 @@ pub fn log(level: Level, message: &str) {
     log(wit_level!(level, L), message);
 }
 
-#[cfg(all(target_arch = "wasm32", not(feature = "router"), not(feature = "processor"), feature = "flags"))]
+#[cfg(all(
+    target_arch = "wasm32",
+    not(feature = "router"),
+    not(feature = "processor"),
+    feature = "flags"
+))]
 pub fn log(level: Level, message: &str) {
     use flags::bindings::modelyard::plugin::host::{Level as L, log};
     log(wit_level!(level, L), message);
 }
 
 /// Natively (unit tests) there is no host: logs go to stderr.
-#[cfg(not(all(target_arch = "wasm32", any(feature = "router", feature = "processor", feature = "flags"))))]
+#[cfg(not(all(
+    target_arch = "wasm32",
+    any(feature = "router", feature = "processor", feature = "flags")
+)))]
 pub fn log(level: Level, message: &str) {
     eprintln!("[{level:?}] {message}");
 }
-

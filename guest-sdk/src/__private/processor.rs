@@ -8,8 +8,8 @@ pub mod bindings {
     });
 }
 
-use bindings::modelyard::plugin::types::Datatype as D;
 pub use bindings::Guest;
+use bindings::modelyard::plugin::types::Datatype as D;
 pub use bindings::modelyard::plugin::types::{RequestContext, Tensor};
 
 use crate::DataType;
@@ -56,19 +56,30 @@ fn to_wit(t: crate::Tensor) -> Tensor {
     }
 }
 
-type Step<T> = fn(&T, &crate::RequestContext, Vec<crate::Tensor>) -> Result<Vec<crate::Tensor>, crate::Error>;
+type Step<T> =
+    fn(&T, &crate::RequestContext, Vec<crate::Tensor>) -> Result<Vec<crate::Tensor>, crate::Error>;
 
-fn run<T: crate::Processor>(step: Step<T>, ctx: RequestContext, tensors: Vec<Tensor>) -> Result<Vec<Tensor>, String> {
+fn run<T: crate::Processor>(
+    step: Step<T>,
+    ctx: RequestContext,
+    tensors: Vec<Tensor>,
+) -> Result<Vec<Tensor>, String> {
     let ctx = super::context!(ctx);
     let tensors = tensors.into_iter().map(from_wit).collect();
     let out = super::with_plugin::<T, _>(|p| step(p, &ctx, tensors))?.map_err(|e| e.0)?;
     Ok(out.into_iter().map(to_wit).collect())
 }
 
-pub fn preprocess<T: crate::Processor>(ctx: RequestContext, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, String> {
+pub fn preprocess<T: crate::Processor>(
+    ctx: RequestContext,
+    inputs: Vec<Tensor>,
+) -> Result<Vec<Tensor>, String> {
     run::<T>(T::preprocess, ctx, inputs)
 }
 
-pub fn postprocess<T: crate::Processor>(ctx: RequestContext, outputs: Vec<Tensor>) -> Result<Vec<Tensor>, String> {
+pub fn postprocess<T: crate::Processor>(
+    ctx: RequestContext,
+    outputs: Vec<Tensor>,
+) -> Result<Vec<Tensor>, String> {
     run::<T>(T::postprocess, ctx, outputs)
 }

@@ -11,7 +11,10 @@ pub mod bindings {
 pub use bindings::Guest;
 pub use bindings::modelyard::plugin::types::{Decision, RequestContext, VariantStats};
 
-pub fn route<T: crate::Router>(ctx: RequestContext, variants: Vec<VariantStats>) -> Result<Decision, String> {
+pub fn route<T: crate::Router>(
+    ctx: RequestContext,
+    variants: Vec<VariantStats>,
+) -> Result<Decision, String> {
     let ctx = super::context!(ctx);
     let variants: Vec<crate::VariantStats> = variants
         .into_iter()

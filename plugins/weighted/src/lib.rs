@@ -28,13 +28,19 @@ impl Router for Weighted {
     type Config = Config;
 
     fn new(config: Config) -> Result<Self, Error> {
-        if let Some((name, w)) = config.weights.iter().find(|(_, w)| !w.is_finite() || **w < 0.0) {
+        if let Some((name, w)) = config
+            .weights
+            .iter()
+            .find(|(_, w)| !w.is_finite() || **w < 0.0)
+        {
             return fail!("weight of '{name}' is {w}; weights are finite and at least 0");
         }
         if !config.weights.values().any(|w| *w > 0.0) {
             return fail!("at least one variant needs a weight above 0");
         }
-        Ok(Weighted { weights: config.weights })
+        Ok(Weighted {
+            weights: config.weights,
+        })
     }
 
     fn route(&self, ctx: &RequestContext, variants: &[VariantStats]) -> Result<Decision, Error> {
@@ -55,12 +61,18 @@ impl Router for Weighted {
         let mut point = (draw >> 11) as f64 / (1u64 << 53) as f64 * total;
         for (name, weight) in &candidates {
             if point < *weight {
-                return Ok(Decision::to(*name, format!("weight {weight} of {total}, {why}")));
+                return Ok(Decision::to(
+                    *name,
+                    format!("weight {weight} of {total}, {why}"),
+                ));
             }
             point -= weight;
         }
         let (last, weight) = candidates[candidates.len() - 1];
-        Ok(Decision::to(last, format!("weight {weight} of {total}, {why}")))
+        Ok(Decision::to(
+            last,
+            format!("weight {weight} of {total}, {why}"),
+        ))
     }
 }
 
@@ -99,7 +111,10 @@ mod tests {
         let r = router(&[("a", 1.0), ("b", 3.0)]).unwrap();
         let mut to_b = 0;
         for seed in 0..10_000 {
-            let ctx = RequestContext { seed, ..Default::default() };
+            let ctx = RequestContext {
+                seed,
+                ..Default::default()
+            };
             if r.route(&ctx, &variants()).unwrap().primary == "b" {
                 to_b += 1;
             }
@@ -114,11 +129,25 @@ mod tests {
         for user in 0..50 {
             let key = format!("user-{user}");
             let first = r
-                .route(&RequestContext { targeting_key: Some(key.clone()), seed: 1, ..Default::default() }, &variants())
+                .route(
+                    &RequestContext {
+                        targeting_key: Some(key.clone()),
+                        seed: 1,
+                        ..Default::default()
+                    },
+                    &variants(),
+                )
                 .unwrap();
             for seed in 2..20 {
                 let again = r
-                    .route(&RequestContext { targeting_key: Some(key.clone()), seed, ..Default::default() }, &variants())
+                    .route(
+                        &RequestContext {
+                            targeting_key: Some(key.clone()),
+                            seed,
+                            ..Default::default()
+                        },
+                        &variants(),
+                    )
                     .unwrap();
                 assert_eq!(again.primary, first.primary, "{key} moved");
             }
@@ -131,12 +160,19 @@ mod tests {
     fn zero_weight_gets_nothing_and_bad_configs_are_refused() {
         let r = router(&[("a", 0.0), ("b", 2.0)]).unwrap();
         for seed in 0..100 {
-            let ctx = RequestContext { seed, ..Default::default() };
+            let ctx = RequestContext {
+                seed,
+                ..Default::default()
+            };
             assert_eq!(r.route(&ctx, &variants()).unwrap().primary, "b");
         }
         assert!(router(&[("a", -1.0)]).is_err());
         assert!(router(&[("a", 0.0)]).is_err());
         let only_c = router(&[("c", 1.0)]).unwrap();
-        assert!(only_c.route(&RequestContext::default(), &variants()).is_err());
+        assert!(
+            only_c
+                .route(&RequestContext::default(), &variants())
+                .is_err()
+        );
     }
 }

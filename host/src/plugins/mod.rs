@@ -1,0 +1,255 @@
+//! The plugin runtime: one wasmtime engine, components compiled once (and cached on disk),
+//! each identified by the world it implements, configured, and run in sandboxed instances
+//! under a CPU deadline and a memory limit.
+//!
+//! Owns: compiling, checking, instantiating and calling plugins, and the sandbox. Must not
+//! touch: which plugin serves which endpoint (pipeline), the plugin directory (its watcher
+//! lives beside the registry's), HTTP.
+
+mod bindings;
+mod cache;
+mod pool;
+mod sandbox;
+mod scaffold;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine};
+
+pub use bindings::{Datatype, Decision, Evaluation, RequestContext, Tensor, VariantStats};
+pub use pool::{FlagsWorld, Pool, ProcessorWorld, RouterWorld, World};
+use sandbox::Sandbox;
+pub use scaffold::{ScaffoldError, new_plugin};
+
+/// How often the engine's epoch advances: the granularity of CPU deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Bounds on what one plugin call may use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// CPU time one call may take before it is interrupted.
+    pub call_deadline: Duration,
+    /// Linear memory one instance may grow to.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            call_deadline: Duration::from_millis(10),
+            memory_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    fn deadline_ticks(&self) -> u64 {
+        (self.call_deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin '{plugin}' is refused: {reason}")]
+    Refused { plugin: String, reason: String },
+    #[error("plugin '{plugin}' {reason}")]
+    Trapped { plugin: String, reason: String },
+    #[error("plugin '{plugin}' returned an error: {message}")]
+    Failed { plugin: String, message: String },
+    #[error("cannot start the plugin engine: {0:#}")]
+    Engine(wasmtime::Error),
+}
+
+/// Which world a component implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorldKind {
+    Router,
+    Processor,
+    Flags,
+}
+
+impl WorldKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorldKind::Router => "router",
+            WorldKind::Processor => "processor",
+            WorldKind::Flags => "flags",
+        }
+    }
+}
+
+/// A loaded, configured plugin, ready to call.
+pub enum Plugin {
+    Router(Pool<RouterWorld>),
+    Processor(Pool<ProcessorWorld>),
+    Flags(Pool<FlagsWorld>),
+}
+
+impl Plugin {
+    pub fn world(&self) -> WorldKind {
+        match self {
+            Plugin::Router(_) => WorldKind::Router,
+            Plugin::Processor(_) => WorldKind::Processor,
+            Plugin::Flags(_) => WorldKind::Flags,
+        }
+    }
+}
+
+/// What `modelyard plugin check` reports about a component.
+#[derive(Debug)]
+pub struct Inspection {
+    pub world: WorldKind,
+    pub exports: Vec<String>,
+    pub imports: Vec<String>,
+}
+
+/// The one engine all plugins share, with its linker and epoch ticker.
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Linker<Sandbox>,
+    limits: Limits,
+    cache: cache::ArtifactCache,
+    ticking: Arc<AtomicBool>,
+}
+
+impl PluginEngine {
+    /// `cache_dir` keeps compiled components between runs and swaps; `None` compiles every
+    /// time.
+    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<PluginEngine, PluginError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(PluginError::Engine)?;
+        let linker = sandbox::linker(&engine).map_err(PluginError::Engine)?;
+        let ticking = Arc::new(AtomicBool::new(true));
+        let (ticker, running) = (engine.weak(), ticking.clone());
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                while running.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match ticker.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| PluginError::Engine(e.into()))?;
+        let cache = cache::ArtifactCache::new(cache_dir, &engine);
+        Ok(PluginEngine {
+            engine,
+            linker,
+            limits,
+            cache,
+            ticking,
+        })
+    }
+
+    fn compile(&self, name: &str, bytes: &[u8]) -> Result<Component, PluginError> {
+        self.cache
+            .get_or_compile(&self.engine, bytes)
+            .map_err(|e| PluginError::Refused {
+                plugin: name.to_string(),
+                reason: format!("not a WebAssembly component wasmtime can compile: {e:#}"),
+            })
+    }
+
+    fn world_of(&self, name: &str, component: &Component) -> Result<WorldKind, PluginError> {
+        let exports: BTreeSet<String> = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let world = if exports.contains("route") {
+            WorldKind::Router
+        } else if exports.contains("preprocess") || exports.contains("postprocess") {
+            WorldKind::Processor
+        } else if exports.contains("evaluate") {
+            WorldKind::Flags
+        } else {
+            return Err(PluginError::Refused {
+                plugin: name.to_string(),
+                reason: format!(
+                    "implements none of the router, processor or flags worlds of modelyard:plugin@0.1.0 (it exports: {})",
+                    exports.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        };
+        Ok(world)
+    }
+
+    fn instance_pre(
+        &self,
+        name: &str,
+        component: &Component,
+    ) -> Result<wasmtime::component::InstancePre<Sandbox>, PluginError> {
+        self.linker
+            .instantiate_pre(component)
+            .map_err(|e| PluginError::Refused {
+                plugin: name.to_string(),
+                reason: format!("imports something the sandbox does not offer: {e:#}"),
+            })
+    }
+
+    /// Compiles (or fetches from the cache), identifies, type-checks and configures a
+    /// component. `config` is the plugin's configuration as JSON.
+    pub fn load(&self, name: &str, bytes: &[u8], config: String) -> Result<Plugin, PluginError> {
+        let component = self.compile(name, bytes)?;
+        let world = self.world_of(name, &component)?;
+        let pre = self.instance_pre(name, &component)?;
+        let name: Arc<str> = Arc::from(name);
+        Ok(match world {
+            WorldKind::Router => {
+                Plugin::Router(Pool::new(name, &self.engine, pre, config, self.limits)?)
+            }
+            WorldKind::Processor => {
+                Plugin::Processor(Pool::new(name, &self.engine, pre, config, self.limits)?)
+            }
+            WorldKind::Flags => {
+                Plugin::Flags(Pool::new(name, &self.engine, pre, config, self.limits)?)
+            }
+        })
+    }
+
+    /// Says what a component is, or exactly why it would be refused (short of configuring
+    /// it, which needs an endpoint's configuration).
+    pub fn inspect(&self, name: &str, bytes: &[u8]) -> Result<Inspection, PluginError> {
+        let component = self.compile(name, bytes)?;
+        let world = self.world_of(name, &component)?;
+        let pre = self.instance_pre(name, &component)?;
+        let typed = match world {
+            WorldKind::Router => RouterWorld::pre_check(pre),
+            WorldKind::Processor => ProcessorWorld::pre_check(pre),
+            WorldKind::Flags => FlagsWorld::pre_check(pre),
+        };
+        typed.map_err(|e| PluginError::Refused {
+            plugin: name.to_string(),
+            reason: format!(
+                "does not implement the {} world as declared: {e:#}",
+                world.as_str()
+            ),
+        })?;
+        let ty = component.component_type();
+        Ok(Inspection {
+            world,
+            exports: ty
+                .exports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            imports: ty
+                .imports(&self.engine)
+                .map(|(n, _)| n.to_string())
+                .collect(),
+        })
+    }
+}
+
+impl Drop for PluginEngine {
+    fn drop(&mut self) {
+        self.ticking.store(false, Ordering::Relaxed);
+    }
+}

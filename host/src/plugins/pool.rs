@@ -1,0 +1,233 @@
+//! Instances of one loaded plugin, reused across requests. A call takes an idle instance
+//! (or makes one: instantiate, then `configure`), runs under the CPU deadline, and gives
+//! the instance back only if the call succeeded: a trap, a deadline, an out-of-memory or
+//! an `err` drops it, so nothing a failed call left behind reaches a later request.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use wasmtime::Store;
+use wasmtime::component::InstancePre;
+
+use super::bindings::{
+    Decision, Evaluation, RequestContext, Tensor, VariantStats, flags, processor, router,
+};
+use super::sandbox::Sandbox;
+use super::{Limits, PluginError};
+
+/// What differs between the worlds when instantiating and configuring.
+pub trait World: Sized + 'static {
+    const NAME: &'static str;
+    type Pre: Send + Sync;
+    type Bindings: Send;
+    fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre>;
+    /// Whether the component's exports have this world's types.
+    fn pre_check(pre: InstancePre<Sandbox>) -> wasmtime::Result<()> {
+        Self::pre(pre).map(|_| ())
+    }
+    fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>)
+    -> wasmtime::Result<Self::Bindings>;
+    fn configure(
+        bindings: &Self::Bindings,
+        store: &mut Store<Sandbox>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>>;
+}
+
+macro_rules! world {
+    ($marker:ident, $name:literal, $module:ident, $bindings:ident, $pre:ident) => {
+        pub struct $marker;
+        impl World for $marker {
+            const NAME: &'static str = $name;
+            type Pre = $module::$pre<Sandbox>;
+            type Bindings = $module::$bindings;
+            fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre> {
+                $module::$pre::new(pre)
+            }
+            fn instantiate(
+                pre: &Self::Pre,
+                store: &mut Store<Sandbox>,
+            ) -> wasmtime::Result<Self::Bindings> {
+                pre.instantiate(store)
+            }
+            fn configure(
+                bindings: &Self::Bindings,
+                store: &mut Store<Sandbox>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), String>> {
+                bindings.call_configure(store, config)
+            }
+        }
+    };
+}
+
+world!(RouterWorld, "router", router, Router, RouterPre);
+world!(
+    ProcessorWorld,
+    "processor",
+    processor,
+    Processor,
+    ProcessorPre
+);
+world!(FlagsWorld, "flags", flags, Flags, FlagsPre);
+
+struct Live<W: World> {
+    store: Store<Sandbox>,
+    bindings: W::Bindings,
+}
+
+pub struct Pool<W: World> {
+    name: Arc<str>,
+    pre: W::Pre,
+    config: String,
+    limits: Limits,
+    engine: wasmtime::Engine,
+    idle: Mutex<Vec<Live<W>>>,
+}
+
+impl<W: World> Pool<W> {
+    /// Type-checks the component against the world and configures a first instance, so a
+    /// plugin that refuses its configuration is refused before it serves anything.
+    pub(super) fn new(
+        name: Arc<str>,
+        engine: &wasmtime::Engine,
+        pre: InstancePre<Sandbox>,
+        config: String,
+        limits: Limits,
+    ) -> Result<Self, PluginError> {
+        let pre = W::pre(pre).map_err(|e| PluginError::Refused {
+            plugin: name.to_string(),
+            reason: format!(
+                "does not implement the {} world as declared: {e:#}",
+                W::NAME
+            ),
+        })?;
+        let pool = Pool {
+            name,
+            pre,
+            config,
+            limits,
+            engine: engine.clone(),
+            idle: Mutex::new(Vec::new()),
+        };
+        let first = pool.fresh()?;
+        pool.give_back(first);
+        Ok(pool)
+    }
+
+    fn fresh(&self) -> Result<Live<W>, PluginError> {
+        let mut store = Store::new(
+            &self.engine,
+            Sandbox::new(self.name.clone(), self.limits.memory_bytes),
+        );
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(self.limits.deadline_ticks());
+        let failed = |reason: String| PluginError::Refused {
+            plugin: self.name.to_string(),
+            reason,
+        };
+        let bindings = W::instantiate(&self.pre, &mut store)
+            .map_err(|e| failed(format!("cannot be instantiated: {e:#}")))?;
+        W::configure(&bindings, &mut store, &self.config)
+            .map_err(|e| failed(format!("trapped in configure: {e:#}")))?
+            .map_err(|e| failed(format!("refused its configuration: {e}")))?;
+        Ok(Live { store, bindings })
+    }
+
+    fn give_back(&self, live: Live<W>) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(live);
+    }
+
+    /// Runs `call` on an instance under the CPU deadline.
+    pub fn call<R>(
+        &self,
+        call: impl FnOnce(&W::Bindings, &mut Store<Sandbox>) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, PluginError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut live = match idle {
+            Some(live) => live,
+            None => self.fresh()?,
+        };
+        live.store.set_epoch_deadline(self.limits.deadline_ticks());
+        match call(&live.bindings, &mut live.store) {
+            Ok(Ok(value)) => {
+                self.give_back(live);
+                Ok(value)
+            }
+            Ok(Err(message)) => Err(PluginError::Failed {
+                plugin: self.name.to_string(),
+                message,
+            }),
+            Err(trap) => Err(PluginError::Trapped {
+                plugin: self.name.to_string(),
+                reason: trap_reason(&trap),
+            }),
+        }
+    }
+
+    /// A new instance for every call, never reused: what the reuse saves, for benchmarks.
+    #[doc(hidden)]
+    pub fn call_fresh<R>(
+        &self,
+        call: impl FnOnce(&W::Bindings, &mut Store<Sandbox>) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, PluginError> {
+        let mut live = self.fresh()?;
+        call(&live.bindings, &mut live.store)
+            .map_err(|trap| PluginError::Trapped {
+                plugin: self.name.to_string(),
+                reason: trap_reason(&trap),
+            })?
+            .map_err(|message| PluginError::Failed {
+                plugin: self.name.to_string(),
+                message,
+            })
+    }
+}
+
+fn trap_reason(error: &wasmtime::Error) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => "ran past its CPU deadline".to_string(),
+        Some(trap) => format!("trapped: {trap}"),
+        None => format!("failed: {error:#}"),
+    }
+}
+
+impl Pool<RouterWorld> {
+    pub fn route(
+        &self,
+        ctx: &RequestContext,
+        variants: &[VariantStats],
+    ) -> Result<Decision, PluginError> {
+        self.call(|b, store| b.call_route(store, ctx, variants))
+    }
+}
+
+impl Pool<ProcessorWorld> {
+    pub fn preprocess(
+        &self,
+        ctx: &RequestContext,
+        inputs: &[Tensor],
+    ) -> Result<Vec<Tensor>, PluginError> {
+        self.call(|b, store| b.call_preprocess(store, ctx, inputs))
+    }
+
+    pub fn postprocess(
+        &self,
+        ctx: &RequestContext,
+        outputs: &[Tensor],
+    ) -> Result<Vec<Tensor>, PluginError> {
+        self.call(|b, store| b.call_postprocess(store, ctx, outputs))
+    }
+}
+
+impl Pool<FlagsWorld> {
+    pub fn evaluate(&self, ctx: &RequestContext) -> Result<Vec<Evaluation>, PluginError> {
+        self.call(|b, store| b.call_evaluate(store, ctx).map(Ok))
+    }
+}
