@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod pipeline;
 pub mod plugins;
@@ -16,3 +17,4 @@ pub mod registry;
 pub mod server;
 pub mod telemetry;
 pub mod tensor;
+pub mod watch;

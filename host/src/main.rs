@@ -150,9 +150,13 @@ fn serve(
     models: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let default = Path::new("modelyard.toml");
-    let mut config = match config {
-        Some(path) => Config::load(&path)?,
-        None if default.is_file() => Config::load(default)?,
+    let config_file = match config {
+        Some(path) => Some(path),
+        None if default.is_file() => Some(default.to_path_buf()),
+        None => None,
+    };
+    let mut config = match &config_file {
+        Some(path) => Config::load(path)?,
         None => Config::default(),
     };
     if let Some(listen) = listen {
@@ -162,7 +166,11 @@ fn serve(
         config.models.dir = models;
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let result = runtime.block_on(modelyard::server::run(&config, shutdown_signal()));
+    let result = runtime.block_on(modelyard::server::run(
+        &config,
+        config_file,
+        shutdown_signal(),
+    ));
     // A model load still running on a blocking thread must not hold the exit up.
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(result?)

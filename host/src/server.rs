@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::control;
 use crate::http::{self, HttpState};
 use crate::pipeline::Pipeline;
 use crate::registry::{ModelRepository, WatchError};
@@ -21,6 +22,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Watch(#[from] WatchError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error("the HTTP server stopped: {0}")]
     Http(std::io::Error),
 }
@@ -29,6 +32,7 @@ pub enum ServeError {
 /// configured grace period.
 pub async fn run(
     config: &Config,
+    config_file: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let listener = TcpListener::bind(&config.server.listen)
@@ -40,9 +44,12 @@ pub async fn run(
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let repository = Arc::new(ModelRepository::new(config.models.dir.clone()));
     let watcher = repository.watch()?;
+    let pipeline = Arc::new(Pipeline::new(repository, config.inference_threads()));
+    let control = control::start(config, config_file, pipeline.clone()).await?;
     let state = Arc::new(HttpState {
-        pipeline: Pipeline::new(repository, config.inference_threads()),
+        pipeline,
         max_body_bytes: config.server.max_body_bytes,
+        admin_token: config.server.admin_token.clone(),
     });
     tracing::info!(%addr, "listening");
 
@@ -66,6 +73,7 @@ pub async fn run(
         }
     };
     watcher.abort();
+    control.abort();
     tracing::info!("stopped");
     result
 }

@@ -3,6 +3,7 @@
 //!
 //! Owns: reading and checking the file. Must not touch: anything the settings configure.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The whole configuration file.
@@ -13,6 +14,83 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub models: ModelsConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// Names clients call, each served by variants chosen by plugins.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, EndpointConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Where operators drop `*.wasm` components; watched while the server runs.
+    pub dir: PathBuf,
+    /// Compiled components, kept between runs; outside `dir`, writable by the server alone.
+    pub cache_dir: Option<PathBuf>,
+    /// CPU time one plugin call may take.
+    pub call_deadline_ms: u64,
+    /// Memory one plugin instance may use.
+    pub memory_limit_mib: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: PathBuf::from("plugins"),
+            cache_dir: None,
+            call_deadline_ms: 10,
+            memory_limit_mib: 64,
+        }
+    }
+}
+
+/// One endpoint: `[endpoints.<name>]`.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Variant name → `model@version`, or `model` for its default version.
+    pub variants: BTreeMap<String, String>,
+    /// The variant that answers without a router, or when the router fails.
+    pub default_variant: Option<String>,
+    pub router: Option<PluginRef>,
+    #[serde(default)]
+    pub processors: Vec<PluginRef>,
+    #[serde(default)]
+    pub flags: Vec<PluginRef>,
+    #[serde(default)]
+    pub on_processor_error: ProcessorFailure,
+    /// The header whose value is the request's targeting key (e.g. `x-user-id`).
+    pub targeting_key_header: Option<String>,
+    /// Headers passed to plugins as attributes, under their lowercase names.
+    #[serde(default)]
+    pub attribute_headers: Vec<String>,
+}
+
+/// What a failing processor does to the request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessorFailure {
+    /// The request fails with 500 and the plugin's error.
+    #[default]
+    Fail,
+    /// The tensors go on as they were, as if the processor were not there.
+    PassThrough,
+}
+
+/// A plugin and its configuration, as endpoints name them.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRef {
+    /// The component's file name in the plugin directory, without `.wasm`.
+    pub plugin: String,
+    /// Handed to the plugin's `configure` as JSON.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
@@ -26,6 +104,8 @@ pub struct ServerConfig {
     pub inference_threads: usize,
     /// After SIGINT/SIGTERM, how long in-flight requests may take before the server exits.
     pub shutdown_grace_seconds: u64,
+    /// Bearer token the operator API under /admin/ requires; open when unset.
+    pub admin_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +115,7 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024 * 1024,
             inference_threads: 0,
             shutdown_grace_seconds: 30,
+            admin_token: None,
         }
     }
 }
@@ -86,6 +167,8 @@ impl Config {
         let mut config: Config = read_toml(path)?;
         if let Some(base) = path.parent() {
             config.models.dir = base.join(&config.models.dir);
+            config.plugins.dir = base.join(&config.plugins.dir);
+            config.plugins.cache_dir = config.plugins.cache_dir.map(|d| base.join(d));
         }
         Ok(config)
     }
@@ -124,6 +207,28 @@ mod tests {
         assert_eq!(config.models.dir, dir.join("zoo"));
         assert_eq!(config.server.max_body_bytes, 10);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn endpoints_parse_with_plugin_tables() {
+        let config: Config = toml::from_str(
+            r#"
+            [endpoints.iris]
+            variants = { stable = "iris@2", candidate = "iris@1" }
+            default_variant = "stable"
+            targeting_key_header = "x-user-id"
+            on_processor_error = "pass-through"
+            router = { plugin = "weighted", config = { weights = { stable = 9, candidate = 1 } } }
+            [[endpoints.iris.processors]]
+            plugin = "iris-features"
+            "#,
+        )
+        .unwrap();
+        let iris = &config.endpoints["iris"];
+        assert_eq!(iris.variants["candidate"], "iris@1");
+        assert_eq!(iris.router.as_ref().unwrap().config["weights"]["stable"], 9);
+        assert_eq!(iris.processors[0].config, serde_json::json!({}));
+        assert_eq!(iris.on_processor_error, ProcessorFailure::PassThrough);
     }
 
     #[test]

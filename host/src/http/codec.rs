@@ -2,7 +2,7 @@
 //! binary tensor data extension (a JSON header of `Inference-Header-Content-Length` bytes,
 //! then the raw tensors back to back, each input announcing its `binary_data_size`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -27,6 +27,9 @@ struct RequestJson<'a> {
 #[derive(Default, Deserialize)]
 struct RequestParameters {
     binary_data_output: Option<bool>,
+    /// Everything else: scalars reach plugins as attributes.
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -175,11 +178,23 @@ pub fn decode_request(
             })
             .collect()
     });
+    let parameters = request
+        .parameters
+        .other
+        .into_iter()
+        .filter_map(|(name, value)| match value {
+            serde_json::Value::String(s) => Some((name, s)),
+            serde_json::Value::Number(n) => Some((name, n.to_string())),
+            serde_json::Value::Bool(b) => Some((name, b.to_string())),
+            _ => None,
+        })
+        .collect();
     Ok((
         InferRequest {
             id: request.id,
             inputs,
             outputs,
+            parameters,
         },
         encoding,
     ))
@@ -350,7 +365,15 @@ struct ResponseJson<'a> {
     model_version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<ResponseParameters<'a>>,
     outputs: Vec<OutputJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ResponseParameters<'a> {
+    /// The endpoint variant that answered.
+    variant: &'a str,
 }
 
 #[derive(Serialize)]
@@ -427,6 +450,10 @@ pub fn encode_response(
         model_name: &response.model,
         model_version: response.version.to_string(),
         id: response.id.as_deref(),
+        parameters: response
+            .variant
+            .as_deref()
+            .map(|variant| ResponseParameters { variant }),
         outputs: response
             .outputs
             .iter()
@@ -581,6 +608,7 @@ mod tests {
             model: "m".into(),
             version: 3,
             id: Some("req-1".into()),
+            variant: None,
             outputs: vec![
                 Tensor {
                     name: "a".into(),

@@ -51,7 +51,7 @@ impl From<InferError> for ApiError {
         match error {
             InferError::Lookup(e) => e.into(),
             InferError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
-            e @ InferError::Backend { .. } => {
+            e @ (InferError::Backend { .. } | InferError::Plugin { .. }) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
         }

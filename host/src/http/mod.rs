@@ -21,9 +21,11 @@ pub use error::ApiError;
 
 /// What every handler shares.
 pub struct HttpState {
-    pub pipeline: Pipeline,
+    pub pipeline: Arc<Pipeline>,
     /// Request bodies above this many bytes are refused with 413.
     pub max_body_bytes: usize,
+    /// When set, `/admin/` requires `Authorization: Bearer <token>`.
+    pub admin_token: Option<String>,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.

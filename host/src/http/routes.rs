@@ -18,6 +18,9 @@ use crate::registry::LoadedVersion;
 
 type AppState = State<Arc<HttpState>>;
 
+/// Names the endpoint variant that answered, beside `parameters.variant` in the body.
+const VARIANT_HEADER: &str = "x-modelyard-variant";
+
 pub(super) fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
@@ -38,6 +41,8 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
             "/v2/models/{model}/versions/{version}/infer",
             post(version_infer),
         )
+        .route("/admin/plugins", get(admin_plugins))
+        .route("/admin/endpoints", get(admin_endpoints))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -197,7 +202,16 @@ async fn infer(
     let body = read_body(body, headers, state.max_body_bytes).await?;
     let (request, encoding) = codec::decode_request(&body, json_length)?;
     drop(body);
-    let response = state.pipeline.infer(model, version, request).await?;
+    let lookup = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let response = state
+        .pipeline
+        .infer(model, version, request, &lookup)
+        .await?;
     let (bytes, json_length) = codec::encode_response(&response, &encoding).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -206,6 +220,13 @@ async fn infer(
     })?;
     let mut reply = Response::new(Body::from(bytes));
     let headers = reply.headers_mut();
+    if let Some(variant) = response
+        .variant
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        headers.insert(VARIANT_HEADER, variant);
+    }
     match json_length {
         Some(n) => {
             headers.insert(
@@ -248,4 +269,97 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             format!("cannot read the request body: {error}"),
         )),
     }
+}
+
+fn authorize(state: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.admin_token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(token.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the admin API needs 'Authorization: Bearer <server.admin_token>'",
+        ))
+    }
+}
+
+fn unix_seconds(time: Option<std::time::SystemTime>) -> serde_json::Value {
+    time.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(serde_json::Value::Null, |d| json!(d.as_secs_f64()))
+}
+
+async fn admin_plugins(
+    State(state): AppState,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let library = state.pipeline.plugins();
+    let plugins: Vec<serde_json::Value> = library
+        .files
+        .values()
+        .map(|f| {
+            let state = match (&f.prepared, &f.error) {
+                (Some(_), None) => "serving",
+                (Some(_), Some(_)) => "serving previous version; new file refused",
+                (None, _) => "refused",
+            };
+            json!({
+                "name": f.name,
+                "world": f.prepared.as_ref().map(|p| p.world.as_str()),
+                "hash": f.hash,
+                "loaded_at": unix_seconds(f.loaded_at),
+                "state": state,
+                "last_error": f.error,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "plugins": plugins })))
+}
+
+async fn admin_endpoints(
+    State(state): AppState,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let set = state.pipeline.endpoints();
+    let mut endpoints: Vec<serde_json::Value> = set
+        .endpoints
+        .values()
+        .map(|e| {
+            let variants: Vec<serde_json::Value> = e
+                .variants
+                .iter()
+                .map(|v| {
+                    let stats = v.stats.snapshot();
+                    json!({
+                        "name": v.name, "model": v.model, "version": v.version,
+                        "requests": stats.requests, "errors": stats.errors,
+                        "latency_p50_us": stats.latency_p50_us, "latency_p99_us": stats.latency_p99_us,
+                    })
+                })
+                .collect();
+            json!({
+                "name": e.name,
+                "variants": variants,
+                "default_variant": e.variants[e.default_variant].name,
+                "router": e.router.as_ref().map(|r| &r.plugin),
+                "processors": e.processors.iter().map(|p| &p.plugin).collect::<Vec<_>>(),
+                "flags": e.flags.iter().map(|f| &f.plugin).collect::<Vec<_>>(),
+                "error": set.errors.get(&e.name),
+            })
+        })
+        .collect();
+    endpoints.extend(
+        set.errors
+            .iter()
+            .filter(|(name, _)| !set.endpoints.contains_key(*name))
+            .map(|(name, error)| json!({ "name": name, "error": error })),
+    );
+    Ok(Json(json!({ "endpoints": endpoints })))
 }

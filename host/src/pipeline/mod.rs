@@ -1,20 +1,32 @@
 //! One request's way through the host, after HTTP has decoded it and before HTTP encodes
-//! the answer: endpoint lookup → input checks against the model's signature → the model
-//! (off the async reactor, at most one run per inference slot) → the requested outputs.
-//! Flags, routers and processors slot in between lookup and model as plugins arrive.
+//! the answer. For an endpoint: flags → router → preprocessors → model → postprocessors,
+//! with the variant's counters updated at the end; for a bare model: the model alone.
+//! The model runs off the async reactor, at most one run per inference slot; plugin calls
+//! run inline, each bounded by its CPU deadline.
 //!
-//! Owns: the order of those steps and the concurrency limit on model runs. Must not touch:
-//! wire formats (http), how models are found on disk (registry), how they run (backend).
+//! Owns: the order of those steps, failure policies, per-variant statistics and the
+//! concurrency limit on model runs. Must not touch: wire formats (http), how models are
+//! found on disk (registry), how models or plugins run (backend, plugins).
 
+mod context;
+mod endpoints;
+mod stats;
 mod validate;
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
 use crate::backend;
+use crate::config::ProcessorFailure;
+use crate::plugins::Library;
 use crate::registry::{LoadedVersion, LookupError, ModelRepository};
 use crate::tensor::Tensor;
+
+pub use endpoints::{Build, Endpoint, EndpointSet, Variant};
+pub use stats::{StatsBook, StatsSnapshot};
 
 /// A decoded inference request.
 #[derive(Debug, Default)]
@@ -23,6 +35,9 @@ pub struct InferRequest {
     pub inputs: Vec<Tensor>,
     /// The outputs wanted, in the order wanted; `None` for all of them.
     pub outputs: Option<Vec<String>>,
+    /// The request's OIP `parameters` with scalar values, as text: plugins see them as
+    /// attributes (`targeting_key` becomes the targeting key).
+    pub parameters: Vec<(String, String)>,
 }
 
 /// What the model answered, ready to encode.
@@ -32,6 +47,8 @@ pub struct InferResponse {
     pub version: u64,
     pub id: Option<String>,
     pub outputs: Vec<Tensor>,
+    /// The endpoint variant that answered, if an endpoint was called.
+    pub variant: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,10 +64,19 @@ pub enum InferError {
         version: u64,
         reason: String,
     },
+    /// A processor failed and the endpoint's policy is to fail the request.
+    #[error("endpoint '{endpoint}': {reason}")]
+    Plugin { endpoint: String, reason: String },
 }
+
+/// Looks a request header up by lowercase name.
+pub type Headers<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
 pub struct Pipeline {
     repository: Arc<ModelRepository>,
+    endpoints: ArcSwap<EndpointSet>,
+    plugins: ArcSwap<Library>,
+    stats: StatsBook,
     slots: Arc<Semaphore>,
 }
 
@@ -60,6 +86,9 @@ impl Pipeline {
     pub fn new(repository: Arc<ModelRepository>, parallelism: usize) -> Pipeline {
         Pipeline {
             repository,
+            endpoints: ArcSwap::from_pointee(EndpointSet::default()),
+            plugins: ArcSwap::from_pointee(Library::default()),
+            stats: StatsBook::default(),
             slots: Arc::new(Semaphore::new(parallelism.max(1))),
         }
     }
@@ -68,29 +97,180 @@ impl Pipeline {
         &self.repository
     }
 
+    pub fn stats(&self) -> &StatsBook {
+        &self.stats
+    }
+
+    pub fn endpoints(&self) -> Arc<EndpointSet> {
+        self.endpoints.load_full()
+    }
+
+    /// The plugin files the endpoints were built from.
+    pub fn plugins(&self) -> Arc<Library> {
+        self.plugins.load_full()
+    }
+
+    /// Swaps rebuilt plugins and endpoints in; requests in flight finish on what they took.
+    pub fn set_plugins(&self, plugins: Library, endpoints: EndpointSet) {
+        self.plugins.store(Arc::new(plugins));
+        self.endpoints.store(Arc::new(endpoints));
+    }
+
+    /// Serves `name`: an endpoint if one is configured under that name (and no version is
+    /// asked for), otherwise the model of that name.
     pub async fn infer(
         &self,
-        model: &str,
+        name: &str,
         version: Option<&str>,
         request: InferRequest,
+        headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
-        let target = self.repository.snapshot()?.resolve(model, version)?;
+        if version.is_none() {
+            let endpoints = self.endpoints.load();
+            if let Some(endpoint) = endpoints.endpoints.get(name) {
+                let endpoint = endpoint.clone();
+                drop(endpoints);
+                return self.infer_endpoint(&endpoint, request, headers).await;
+            }
+            if let Some(error) = endpoints.errors.get(name) {
+                return Err(LookupError::Unavailable(format!(
+                    "endpoint '{name}' is not serving: {error}"
+                ))
+                .into());
+            }
+        }
+        let target = self.repository.snapshot()?.resolve(name, version)?;
         validate::inputs(&target, &request.inputs)?;
-        let wanted = validate::outputs(&target, request.outputs)?;
-        let mut outputs = self.run(&target, request.inputs).await?;
-        let outputs = wanted
-            .into_iter()
-            .filter_map(|name| {
-                let ix = outputs.iter().position(|t| t.name == name)?;
-                Some(outputs.swap_remove(ix))
-            })
-            .collect();
+        let names: Vec<String> = target.outputs.iter().map(|s| s.name.clone()).collect();
+        let owner = format!("model '{}' version {}", target.model, target.version);
+        let wanted = validate::output_names(&owner, &names, request.outputs)?;
+        let outputs = self.run(&target, request.inputs).await?;
         Ok(InferResponse {
             model: target.model.clone(),
             version: target.version,
             id: request.id,
-            outputs,
+            outputs: select(outputs, wanted),
+            variant: None,
         })
+    }
+
+    async fn infer_endpoint(
+        &self,
+        endpoint: &Endpoint,
+        request: InferRequest,
+        headers: Headers<'_>,
+    ) -> Result<InferResponse, InferError> {
+        let started = Instant::now();
+        let mut ctx = context::build(endpoint, &request, headers);
+        for flags in &endpoint.flags {
+            match flags.pool.evaluate(&ctx) {
+                Ok(evaluations) => ctx.attributes.extend(
+                    evaluations
+                        .into_iter()
+                        .map(|e| (format!("flag.{}", e.flag), e.variant)),
+                ),
+                Err(error) => {
+                    tracing::warn!(endpoint = %endpoint.name, %error, "flags plugin failed; its flags are unset")
+                }
+            }
+        }
+        let variant = self.route(endpoint, &ctx);
+        let result = self.serve_variant(endpoint, variant, &ctx, request).await;
+        variant.stats.record(started.elapsed(), result.is_err());
+        result
+    }
+
+    fn route<'e>(
+        &self,
+        endpoint: &'e Endpoint,
+        ctx: &crate::plugins::RequestContext,
+    ) -> &'e Variant {
+        let default = &endpoint.variants[endpoint.default_variant];
+        let Some(router) = &endpoint.router else {
+            return default;
+        };
+        let stats: Vec<_> = endpoint
+            .variants
+            .iter()
+            .map(context::variant_stats)
+            .collect();
+        match router.pool.route(ctx, &stats) {
+            Ok(decision) => match endpoint
+                .variants
+                .iter()
+                .find(|v| v.name == decision.primary)
+            {
+                Some(variant) => variant,
+                None => {
+                    tracing::warn!(endpoint = %endpoint.name, plugin = %router.plugin, primary = %decision.primary, "router chose an unknown variant; using the default");
+                    default
+                }
+            },
+            Err(error) => {
+                tracing::warn!(endpoint = %endpoint.name, %error, "router failed; using the default variant");
+                default
+            }
+        }
+    }
+
+    async fn serve_variant(
+        &self,
+        endpoint: &Endpoint,
+        variant: &Variant,
+        ctx: &crate::plugins::RequestContext,
+        request: InferRequest,
+    ) -> Result<InferResponse, InferError> {
+        let mut inputs = request.inputs;
+        for processor in &endpoint.processors {
+            inputs = self.process(endpoint, inputs, |t| processor.pool.preprocess(ctx, t))?;
+        }
+        let version = variant.version.map(|v| v.to_string());
+        let target = self
+            .repository
+            .snapshot()?
+            .resolve(&variant.model, version.as_deref())?;
+        validate::inputs(&target, &inputs)?;
+        let mut outputs = self.run(&target, inputs).await?;
+        for processor in endpoint.processors.iter().rev() {
+            outputs = self.process(endpoint, outputs, |t| processor.pool.postprocess(ctx, t))?;
+        }
+        let names: Vec<String> = outputs.iter().map(|t| t.name.clone()).collect();
+        let owner = format!("endpoint '{}'", endpoint.name);
+        let wanted = validate::output_names(&owner, &names, request.outputs)?;
+        Ok(InferResponse {
+            model: endpoint.name.clone(),
+            version: target.version,
+            id: request.id,
+            outputs: select(outputs, wanted),
+            variant: Some(variant.name.clone()),
+        })
+    }
+
+    /// One processor step, with the endpoint's failure policy.
+    fn process(
+        &self,
+        endpoint: &Endpoint,
+        tensors: Vec<Tensor>,
+        step: impl FnOnce(
+            &[crate::plugins::Tensor],
+        ) -> Result<Vec<crate::plugins::Tensor>, crate::plugins::PluginError>,
+    ) -> Result<Vec<Tensor>, InferError> {
+        let keep =
+            (endpoint.on_processor_error == ProcessorFailure::PassThrough).then(|| tensors.clone());
+        let result = step(&context::to_plugin(tensors))
+            .map_err(|e| e.to_string())
+            .and_then(context::from_plugin);
+        match (result, keep) {
+            (Ok(tensors), _) => Ok(tensors),
+            (Err(reason), Some(kept)) => {
+                tracing::warn!(endpoint = %endpoint.name, %reason, "processor failed; passing the tensors through");
+                Ok(kept)
+            }
+            (Err(reason), None) => Err(InferError::Plugin {
+                endpoint: endpoint.name.clone(),
+                reason,
+            }),
+        }
     }
 
     async fn run(
@@ -118,4 +298,15 @@ impl Pipeline {
         .map_err(|join| failed(format!("the backend crashed ({join})")))?
         .map_err(|error| failed(error.to_string()))
     }
+}
+
+/// The `wanted` outputs, in that order.
+fn select(mut outputs: Vec<Tensor>, wanted: Vec<String>) -> Vec<Tensor> {
+    wanted
+        .into_iter()
+        .filter_map(|name| {
+            let ix = outputs.iter().position(|t| t.name == name)?;
+            Some(outputs.swap_remove(ix))
+        })
+        .collect()
 }

@@ -69,33 +69,28 @@ pub(super) fn inputs(target: &LoadedVersion, inputs: &[Tensor]) -> Result<(), In
     Ok(())
 }
 
-/// The output names to return, in order; every name must exist.
-pub(super) fn outputs(
-    target: &LoadedVersion,
+/// The output names to return, in order: every requested name must be among `available`
+/// (the outputs of `owner`, a model version or an endpoint), and none asked twice.
+pub(super) fn output_names(
+    owner: &str,
+    available: &[String],
     requested: Option<Vec<String>>,
 ) -> Result<Vec<String>, InferError> {
     let Some(requested) = requested else {
-        return Ok(target.outputs.iter().map(|s| s.name.clone()).collect());
+        return Ok(available.to_vec());
     };
-    if let Some(unknown) = requested
-        .iter()
-        .find(|name| !target.outputs.iter().any(|s| &s.name == *name))
-    {
-        return Err(InferError::Invalid(format!(
-            "unknown output '{unknown}'; the outputs of model '{}' version {} are: {}",
-            target.model,
-            target.version,
-            names(&target.outputs)
-        )));
-    }
-    if let Some((_, twice)) = requested
-        .iter()
-        .enumerate()
-        .find(|(i, name)| requested[..*i].contains(name))
-    {
-        return Err(InferError::Invalid(format!(
-            "output '{twice}' is requested more than once"
-        )));
+    for (i, name) in requested.iter().enumerate() {
+        if !available.contains(name) {
+            return Err(InferError::Invalid(format!(
+                "unknown output '{name}'; the outputs of {owner} are: {}",
+                available.join(", ")
+            )));
+        }
+        if requested[..i].contains(name) {
+            return Err(InferError::Invalid(format!(
+                "output '{name}' is requested more than once"
+            )));
+        }
     }
     Ok(requested)
 }

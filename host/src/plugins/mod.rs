@@ -8,6 +8,7 @@
 
 mod bindings;
 mod cache;
+mod library;
 mod pool;
 mod sandbox;
 mod scaffold;
@@ -22,6 +23,8 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine};
 
 pub use bindings::{Datatype, Decision, Evaluation, RequestContext, Tensor, VariantStats};
+pub use cache::component_hash;
+pub use library::{Library, PluginFile};
 pub use pool::{FlagsWorld, Pool, ProcessorWorld, RouterWorld, World};
 use sandbox::Sandbox;
 pub use scaffold::{ScaffoldError, new_plugin};
@@ -98,6 +101,14 @@ impl Plugin {
             Plugin::Flags(_) => WorldKind::Flags,
         }
     }
+}
+
+/// A compiled component that implements a known world, not yet configured.
+pub struct Prepared {
+    name: Arc<str>,
+    pub world: WorldKind,
+    pre: wasmtime::component::InstancePre<Sandbox>,
+    component: Component,
 }
 
 /// What `modelyard plugin check` reports about a component.
@@ -195,14 +206,37 @@ impl PluginEngine {
             })
     }
 
-    /// Compiles (or fetches from the cache), identifies, type-checks and configures a
-    /// component. `config` is the plugin's configuration as JSON.
-    pub fn load(&self, name: &str, bytes: &[u8], config: String) -> Result<Plugin, PluginError> {
+    /// Compiles (or fetches from the cache), identifies and type-checks a component, ready
+    /// to be bound to configurations.
+    pub fn prepare(&self, name: &str, bytes: &[u8]) -> Result<Prepared, PluginError> {
         let component = self.compile(name, bytes)?;
         let world = self.world_of(name, &component)?;
         let pre = self.instance_pre(name, &component)?;
-        let name: Arc<str> = Arc::from(name);
-        Ok(match world {
+        let check = match world {
+            WorldKind::Router => RouterWorld::pre_check(pre.clone()),
+            WorldKind::Processor => ProcessorWorld::pre_check(pre.clone()),
+            WorldKind::Flags => FlagsWorld::pre_check(pre.clone()),
+        };
+        check.map_err(|e| PluginError::Refused {
+            plugin: name.to_string(),
+            reason: format!(
+                "does not implement the {} world as declared: {e:#}",
+                world.as_str()
+            ),
+        })?;
+        Ok(Prepared {
+            name: Arc::from(name),
+            world,
+            pre,
+            component,
+        })
+    }
+
+    /// Instances of a prepared component configured with `config` (JSON); the first is made
+    /// and configured now, so a refused configuration is known before anything is served.
+    pub fn bind(&self, prepared: &Prepared, config: String) -> Result<Plugin, PluginError> {
+        let (name, pre) = (prepared.name.clone(), prepared.pre.clone());
+        Ok(match prepared.world {
             WorldKind::Router => {
                 Plugin::Router(Pool::new(name, &self.engine, pre, config, self.limits)?)
             }
@@ -218,24 +252,10 @@ impl PluginEngine {
     /// Says what a component is, or exactly why it would be refused (short of configuring
     /// it, which needs an endpoint's configuration).
     pub fn inspect(&self, name: &str, bytes: &[u8]) -> Result<Inspection, PluginError> {
-        let component = self.compile(name, bytes)?;
-        let world = self.world_of(name, &component)?;
-        let pre = self.instance_pre(name, &component)?;
-        let typed = match world {
-            WorldKind::Router => RouterWorld::pre_check(pre),
-            WorldKind::Processor => ProcessorWorld::pre_check(pre),
-            WorldKind::Flags => FlagsWorld::pre_check(pre),
-        };
-        typed.map_err(|e| PluginError::Refused {
-            plugin: name.to_string(),
-            reason: format!(
-                "does not implement the {} world as declared: {e:#}",
-                world.as_str()
-            ),
-        })?;
-        let ty = component.component_type();
+        let prepared = self.prepare(name, bytes)?;
+        let ty = prepared.component.component_type();
         Ok(Inspection {
-            world,
+            world: prepared.world,
             exports: ty
                 .exports(&self.engine)
                 .map(|(n, _)| n.to_string())

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 
 use super::{LoadedVersion, Model, ModelConfig, Snapshot, VersionEntry};
 use crate::backend::TractBackend;
+use crate::watch::is_ignored;
 
 const MODEL_FILE: &str = "model.onnx";
 const CONFIG_FILE: &str = "model.toml";
@@ -29,11 +30,6 @@ impl FileStamp {
             modified: meta.modified().ok(),
         })
     }
-}
-
-/// Editors and copy tools leave these behind; they are never models.
-fn is_ignored(name: &str) -> bool {
-    name.starts_with('.') || name.ends_with('~') || name.ends_with(".tmp")
 }
 
 fn subdirectories(dir: &Path) -> Vec<(String, std::path::PathBuf)> {

@@ -4,16 +4,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use notify_debouncer_mini::notify::{self, RecursiveMode};
-use notify_debouncer_mini::{DebounceEventResult, new_debouncer};
-use tokio::sync::Notify;
+use notify_debouncer_mini::notify::RecursiveMode;
 
 use super::ModelRepository;
-
-/// Long enough for a file copy or a `mv` of a version directory to settle into one burst.
-const DEBOUNCE: Duration = Duration::from_millis(150);
+use crate::watch::Watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -21,8 +16,8 @@ pub enum WatchError {
         "the model directory {0} does not exist or is not a directory; create it or point --models at one"
     )]
     Missing(PathBuf),
-    #[error("cannot watch the model directory {dir}: {source}")]
-    Watch { dir: PathBuf, source: notify::Error },
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
 }
 
 impl ModelRepository {
@@ -33,30 +28,9 @@ impl ModelRepository {
         if !self.dir.is_dir() {
             return Err(WatchError::Missing(self.dir.clone()));
         }
-        let changed = Arc::new(Notify::new());
-        let signal = changed.clone();
-        let mut debouncer = new_debouncer(DEBOUNCE, move |result: DebounceEventResult| {
-            if let Err(error) = result {
-                tracing::warn!(%error, "model directory watch reported an error; rescanning");
-            }
-            signal.notify_one();
-        })
-        .map_err(|source| WatchError::Watch {
-            dir: self.dir.clone(),
-            source,
-        })?;
-        debouncer
-            .watcher()
-            .watch(&self.dir, RecursiveMode::Recursive)
-            .map_err(|source| WatchError::Watch {
-                dir: self.dir.clone(),
-                source,
-            })?;
-
+        let watch = Watch::new(&[(&self.dir, RecursiveMode::Recursive)])?;
         let repository = self.clone();
         Ok(tokio::spawn(async move {
-            // Owned by the task: dropping it would stop the watch.
-            let _debouncer = debouncer;
             repository.rescan().await;
             tracing::info!(
                 dir = %repository.dir.display(),
@@ -64,7 +38,7 @@ impl ModelRepository {
                 "model repository ready"
             );
             loop {
-                changed.notified().await;
+                watch.changed().await;
                 repository.rescan().await;
             }
         }))

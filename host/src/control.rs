@@ -1,0 +1,130 @@
+//! The control plane: follows `modelyard.toml` and the plugin directory while the server
+//! runs. On any change it rescans the plugins, rereads the configuration and rebuilds the
+//! endpoint set off the request path, then swaps it in whole. A file that fails any step
+//! is refused, logged, shown in the admin API, and what served before keeps serving.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify_debouncer_mini::notify::RecursiveMode;
+
+use crate::config::{Config, EndpointConfig};
+use crate::pipeline::{Build, Pipeline};
+use crate::plugins::{Library, Limits, PluginEngine, PluginError};
+use crate::watch::{Watch, WatchError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create the plugin directory {dir}: {source}")]
+    PluginDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error(transparent)]
+    Plugins(#[from] PluginError),
+}
+
+struct Control {
+    engine: PluginEngine,
+    plugin_dir: PathBuf,
+    config_file: Option<PathBuf>,
+    endpoints: BTreeMap<String, EndpointConfig>,
+    library: Library,
+    pipeline: Arc<Pipeline>,
+}
+
+impl Control {
+    /// Everything a change may affect, in order; runs on a blocking thread.
+    fn refresh(&mut self) {
+        if let Some(file) = &self.config_file {
+            match Config::load(file) {
+                Ok(config) => self.endpoints = config.endpoints,
+                Err(error) => {
+                    tracing::error!(%error, "configuration edit refused; the previous configuration stays in force")
+                }
+            }
+        }
+        self.library = Library::scan(&self.engine, &self.plugin_dir, &self.library);
+        let previous = self.pipeline.endpoints();
+        let endpoints = Build {
+            configs: &self.endpoints,
+            library: &self.library,
+            engine: &self.engine,
+            previous: &previous,
+            stats: self.pipeline.stats(),
+        }
+        .run();
+        self.pipeline.set_plugins(self.library.clone(), endpoints);
+    }
+}
+
+/// Loads the plugins and endpoints once, then follows changes until the returned task is
+/// aborted. `config_file` is watched when the configuration came from one.
+pub async fn start(
+    config: &Config,
+    config_file: Option<PathBuf>,
+    pipeline: Arc<Pipeline>,
+) -> Result<tokio::task::JoinHandle<()>, ControlError> {
+    let plugin_dir = config.plugins.dir.clone();
+    std::fs::create_dir_all(&plugin_dir).map_err(|source| ControlError::PluginDir {
+        dir: plugin_dir.clone(),
+        source,
+    })?;
+    let limits = Limits {
+        call_deadline: Duration::from_millis(config.plugins.call_deadline_ms),
+        memory_bytes: config.plugins.memory_limit_mib.saturating_mul(1024 * 1024),
+    };
+    let cache_dir = config
+        .plugins
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("modelyard-cache"));
+    let engine = PluginEngine::new(limits, Some(cache_dir))?;
+    let mut watched = vec![(plugin_dir.as_path(), RecursiveMode::NonRecursive)];
+    let config_dir = config_file.as_ref().and_then(|f| f.parent()).map(|d| {
+        if d.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            d.to_path_buf()
+        }
+    });
+    if let Some(dir) = &config_dir {
+        watched.push((dir.as_path(), RecursiveMode::NonRecursive));
+    }
+    let watch = Watch::new(&watched)?;
+    let mut control = Some(Control {
+        engine,
+        plugin_dir,
+        config_file,
+        endpoints: config.endpoints.clone(),
+        library: Library::default(),
+        pipeline,
+    });
+    control = refresh(control).await;
+    Ok(tokio::spawn(async move {
+        loop {
+            watch.changed().await;
+            control = refresh(control).await;
+        }
+    }))
+}
+
+async fn refresh(control: Option<Control>) -> Option<Control> {
+    let mut control = control?;
+    let done = tokio::task::spawn_blocking(move || {
+        control.refresh();
+        control
+    })
+    .await;
+    match done {
+        Ok(control) => Some(control),
+        Err(error) => {
+            tracing::error!(%error, "plugin reload crashed; plugins and endpoints stay as they are from now on");
+            None
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! What plugins see of a request, and tensors in the plugins' form and back. Tensor data
+//! moves across without re-encoding: both sides keep elements as little-endian bytes.
+
+use super::endpoints::{Endpoint, Variant};
+use super::{Headers, InferRequest};
+use crate::plugins::{Datatype, RequestContext, Tensor as PluginTensor, VariantStats};
+use crate::tensor::{DataType, Tensor};
+
+/// The request context for `endpoint`: targeting key from the `targeting_key` parameter or
+/// the endpoint's header, attributes from the other parameters and the named headers, and
+/// a fresh seed.
+pub fn build(endpoint: &Endpoint, request: &InferRequest, headers: Headers<'_>) -> RequestContext {
+    let seed = fastrand::u64(..);
+    let mut targeting_key = None;
+    let mut attributes =
+        Vec::with_capacity(request.parameters.len() + endpoint.attribute_headers.len());
+    for (name, value) in &request.parameters {
+        if name == "targeting_key" {
+            targeting_key = Some(value.clone());
+        } else {
+            attributes.push((name.clone(), value.clone()));
+        }
+    }
+    if let Some(header) = &endpoint.targeting_key_header {
+        targeting_key = targeting_key.or_else(|| headers(header));
+    }
+    for header in &endpoint.attribute_headers {
+        if let Some(value) = headers(header) {
+            attributes.push((header.clone(), value));
+        }
+    }
+    RequestContext {
+        id: request.id.clone().unwrap_or_else(|| format!("{seed:016x}")),
+        endpoint: endpoint.name.clone(),
+        targeting_key,
+        attributes,
+        seed,
+    }
+}
+
+pub fn variant_stats(variant: &Variant) -> VariantStats {
+    let stats = variant.stats.snapshot();
+    VariantStats {
+        name: variant.name.clone(),
+        model: variant.model.clone(),
+        version: variant.version.map(|v| v.to_string()).unwrap_or_default(),
+        requests: stats.requests,
+        errors: stats.errors,
+        latency_p50_us: stats.latency_p50_us,
+        latency_p99_us: stats.latency_p99_us,
+        // Rewards arrive with the feedback API.
+        reward_count: 0,
+        reward_sum: 0.0,
+    }
+}
+
+const DATATYPES: [(DataType, Datatype); 13] = [
+    (DataType::Bool, Datatype::Bool),
+    (DataType::Uint8, Datatype::Uint8),
+    (DataType::Uint16, Datatype::Uint16),
+    (DataType::Uint32, Datatype::Uint32),
+    (DataType::Uint64, Datatype::Uint64),
+    (DataType::Int8, Datatype::Int8),
+    (DataType::Int16, Datatype::Int16),
+    (DataType::Int32, Datatype::Int32),
+    (DataType::Int64, Datatype::Int64),
+    (DataType::Fp16, Datatype::Fp16),
+    (DataType::Fp32, Datatype::Fp32),
+    (DataType::Fp64, Datatype::Fp64),
+    (DataType::Bytes, Datatype::Bytes),
+];
+
+pub fn to_plugin(tensors: Vec<Tensor>) -> Vec<PluginTensor> {
+    tensors
+        .into_iter()
+        .map(|t| PluginTensor {
+            datatype: DATATYPES
+                .iter()
+                .find(|(d, _)| *d == t.datatype)
+                .map_or(Datatype::Bytes, |(_, w)| *w),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            name: t.name,
+            data: t.data,
+        })
+        .collect()
+}
+
+/// Plugin output back into host tensors, refusing any whose data does not fit its shape:
+/// a plugin's mistake must not reach the model or the client as a malformed tensor.
+pub fn from_plugin(tensors: Vec<PluginTensor>) -> Result<Vec<Tensor>, String> {
+    tensors
+        .into_iter()
+        .map(|t| {
+            let datatype = DATATYPES
+                .iter()
+                .find(|(_, w)| *w == t.datatype)
+                .map(|(d, _)| *d)
+                .unwrap_or(DataType::Bytes);
+            let shape = t
+                .shape
+                .iter()
+                .map(|&d| usize::try_from(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| format!("plugin tensor '{}' has a dimension too large", t.name))?;
+            let count = Tensor::element_count(&shape);
+            let fits = match (datatype.element_size(), count) {
+                (Some(size), Some(count)) => count.checked_mul(size) == Some(t.data.len()),
+                (None, Some(count)) => Tensor::byte_elements(&t.data).is_some_and(|e| e.len() == count),
+                (_, None) => false,
+            };
+            if !fits {
+                return Err(format!(
+                    "plugin returned tensor '{}' whose {} bytes of {datatype} data do not fill its shape {shape:?}",
+                    t.name,
+                    t.data.len()
+                ));
+            }
+            Ok(Tensor {
+                name: t.name,
+                datatype,
+                shape,
+                data: t.data,
+            })
+        })
+        .collect()
+}

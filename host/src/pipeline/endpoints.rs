@@ -1,0 +1,233 @@
+//! Endpoints as configured, bound to the plugins that serve them. The set is rebuilt
+//! whenever `modelyard.toml` or the plugin directory changes and swapped in whole; a
+//! binding whose plugin, configuration or world is wrong is refused and the endpoint keeps
+//! the binding it had.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::stats::{StatsBook, VariantCounters};
+use crate::config::{EndpointConfig, PluginRef, ProcessorFailure};
+use crate::plugins::{
+    FlagsWorld, Library, Plugin, PluginEngine, Pool, ProcessorWorld, RouterWorld, World,
+};
+
+/// One variant: a model, at a version or at its default.
+pub struct Variant {
+    pub name: String,
+    pub model: String,
+    pub version: Option<u64>,
+    pub stats: Arc<VariantCounters>,
+}
+
+/// A plugin bound to an endpoint with its configuration.
+pub struct Bound<W: World> {
+    pub plugin: String,
+    hash: Option<String>,
+    config: String,
+    pub pool: Arc<Pool<W>>,
+}
+
+pub struct Endpoint {
+    pub name: String,
+    pub variants: Vec<Variant>,
+    /// Index into `variants` of the variant that answers without (or despite) a router.
+    pub default_variant: usize,
+    pub router: Option<Bound<RouterWorld>>,
+    pub processors: Vec<Bound<ProcessorWorld>>,
+    pub flags: Vec<Bound<FlagsWorld>>,
+    pub on_processor_error: ProcessorFailure,
+    pub targeting_key_header: Option<String>,
+    pub attribute_headers: Vec<String>,
+}
+
+/// Every endpoint, and why those that cannot serve cannot.
+#[derive(Default)]
+pub struct EndpointSet {
+    pub endpoints: BTreeMap<String, Arc<Endpoint>>,
+    pub errors: BTreeMap<String, String>,
+}
+
+/// What a rebuild needs: the configuration, the plugins, and what served before.
+pub struct Build<'a> {
+    pub configs: &'a BTreeMap<String, EndpointConfig>,
+    pub library: &'a Library,
+    pub engine: &'a PluginEngine,
+    pub previous: &'a EndpointSet,
+    pub stats: &'a StatsBook,
+}
+
+impl Build<'_> {
+    pub fn run(&self) -> EndpointSet {
+        let mut set = EndpointSet::default();
+        for (name, config) in self.configs {
+            let before = self.previous.endpoints.get(name).map(Arc::as_ref);
+            match self.endpoint(name, config, before) {
+                Ok(endpoint) => {
+                    set.endpoints.insert(name.clone(), Arc::new(endpoint));
+                }
+                Err(error) => {
+                    tracing::error!(endpoint = %name, %error, "endpoint configuration refused; it keeps what it had");
+                    if let Some(before) = self.previous.endpoints.get(name) {
+                        set.endpoints.insert(name.clone(), before.clone());
+                    }
+                    set.errors.insert(name.clone(), error);
+                }
+            }
+        }
+        set
+    }
+
+    fn endpoint(
+        &self,
+        name: &str,
+        config: &EndpointConfig,
+        before: Option<&Endpoint>,
+    ) -> Result<Endpoint, String> {
+        if config.variants.is_empty() {
+            return Err("an endpoint needs at least one variant".to_string());
+        }
+        let variants = config
+            .variants
+            .iter()
+            .map(|(variant, spec)| {
+                let (model, version) = match spec.split_once('@') {
+                    Some((model, version)) => {
+                        let version = version.parse::<u64>().map_err(|_| {
+                            format!("variant '{variant}' names '{spec}'; write model@version with a numeric version, or just model")
+                        })?;
+                        (model, Some(version))
+                    }
+                    None => (spec.as_str(), None),
+                };
+                Ok(Variant {
+                    name: variant.clone(),
+                    model: model.to_string(),
+                    version,
+                    stats: self.stats.variant(name, variant),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let default_variant = match &config.default_variant {
+            Some(d) => variants
+                .iter()
+                .position(|v| &v.name == d)
+                .ok_or_else(|| format!("default_variant '{d}' is not one of the variants"))?,
+            None => 0,
+        };
+        let router = config
+            .router
+            .as_ref()
+            .map(|r| self.bind(r, before.and_then(|b| b.router.as_ref()), as_router))
+            .transpose()?;
+        let processors = config
+            .processors
+            .iter()
+            .enumerate()
+            .map(|(i, p)| self.bind(p, before.and_then(|b| b.processors.get(i)), as_processor))
+            .collect::<Result<_, _>>()?;
+        let flags = config
+            .flags
+            .iter()
+            .enumerate()
+            .map(|(i, f)| self.bind(f, before.and_then(|b| b.flags.get(i)), as_flags))
+            .collect::<Result<_, _>>()?;
+        Ok(Endpoint {
+            name: name.to_string(),
+            variants,
+            default_variant,
+            router,
+            processors,
+            flags,
+            on_processor_error: config.on_processor_error,
+            targeting_key_header: config
+                .targeting_key_header
+                .as_ref()
+                .map(|h| h.to_ascii_lowercase()),
+            attribute_headers: config
+                .attribute_headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        })
+    }
+
+    fn bind<W: World>(
+        &self,
+        wanted: &PluginRef,
+        before: Option<&Bound<W>>,
+        extract: fn(Plugin) -> Result<Pool<W>, &'static str>,
+    ) -> Result<Bound<W>, String> {
+        let file = self.library.files.get(&wanted.plugin).ok_or_else(|| {
+            format!(
+                "no plugin '{}' in the plugin directory (there: {})",
+                wanted.plugin,
+                self.library
+                    .files
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let prepared = file.prepared.as_ref().ok_or_else(|| {
+            format!(
+                "plugin '{}' is refused: {}",
+                wanted.plugin,
+                file.error.as_deref().unwrap_or("not loaded")
+            )
+        })?;
+        if prepared.world.as_str() != W::NAME {
+            return Err(format!(
+                "plugin '{}' is a {} plugin, but it is used here as a {}",
+                wanted.plugin,
+                prepared.world.as_str(),
+                W::NAME
+            ));
+        }
+        let config = wanted.config.to_string();
+        if let Some(before) = before
+            .filter(|b| b.plugin == wanted.plugin && b.hash == file.hash && b.config == config)
+        {
+            return Ok(Bound {
+                plugin: before.plugin.clone(),
+                hash: before.hash.clone(),
+                config,
+                pool: before.pool.clone(),
+            });
+        }
+        let plugin = self
+            .engine
+            .bind(prepared, config.clone())
+            .map_err(|e| e.to_string())?;
+        let pool = extract(plugin)
+            .map_err(|world| format!("plugin '{}' is not a {world} plugin", wanted.plugin))?;
+        Ok(Bound {
+            plugin: wanted.plugin.clone(),
+            hash: file.hash.clone(),
+            config,
+            pool: Arc::new(pool),
+        })
+    }
+}
+
+fn as_router(plugin: Plugin) -> Result<Pool<RouterWorld>, &'static str> {
+    match plugin {
+        Plugin::Router(pool) => Ok(pool),
+        _ => Err("router"),
+    }
+}
+
+fn as_processor(plugin: Plugin) -> Result<Pool<ProcessorWorld>, &'static str> {
+    match plugin {
+        Plugin::Processor(pool) => Ok(pool),
+        _ => Err("processor"),
+    }
+}
+
+fn as_flags(plugin: Plugin) -> Result<Pool<FlagsWorld>, &'static str> {
+    match plugin {
+        Plugin::Flags(pool) => Ok(pool),
+        _ => Err("flags"),
+    }
+}

@@ -1,0 +1,108 @@
+//! Per-variant counters the host keeps for routers: requests, errors and latency. They
+//! live outside the endpoint set, keyed by endpoint and variant, so a plugin swap or a
+//! configuration edit loses none of them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Counters of one variant.
+pub struct VariantCounters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    latency_us: Mutex<Option<Histogram<u64>>>,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StatsSnapshot {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+}
+
+impl VariantCounters {
+    fn new() -> VariantCounters {
+        VariantCounters {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            // Microseconds up to an hour, to three significant digits.
+            latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
+        }
+    }
+
+    pub fn record(&self, latency: Duration, failed: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        if let Some(h) = self
+            .latency_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            h.saturating_record(micros.max(1));
+        }
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let latency = self
+            .latency_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (p50, p99) = latency.as_ref().map_or((0, 0), |h| {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+        });
+        StatsSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            latency_p50_us: p50,
+            latency_p99_us: p99,
+        }
+    }
+}
+
+/// Every variant's counters, created on first use.
+#[derive(Default)]
+pub struct StatsBook {
+    variants: Mutex<HashMap<(String, String), Arc<VariantCounters>>>,
+}
+
+impl StatsBook {
+    pub fn variant(&self, endpoint: &str, variant: &str) -> Arc<VariantCounters> {
+        self.variants
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((endpoint.to_string(), variant.to_string()))
+            .or_insert_with(|| Arc::new(VariantCounters::new()))
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_survive_lookups_and_measure_latency() {
+        let book = StatsBook::default();
+        let a = book.variant("iris", "a");
+        for ms in 1..=100 {
+            a.record(Duration::from_millis(ms), ms > 95);
+        }
+        let again = book.variant("iris", "a").snapshot();
+        assert_eq!((again.requests, again.errors), (100, 5));
+        assert!(
+            (49_000..=51_000).contains(&again.latency_p50_us),
+            "{again:?}"
+        );
+        assert!(again.latency_p99_us >= 98_000, "{again:?}");
+        assert_eq!(book.variant("iris", "b").snapshot().requests, 0);
+    }
+}

@@ -1,0 +1,106 @@
+//! The plugin directory as the last scan found it: one entry per `*.wasm` file, compiled
+//! and identified off the request path. A file that fails is refused, and the version that
+//! was prepared from the previous file keeps serving.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{PluginEngine, Prepared, component_hash};
+use crate::watch::is_ignored;
+
+/// One `*.wasm` file of the plugin directory.
+#[derive(Clone)]
+pub struct PluginFile {
+    /// The file name without `.wasm`: what endpoints call it.
+    pub name: String,
+    /// The hash of what serves: the last file that prepared successfully.
+    pub hash: Option<String>,
+    pub loaded_at: Option<SystemTime>,
+    pub prepared: Option<Arc<Prepared>>,
+    /// Why the file now on disk is refused, if it is.
+    pub error: Option<String>,
+    /// The hash of the file now on disk, so it is prepared once, refused or not.
+    seen: String,
+}
+
+/// Every plugin file, as of one scan.
+#[derive(Clone, Default)]
+pub struct Library {
+    pub files: BTreeMap<String, PluginFile>,
+}
+
+impl Library {
+    /// Rescans `dir`: unchanged files keep their prepared component, changed and new ones
+    /// are prepared, removed ones are dropped.
+    pub fn scan(engine: &PluginEngine, dir: &Path, previous: &Library) -> Library {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::error!(dir = %dir.display(), %error, "cannot list the plugin directory");
+                return previous.clone();
+            }
+        };
+        let mut files = BTreeMap::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some(name) = file_name.strip_suffix(".wasm") else {
+                continue;
+            };
+            if is_ignored(file_name) || !path.is_file() {
+                continue;
+            }
+            let before = previous.files.get(name);
+            let file = match std::fs::read(&path) {
+                Ok(bytes) => Self::prepare(engine, name, &path, &bytes, before),
+                Err(error) => {
+                    tracing::warn!(file = %path.display(), %error, "cannot read plugin file");
+                    continue;
+                }
+            };
+            files.insert(name.to_string(), file);
+        }
+        Library { files }
+    }
+
+    fn prepare(
+        engine: &PluginEngine,
+        name: &str,
+        path: &Path,
+        bytes: &[u8],
+        before: Option<&PluginFile>,
+    ) -> PluginFile {
+        let seen = component_hash(bytes);
+        if let Some(before) = before.filter(|b| b.seen == seen) {
+            return before.clone();
+        }
+        match engine.prepare(name, bytes) {
+            Ok(prepared) => {
+                tracing::info!(plugin = name, world = prepared.world.as_str(), hash = %seen, "plugin loaded");
+                PluginFile {
+                    name: name.to_string(),
+                    hash: Some(seen.clone()),
+                    loaded_at: Some(SystemTime::now()),
+                    prepared: Some(Arc::new(prepared)),
+                    error: None,
+                    seen,
+                }
+            }
+            Err(error) => {
+                tracing::error!(plugin = name, file = %path.display(), %error, "plugin file refused; the previous version keeps serving");
+                PluginFile {
+                    name: name.to_string(),
+                    hash: before.and_then(|b| b.hash.clone()),
+                    loaded_at: before.and_then(|b| b.loaded_at),
+                    prepared: before.and_then(|b| b.prepared.clone()),
+                    error: Some(error.to_string()),
+                    seen,
+                }
+            }
+        }
+    }
+}
