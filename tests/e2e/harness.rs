@@ -47,6 +47,7 @@ pub struct Server {
     pub addr: String,
     logs: Arc<Mutex<Vec<String>>>,
     agent: ureq::Agent,
+    config_path: PathBuf,
     _config_dir: tempfile::TempDir,
 }
 
@@ -124,12 +125,18 @@ impl Server {
             addr,
             logs,
             agent,
+            config_path,
             _config_dir: config_dir,
         };
         server.wait_until("the server is ready", || {
             server.get("/v2/health/ready").status == 200
         });
         server
+    }
+
+    /// The server's `modelyard.toml`: tests edit it to change endpoints live.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
     }
 
     pub fn pid(&self) -> u32 {

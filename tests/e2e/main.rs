@@ -4,5 +4,6 @@
 mod compat;
 mod harness;
 mod lifecycle;
+mod plugins;
 mod protocol;
 mod repository;

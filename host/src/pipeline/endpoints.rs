@@ -171,11 +171,9 @@ impl Build<'_> {
             )
         })?;
         let prepared = file.prepared.as_ref().ok_or_else(|| {
-            format!(
-                "plugin '{}' is refused: {}",
-                wanted.plugin,
-                file.error.as_deref().unwrap_or("not loaded")
-            )
+            file.error
+                .clone()
+                .unwrap_or_else(|| format!("plugin '{}' is not loaded", wanted.plugin))
         })?;
         if prepared.world.as_str() != W::NAME {
             return Err(format!(

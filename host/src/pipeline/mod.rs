@@ -130,7 +130,7 @@ impl Pipeline {
             if let Some(endpoint) = endpoints.endpoints.get(name) {
                 let endpoint = endpoint.clone();
                 drop(endpoints);
-                return self.infer_endpoint(&endpoint, request, headers).await;
+                return self.infer_endpoint(endpoint, request, headers).await;
             }
             if let Some(error) = endpoints.errors.get(name) {
                 return Err(LookupError::Unavailable(format!(
@@ -156,121 +156,40 @@ impl Pipeline {
 
     async fn infer_endpoint(
         &self,
-        endpoint: &Endpoint,
+        endpoint: Arc<Endpoint>,
         request: InferRequest,
         headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
         let started = Instant::now();
-        let mut ctx = context::build(endpoint, &request, headers);
-        for flags in &endpoint.flags {
-            match flags.pool.evaluate(&ctx) {
-                Ok(evaluations) => ctx.attributes.extend(
-                    evaluations
-                        .into_iter()
-                        .map(|e| (format!("flag.{}", e.flag), e.variant)),
-                ),
-                Err(error) => {
-                    tracing::warn!(endpoint = %endpoint.name, %error, "flags plugin failed; its flags are unset")
-                }
-            }
-        }
-        let variant = self.route(endpoint, &ctx);
-        let result = self.serve_variant(endpoint, variant, &ctx, request).await;
-        variant.stats.record(started.elapsed(), result.is_err());
-        result
-    }
-
-    fn route<'e>(
-        &self,
-        endpoint: &'e Endpoint,
-        ctx: &crate::plugins::RequestContext,
-    ) -> &'e Variant {
-        let default = &endpoint.variants[endpoint.default_variant];
-        let Some(router) = &endpoint.router else {
-            return default;
-        };
-        let stats: Vec<_> = endpoint
-            .variants
-            .iter()
-            .map(context::variant_stats)
-            .collect();
-        match router.pool.route(ctx, &stats) {
-            Ok(decision) => match endpoint
-                .variants
-                .iter()
-                .find(|v| v.name == decision.primary)
-            {
-                Some(variant) => variant,
-                None => {
-                    tracing::warn!(endpoint = %endpoint.name, plugin = %router.plugin, primary = %decision.primary, "router chose an unknown variant; using the default");
-                    default
-                }
-            },
-            Err(error) => {
-                tracing::warn!(endpoint = %endpoint.name, %error, "router failed; using the default variant");
-                default
-            }
-        }
-    }
-
-    async fn serve_variant(
-        &self,
-        endpoint: &Endpoint,
-        variant: &Variant,
-        ctx: &crate::plugins::RequestContext,
-        request: InferRequest,
-    ) -> Result<InferResponse, InferError> {
-        let mut inputs = request.inputs;
-        for processor in &endpoint.processors {
-            inputs = self.process(endpoint, inputs, |t| processor.pool.preprocess(ctx, t))?;
-        }
-        let version = variant.version.map(|v| v.to_string());
-        let target = self
-            .repository
-            .snapshot()?
-            .resolve(&variant.model, version.as_deref())?;
-        validate::inputs(&target, &inputs)?;
-        let mut outputs = self.run(&target, inputs).await?;
-        for processor in endpoint.processors.iter().rev() {
-            outputs = self.process(endpoint, outputs, |t| processor.pool.postprocess(ctx, t))?;
-        }
-        let names: Vec<String> = outputs.iter().map(|t| t.name.clone()).collect();
-        let owner = format!("endpoint '{}'", endpoint.name);
-        let wanted = validate::output_names(&owner, &names, request.outputs)?;
-        Ok(InferResponse {
-            model: endpoint.name.clone(),
-            version: target.version,
-            id: request.id,
-            outputs: select(outputs, wanted),
-            variant: Some(variant.name.clone()),
+        let ctx = context::build(&endpoint, &request, headers);
+        let repository = self.repository.clone();
+        let slot = self.slot(&endpoint.name).await?;
+        // Plugins and model run together on the blocking pool: one hand-off per request,
+        // and WASI's blocking host calls (a guest writing a panic message, say) may block
+        // there, which they may not on the reactor.
+        let name = endpoint.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let mut ctx = ctx;
+            evaluate_flags(&endpoint, &mut ctx);
+            let variant = route(&endpoint, &ctx);
+            let result = serve_variant(&repository, &endpoint, variant, &ctx, request);
+            variant.stats.record(started.elapsed(), result.is_err());
+            result
         })
+        .await
+        .map_err(|join| InferError::Plugin {
+            endpoint: name,
+            reason: format!("the request crashed ({join})"),
+        })?
     }
 
-    /// One processor step, with the endpoint's failure policy.
-    fn process(
-        &self,
-        endpoint: &Endpoint,
-        tensors: Vec<Tensor>,
-        step: impl FnOnce(
-            &[crate::plugins::Tensor],
-        ) -> Result<Vec<crate::plugins::Tensor>, crate::plugins::PluginError>,
-    ) -> Result<Vec<Tensor>, InferError> {
-        let keep =
-            (endpoint.on_processor_error == ProcessorFailure::PassThrough).then(|| tensors.clone());
-        let result = step(&context::to_plugin(tensors))
-            .map_err(|e| e.to_string())
-            .and_then(context::from_plugin);
-        match (result, keep) {
-            (Ok(tensors), _) => Ok(tensors),
-            (Err(reason), Some(kept)) => {
-                tracing::warn!(endpoint = %endpoint.name, %reason, "processor failed; passing the tensors through");
-                Ok(kept)
-            }
-            (Err(reason), None) => Err(InferError::Plugin {
-                endpoint: endpoint.name.clone(),
-                reason,
-            }),
-        }
+    async fn slot(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
+        self.slots.clone().acquire_owned().await.map_err(|_| {
+            InferError::Lookup(LookupError::Unavailable(format!(
+                "the server is shutting down; '{what}' is not served any more"
+            )))
+        })
     }
 
     async fn run(
@@ -283,12 +202,7 @@ impl Pipeline {
             version: target.version,
             reason,
         };
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| failed("the server is shutting down".to_string()))?;
+        let slot = self.slot(&target.model).await?;
         let running = target.clone();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
@@ -309,4 +223,115 @@ fn select(mut outputs: Vec<Tensor>, wanted: Vec<String>) -> Vec<Tensor> {
             Some(outputs.swap_remove(ix))
         })
         .collect()
+}
+
+/// Each flags plugin's evaluations, added to the context as attributes `flag.<name>`; a
+/// failing flags plugin leaves its flags unset.
+fn evaluate_flags(endpoint: &Endpoint, ctx: &mut crate::plugins::RequestContext) {
+    for flags in &endpoint.flags {
+        match flags.pool.evaluate(ctx) {
+            Ok(evaluations) => ctx.attributes.extend(
+                evaluations
+                    .into_iter()
+                    .map(|e| (format!("flag.{}", e.flag), e.variant)),
+            ),
+            Err(error) => {
+                tracing::warn!(endpoint = %endpoint.name, %error, "flags plugin failed; its flags are unset")
+            }
+        }
+    }
+}
+
+/// The variant for one request: the router's choice, or the default when there is no
+/// router or it fails (the router failure policy).
+fn route<'e>(endpoint: &'e Endpoint, ctx: &crate::plugins::RequestContext) -> &'e Variant {
+    let default = &endpoint.variants[endpoint.default_variant];
+    let Some(router) = &endpoint.router else {
+        return default;
+    };
+    let stats: Vec<_> = endpoint
+        .variants
+        .iter()
+        .map(context::variant_stats)
+        .collect();
+    match router.pool.route(ctx, &stats) {
+        Ok(decision) => match endpoint
+            .variants
+            .iter()
+            .find(|v| v.name == decision.primary)
+        {
+            Some(variant) => variant,
+            None => {
+                tracing::warn!(endpoint = %endpoint.name, plugin = %router.plugin, primary = %decision.primary, "router chose an unknown variant; using the default");
+                default
+            }
+        },
+        Err(error) => {
+            tracing::warn!(endpoint = %endpoint.name, %error, "router failed; using the default variant");
+            default
+        }
+    }
+}
+
+/// Flags, preprocessors, the variant's model and postprocessors, on a blocking thread.
+fn serve_variant(
+    repository: &ModelRepository,
+    endpoint: &Endpoint,
+    variant: &Variant,
+    ctx: &crate::plugins::RequestContext,
+    request: InferRequest,
+) -> Result<InferResponse, InferError> {
+    let mut inputs = request.inputs;
+    for processor in &endpoint.processors {
+        inputs = process(endpoint, inputs, |t| processor.pool.preprocess(ctx, t))?;
+    }
+    let version = variant.version.map(|v| v.to_string());
+    let target = repository
+        .snapshot()?
+        .resolve(&variant.model, version.as_deref())?;
+    validate::inputs(&target, &inputs)?;
+    let mut outputs = backend::run(&target.graph, inputs).map_err(|error| InferError::Backend {
+        model: target.model.clone(),
+        version: target.version,
+        reason: error.to_string(),
+    })?;
+    for processor in endpoint.processors.iter().rev() {
+        outputs = process(endpoint, outputs, |t| processor.pool.postprocess(ctx, t))?;
+    }
+    let names: Vec<String> = outputs.iter().map(|t| t.name.clone()).collect();
+    let owner = format!("endpoint '{}'", endpoint.name);
+    let wanted = validate::output_names(&owner, &names, request.outputs)?;
+    Ok(InferResponse {
+        model: endpoint.name.clone(),
+        version: target.version,
+        id: request.id,
+        outputs: select(outputs, wanted),
+        variant: Some(variant.name.clone()),
+    })
+}
+
+/// One processor step, with the endpoint's failure policy.
+fn process(
+    endpoint: &Endpoint,
+    tensors: Vec<Tensor>,
+    step: impl FnOnce(
+        &[crate::plugins::Tensor],
+    ) -> Result<Vec<crate::plugins::Tensor>, crate::plugins::PluginError>,
+) -> Result<Vec<Tensor>, InferError> {
+    let keep =
+        (endpoint.on_processor_error == ProcessorFailure::PassThrough).then(|| tensors.clone());
+    let result = step(&context::to_plugin(tensors))
+        .map_err(|e| e.to_string())
+        .and_then(context::from_plugin);
+    match (result, keep) {
+        (Ok(tensors), _) => Ok(tensors),
+        (Err(reason), Some(kept)) => {
+            tracing::warn!(endpoint = %endpoint.name, %reason, "processor failed; passing the tensors through");
+            Ok(kept)
+        }
+        (Err(reason), None) => Err(InferError::Plugin {
+            endpoint: endpoint.name.clone(),
+            reason,
+        }),
+    }
 }

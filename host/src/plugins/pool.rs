@@ -194,6 +194,10 @@ fn trap_reason(error: &wasmtime::Error) -> String {
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => "ran past its CPU deadline".to_string(),
         Some(trap) => format!("trapped: {trap}"),
+        // The store limiter's refusal to grow memory (trap_on_grow_failure).
+        None if format!("{error:#}").contains("forcing trap when growing memory") => {
+            "ran out of its memory limit".to_string()
+        }
         None => format!("failed: {error:#}"),
     }
 }

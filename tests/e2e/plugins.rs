@@ -1,0 +1,498 @@
+//! Endpoints served through real plugin components, built from source by `tests/run`
+//! (`plugins/build`): the standard plugins, hostile fixtures, hot swaps under load.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Server, iris_request, repository, root};
+
+/// A built component: `plugins/NAME.wasm`, or a fixture of flavour `a` or `b`.
+fn component(name: &str, flavor: Option<&str>) -> PathBuf {
+    let path = match flavor {
+        None => root().join("plugins").join(format!("{name}.wasm")),
+        Some(f) => root()
+            .join("target/fixtures")
+            .join(f)
+            .join(format!("{name}.wasm")),
+    };
+    assert!(
+        path.is_file(),
+        "{} is missing: run the suite with tests/run, which builds the plugins",
+        path.display()
+    );
+    path
+}
+
+/// Drops a file into the plugin directory the way an operator's tooling should: whole.
+fn drop_in(from: &Path, dir: &Path, name: &str) {
+    let temp = dir.join(format!(".{name}.tmp"));
+    std::fs::copy(from, &temp).unwrap();
+    std::fs::rename(&temp, dir.join(name)).unwrap();
+}
+
+struct Setup {
+    models: tempfile::TempDir,
+    plugins: tempfile::TempDir,
+    cache: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(files: &[(&str, PathBuf)]) -> Setup {
+        let setup = Setup {
+            models: repository(&[]),
+            plugins: tempfile::tempdir().unwrap(),
+            cache: tempfile::tempdir().unwrap(),
+        };
+        for (name, from) in files {
+            drop_in(from, setup.plugins.path(), name);
+        }
+        setup
+    }
+
+    fn config(&self, endpoints: &str) -> String {
+        format!(
+            "[plugins]\ndir = {:?}\ncache_dir = {:?}\n{endpoints}",
+            self.plugins.path(),
+            self.cache.path()
+        )
+    }
+
+    fn start(&self, endpoints: &str) -> Server {
+        Server::start(self.models.path(), &self.config(endpoints))
+    }
+}
+
+const IRIS_AB: &str = r#"
+[endpoints.iris-ab]
+variants = { stable = "iris@2", candidate = "iris@1" }
+default_variant = "stable"
+targeting_key_header = "x-user-id"
+router = { plugin = "weighted", config = { weights = { stable = 1, candidate = 1 } } }
+[[endpoints.iris-ab.processors]]
+plugin = "iris-features"
+"#;
+
+fn flowers() -> Value {
+    let setosa =
+        r#"{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}"#;
+    let virginica =
+        r#"{"sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2, "petal_width": 2.3}"#;
+    json!({"inputs": [{"name": "features", "datatype": "BYTES", "shape": [2], "data": [setosa, virginica]}]})
+}
+
+#[test]
+fn standard_plugins_route_sticky_and_shape_tensors() {
+    let setup = Setup::new(&[
+        ("weighted.wasm", component("weighted", None)),
+        ("iris-features.wasm", component("iris-features", None)),
+    ]);
+    let server = setup.start(IRIS_AB);
+
+    let mut seen = BTreeSet::new();
+    for user in 0..30 {
+        let user = format!("user-{user}");
+        let reply = server.post(
+            "/v2/models/iris-ab/infer",
+            &[("x-user-id", &user)],
+            flowers().to_string().as_bytes(),
+        );
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let body = reply.json();
+        let variant = reply.headers["x-modelyard-variant"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(body["parameters"]["variant"], variant.as_str());
+        assert_eq!(body["model_name"], "iris-ab");
+        assert_eq!(
+            body["model_version"],
+            if variant == "stable" { "2" } else { "1" }
+        );
+        let label = body["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == "label")
+            .unwrap();
+        assert_eq!(label["data"], json!(["setosa", "virginica"]));
+        for _ in 0..3 {
+            let again = server.post(
+                "/v2/models/iris-ab/infer",
+                &[("x-user-id", &user)],
+                flowers().to_string().as_bytes(),
+            );
+            assert_eq!(
+                again.headers["x-modelyard-variant"],
+                variant.as_str(),
+                "{user} moved"
+            );
+        }
+        seen.insert(variant);
+    }
+    assert_eq!(
+        seen,
+        ["candidate", "stable"].map(String::from).into(),
+        "equal weights should use both"
+    );
+
+    // The processor refuses a flower out of range, with its reason: a 500 by default.
+    let bad = json!({"inputs": [{"name": "features", "datatype": "BYTES", "shape": [1], "data": [r#"{"sepal_length": 51, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}"#]}]});
+    let error = server
+        .post_json("/v2/models/iris-ab/infer", &bad)
+        .error(500);
+    assert!(
+        error.contains("iris-features") && error.contains("sepal_length = 51 is outside"),
+        "{error}"
+    );
+    // The bare model stays callable under its own name.
+    assert_eq!(
+        server
+            .post_json(
+                "/v2/models/iris/infer",
+                &iris_request(&[[5.1, 3.5, 1.4, 0.2]])
+            )
+            .status,
+        200
+    );
+
+    let plugins = server.get("/admin/plugins").json();
+    let worlds: Vec<(String, String)> = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().into(),
+                p["world"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        worlds,
+        vec![
+            ("iris-features".into(), "processor".into()),
+            ("weighted".into(), "router".into())
+        ]
+    );
+    assert!(
+        plugins["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "serving" && p["hash"].as_str().unwrap().len() == 64)
+    );
+    let endpoints = server.get("/admin/endpoints").json();
+    let iris_ab = &endpoints["endpoints"][0];
+    assert_eq!(iris_ab["router"], "weighted");
+    let requests: u64 = iris_ab["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(requests, 121);
+}
+
+#[test]
+fn hostile_plugins_never_take_the_server_down() {
+    let setup = Setup::new(&[
+        ("hostile.wasm", component("fixture-router", Some("a"))),
+        (
+            "hostile-processor.wasm",
+            component("fixture-processor", Some("a")),
+        ),
+        ("iris-features.wasm", component("iris-features", None)),
+    ]);
+    std::fs::write(
+        setup.plugins.path().join("not-wasm.wasm"),
+        b"#!/bin/sh\necho hello\n",
+    )
+    .unwrap();
+    let mut endpoints = String::new();
+    for mode in ["loop", "oom", "panic", "err"] {
+        endpoints.push_str(&format!(
+            "[endpoints.{mode}]\nvariants = {{ stable = \"iris@2\", candidate = \"iris@1\" }}\ndefault_variant = \"candidate\"\nrouter = {{ plugin = \"hostile\", config = {{ mode = \"{mode}\" }} }}\n"
+        ));
+    }
+    endpoints.push_str(concat!(
+        "[endpoints.huge]\nvariants = { only = \"iris\" }\n[[endpoints.huge.processors]]\nplugin = \"hostile-processor\"\nconfig = { mode = \"huge\" }\n",
+        "[endpoints.lenient]\nvariants = { only = \"iris\" }\non_processor_error = \"pass-through\"\n[[endpoints.lenient.processors]]\nplugin = \"hostile-processor\"\nconfig = { mode = \"err\" }\n",
+        "[endpoints.wrong-world]\nvariants = { only = \"iris\" }\nrouter = { plugin = \"iris-features\" }\n",
+        "[endpoints.refused]\nvariants = { only = \"iris\" }\nrouter = { plugin = \"hostile\", config = { mode = \"refuse\" } }\n",
+        "[endpoints.not-wasm]\nvariants = { only = \"iris\" }\nrouter = { plugin = \"not-wasm\" }\n",
+    ));
+    let server = setup.start(&endpoints);
+    let request = iris_request(&[[5.1, 3.5, 1.4, 0.2]]);
+
+    // A router that loops, exhausts memory, panics or errs: the default variant answers.
+    for round in 0..3 {
+        for mode in ["loop", "oom", "panic", "err"] {
+            let reply = server.post_json(&format!("/v2/models/{mode}/infer"), &request);
+            assert_eq!(
+                reply.status,
+                200,
+                "{mode}, round {round}: {}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            assert_eq!(reply.json()["parameters"]["variant"], "candidate", "{mode}");
+        }
+    }
+    let logs = server.logs();
+    for (mode, reason) in [
+        ("loop", "ran past its CPU deadline"),
+        ("oom", "ran out of its memory limit"),
+        ("panic", "trapped"),
+        ("err", "fixture router fails on purpose"),
+    ] {
+        assert!(
+            logs.lines().any(|l| l.contains("router failed")
+                && l.contains(&format!("\"endpoint\":\"{mode}\""))
+                && l.contains("hostile")
+                && l.contains(reason)),
+            "no log for {mode} with {reason:?}:\n{logs}"
+        );
+    }
+    // A processor whose output outgrows its memory: 500 naming it; pass-through lets it go.
+    let error = server
+        .post_json("/v2/models/huge/infer", &request)
+        .error(500);
+    assert!(error.contains("hostile-processor"), "{error}");
+    let lenient = server.post_json("/v2/models/lenient/infer", &request);
+    assert_eq!(lenient.status, 200);
+    // Wrong world, refused configuration, not a component: refused with the reason.
+    for (endpoint, reason) in [
+        (
+            "wrong-world",
+            "is a processor plugin, but it is used here as a router",
+        ),
+        (
+            "refused",
+            "refused its configuration: this configuration is refused on purpose",
+        ),
+        ("not-wasm", "not a WebAssembly component"),
+    ] {
+        let error = server
+            .post_json(&format!("/v2/models/{endpoint}/infer"), &request)
+            .error(503);
+        assert!(error.contains(reason), "{endpoint}: {error}");
+    }
+    let plugins = server.get("/admin/plugins").json();
+    let not_wasm = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "not-wasm")
+        .unwrap();
+    assert_eq!(not_wasm["state"], "refused");
+    // Nothing is poisoned: the bare model and a good endpoint still answer.
+    assert_eq!(
+        server.post_json("/v2/models/iris/infer", &request).status,
+        200
+    );
+    assert_eq!(
+        server.post_json("/v2/models/err/infer", &request).status,
+        200
+    );
+}
+
+#[test]
+fn plugin_swaps_under_load_fail_no_request() {
+    let setup = Setup::new(&[
+        ("swap-router.wasm", component("fixture-router", Some("a"))),
+        (
+            "swap-processor.wasm",
+            component("fixture-processor", Some("a")),
+        ),
+    ]);
+    let endpoints = r#"
+[endpoints.swap]
+variants = { first = "iris@1", second = "iris@2" }
+router = { plugin = "swap-router", config = { mode = "pin" } }
+[[endpoints.swap.processors]]
+plugin = "swap-processor"
+config = { mode = "tag" }
+"#;
+    let server = Arc::new(setup.start(endpoints));
+    let behaviour = |server: &Server| -> Option<(String, String)> {
+        let reply = server.post_json(
+            "/v2/models/swap/infer",
+            &iris_request(&[[5.1, 3.5, 1.4, 0.2]]),
+        );
+        if reply.status != 200 {
+            return None;
+        }
+        let body = reply.json();
+        let flavor = body["outputs"]
+            .as_array()?
+            .iter()
+            .find(|o| o["name"] == "flavor")?["data"][0]
+            .as_str()?
+            .to_string();
+        Some((body["parameters"]["variant"].as_str()?.to_string(), flavor))
+    };
+    assert_eq!(behaviour(&server), Some(("first".into(), "a".into())));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (server, stop) = (server.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut failures) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let reply = server.post_json(
+                        "/v2/models/swap/infer",
+                        &iris_request(&[[5.1, 3.5, 1.4, 0.2]]),
+                    );
+                    if reply.status == 200 {
+                        ok += 1;
+                    } else {
+                        failures.push(String::from_utf8_lossy(&reply.body).to_string());
+                    }
+                }
+                (ok, failures)
+            })
+        })
+        .collect();
+
+    let mut seen_after = Vec::new();
+    for swap in 0..20 {
+        let flavor = if swap % 2 == 0 { "b" } else { "a" };
+        let expected = (
+            if flavor == "b" { "second" } else { "first" }.to_string(),
+            flavor.to_string(),
+        );
+        let landed = Instant::now();
+        drop_in(
+            &component("fixture-router", Some(flavor)),
+            setup.plugins.path(),
+            "swap-router.wasm",
+        );
+        drop_in(
+            &component("fixture-processor", Some(flavor)),
+            setup.plugins.path(),
+            "swap-processor.wasm",
+        );
+        server.wait_until(
+            &format!("swap {swap} to flavour {flavor} is served"),
+            || behaviour(&server) == Some(expected.clone()),
+        );
+        seen_after.push(landed.elapsed());
+    }
+
+    // A broken file is refused and the version before it keeps serving.
+    std::fs::write(setup.plugins.path().join(".broken.tmp"), b"\0asm broken").unwrap();
+    std::fs::rename(
+        setup.plugins.path().join(".broken.tmp"),
+        setup.plugins.path().join("swap-router.wasm"),
+    )
+    .unwrap();
+    server.wait_until("the broken router is refused", || {
+        server.get("/admin/plugins").json()["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| {
+                p["name"] == "swap-router"
+                    && p["state"] == "serving previous version; new file refused"
+            })
+    });
+    assert_eq!(behaviour(&server), Some(("first".into(), "a".into())));
+
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (ok, failures) = client.join().unwrap();
+        assert!(
+            failures.is_empty(),
+            "requests failed during swaps: {failures:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 100, "only {total} requests went through");
+    seen_after.sort();
+    // Timing is a measurement, not an assertion: BENCHMARKS.md records it.
+    println!(
+        "swap seen after: median {:?}, max {:?} over {} swaps, {total} requests, 0 failed",
+        seen_after[seen_after.len() / 2],
+        seen_after[seen_after.len() - 1],
+        seen_after.len()
+    );
+}
+
+#[test]
+fn configuration_edits_apply_live_and_bad_ones_are_refused() {
+    let setup = Setup::new(&[
+        ("weighted.wasm", component("weighted", None)),
+        ("iris-features.wasm", component("iris-features", None)),
+    ]);
+    let server = setup.start(IRIS_AB);
+    let variant = |server: &Server| {
+        let reply = server.post_json("/v2/models/iris-ab/infer", &flowers());
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        reply.headers["x-modelyard-variant"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let config = setup.config(IRIS_AB);
+
+    let all_candidate = config.replace(
+        "weights = { stable = 1, candidate = 1 }",
+        "weights = { stable = 0, candidate = 1 }",
+    );
+    std::fs::write(server.config_path(), &all_candidate).unwrap();
+    server.wait_until("the new weights apply", || {
+        (0..10).all(|_| variant(&server) == "candidate")
+    });
+
+    std::fs::write(
+        server.config_path(),
+        all_candidate.replace("variants = {", "variants = {{"),
+    )
+    .unwrap();
+    server.wait_until("the bad edit is refused", || {
+        server.logs().contains("configuration edit refused")
+    });
+    let line = server
+        .logs()
+        .lines()
+        .find(|l| l.contains("configuration edit refused"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("line"),
+        "the refusal should say where: {line}"
+    );
+    assert!((0..10).all(|_| variant(&server) == "candidate"));
+
+    // A plugin configuration the plugin refuses: refused with its message, old one serves.
+    std::fs::write(
+        server.config_path(),
+        config.replace(
+            "weights = { stable = 1, candidate = 1 }",
+            "weights = { stable = -1 }",
+        ),
+    )
+    .unwrap();
+    server.wait_until("the refused plugin config is reported", || {
+        server.get("/admin/endpoints").json()["endpoints"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("weight of 'stable' is -1"))
+    });
+    assert!((0..10).all(|_| variant(&server) == "candidate"));
+}
