@@ -1,6 +1,7 @@
 //! Where a request's time goes inside the server, on the `iris` model with one row:
 //! the bare tract call, the same call through the wasi-nn backend traits, JSON decode and
-//! encode, and the pipeline (lookup, checks, hand-off to the inference pool, run).
+//! encode, the pipeline (lookup, checks, hand-off to the inference pool, run), and what
+//! the plugin chain adds.
 //! `cargo bench -p modelyard --bench request_path`; figures in BENCHMARKS.md.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -10,8 +11,12 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use modelyard::backend::{self, TractBackend};
+use modelyard::config::Config;
 use modelyard::http::{OutputEncoding, decode_request, encode_response};
-use modelyard::pipeline::{InferRequest, Pipeline};
+use modelyard::pipeline::{Build, EndpointSet, InferRequest, Pipeline};
+use modelyard::plugins::{
+    Datatype, Library, Limits, PluginEngine, RequestContext, Tensor, VariantStats,
+};
 use modelyard::registry::ModelRepository;
 use tract_onnx::prelude::*;
 
@@ -70,7 +75,7 @@ fn benches(c: &mut Criterion) {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         let response = pipeline
-            .infer("iris", None, again(&template))
+            .infer("iris", None, again(&template), &|_| None)
             .await
             .unwrap();
         c.bench_function("http: encode JSON response", |b| {
@@ -80,11 +85,141 @@ fn benches(c: &mut Criterion) {
     c.bench_function("pipeline: lookup, checks, inference pool, run", |b| {
         b.to_async(&runtime).iter(|| async {
             pipeline
-                .infer("iris", None, again(&template))
+                .infer("iris", None, again(&template), &|_| None)
                 .await
                 .unwrap()
         })
     });
+    plugin_chain(c, &runtime, &pipeline, &template);
+}
+
+/// The plugin chain (router + preprocess + postprocess) against the same request to the
+/// bare model, in one run; and one router call on a reused instance against a fresh one
+/// from the `InstancePre`. Needs the components `tests/run` builds.
+fn plugin_chain(
+    c: &mut Criterion,
+    runtime: &tokio::runtime::Runtime,
+    pipeline: &Pipeline,
+    template: &InferRequest,
+) {
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let plugins = tempfile::tempdir().unwrap();
+    for (from, name) in [
+        ("plugins/weighted.wasm", "weighted.wasm"),
+        (
+            "target/fixtures/a/fixture-processor.wasm",
+            "passthrough.wasm",
+        ),
+    ] {
+        std::fs::copy(root.join(from), plugins.path().join(name))
+            .unwrap_or_else(|e| panic!("{from}: {e}; build the plugins with tests/run first"));
+    }
+    let config: Config = toml::from_str(
+        r#"
+        [endpoints.chain]
+        variants = { stable = "iris@2", candidate = "iris@1" }
+        router = { plugin = "weighted", config = { weights = { stable = 1, candidate = 1 } } }
+        [[endpoints.chain.processors]]
+        plugin = "passthrough"
+        config = { mode = "tag" }
+        "#,
+    )
+    .unwrap();
+    let engine = PluginEngine::new(Limits::default(), None).unwrap();
+    let library = Library::scan(&engine, plugins.path(), &Library::default());
+    let endpoints = Build {
+        configs: &config.endpoints,
+        library: &library,
+        engine: &engine,
+        previous: &EndpointSet::default(),
+        stats: pipeline.stats(),
+    }
+    .run();
+    assert!(endpoints.errors.is_empty(), "{:?}", endpoints.errors);
+    let router = endpoints.endpoints["chain"]
+        .router
+        .as_ref()
+        .unwrap()
+        .pool
+        .clone();
+    let processor = endpoints.endpoints["chain"].processors[0].pool.clone();
+    pipeline.set_plugins(library, endpoints);
+
+    let mut group = c.benchmark_group("plugin chain");
+    group.bench_function("bare model", |b| {
+        b.to_async(runtime).iter(|| async {
+            pipeline
+                .infer("iris", None, again(template), &|_| None)
+                .await
+                .unwrap()
+        })
+    });
+    group.bench_function("endpoint: router + preprocess + postprocess", |b| {
+        b.to_async(runtime).iter(|| async {
+            pipeline
+                .infer("chain", None, again(template), &|_| None)
+                .await
+                .unwrap()
+        })
+    });
+    group.finish();
+
+    let ctx = RequestContext {
+        id: "bench".into(),
+        endpoint: "chain".into(),
+        targeting_key: Some("user-1".into()),
+        attributes: vec![],
+        seed: 7,
+    };
+    let variants = vec![stats("stable"), stats("candidate")];
+    let mut group = c.benchmark_group("plugin calls");
+    group.bench_function("router, reused instance", |b| {
+        b.iter(|| router.route(&ctx, &variants).unwrap())
+    });
+    let inputs = vec![Tensor {
+        name: "input".into(),
+        datatype: Datatype::Fp32,
+        shape: vec![1, 4],
+        data: ROW.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }];
+    let outputs = vec![Tensor {
+        name: "probabilities".into(),
+        datatype: Datatype::Fp32,
+        shape: vec![1, 3],
+        data: [0.9f32, 0.05, 0.05]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    }];
+    group.bench_function("whole chain: route + preprocess + postprocess", |b| {
+        b.iter(|| {
+            router.route(&ctx, &variants).unwrap();
+            processor.preprocess(&ctx, &inputs).unwrap();
+            processor.postprocess(&ctx, &outputs).unwrap()
+        })
+    });
+    group.bench_function("router, fresh instance from InstancePre", |b| {
+        b.iter(|| {
+            router
+                .call_fresh(|r, store| r.call_route(store, &ctx, &variants))
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+fn stats(name: &str) -> VariantStats {
+    VariantStats {
+        name: name.into(),
+        model: "iris".into(),
+        version: "2".into(),
+        requests: 0,
+        errors: 0,
+        latency_p50_us: 0,
+        latency_p99_us: 0,
+        reward_count: 0,
+        reward_sum: 0.0,
+    }
 }
 
 criterion_group!(request_path, benches);
