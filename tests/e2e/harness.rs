@@ -162,7 +162,15 @@ impl Server {
     }
 
     pub fn get(&self, path: &str) -> Reply {
-        Self::reply(self.agent.get(self.url(path)).call())
+        self.get_with(path, &[])
+    }
+
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut request = self.agent.get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Self::reply(request.call())
     }
 
     pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {

@@ -496,3 +496,145 @@ fn configuration_edits_apply_live_and_bad_ones_are_refused() {
     });
     assert!((0..10).all(|_| variant(&server) == "candidate"));
 }
+
+fn modelyard(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::harness::BIN)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn plugin_check_names_the_world_or_the_reason() {
+    for (name, world) in [("weighted", "router"), ("iris-features", "processor")] {
+        let out = modelyard(&["plugin", "check", component(name, None).to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("a {world} plugin")), "{stdout}");
+        assert!(stdout.contains("exports: configure,"), "{stdout}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.wasm");
+    std::fs::write(&text, "hello").unwrap();
+    // A core module, not a component: valid wasm, wrong kind.
+    let module = dir.path().join("module.wasm");
+    std::fs::write(&module, [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]).unwrap();
+    for (file, reason) in [
+        (&text, "not a WebAssembly component"),
+        (&module, "not a WebAssembly component"),
+    ] {
+        let out = modelyard(&["plugin", "check", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(reason), "{stderr}");
+    }
+}
+
+#[test]
+fn plugin_new_scaffolds_a_crate_that_builds_into_a_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = modelyard(&[
+        "plugin",
+        "new",
+        "my-router",
+        "--kind",
+        "router",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("cargo build --release --target wasm32-wasip2")
+    );
+    let crate_dir = dir.path().join("my-router");
+    // Its own target directory under ours, kept between runs so only the first is slow.
+    let target = root().join("target/scaffold");
+    let build = std::process::Command::new("cargo")
+        .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let wasm = target.join("wasm32-wasip2/release/my_router.wasm");
+    let out = modelyard(&["plugin", "check", wasm.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("a router plugin"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let again = modelyard(&[
+        "plugin",
+        "new",
+        "my-router",
+        "--kind",
+        "router",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let bad = modelyard(&[
+        "plugin",
+        "new",
+        "My Router",
+        "--kind",
+        "flags",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a crate name"));
+}
+
+#[test]
+fn the_admin_api_takes_a_bearer_token_and_compiled_plugins_are_cached() {
+    let setup = Setup::new(&[
+        ("weighted.wasm", component("weighted", None)),
+        ("iris-features.wasm", component("iris-features", None)),
+    ]);
+    let server = Server::start(
+        setup.models.path(),
+        &format!(
+            "[server]\nadmin_token = \"s3cret\"\n{}",
+            setup.config(IRIS_AB)
+        ),
+    );
+    let error = server.get("/admin/plugins").error(401);
+    assert!(error.contains("Bearer"), "{error}");
+    let reply = server.get_with("/admin/plugins", &[("authorization", "Bearer s3cret")]);
+    assert_eq!(reply.status, 200);
+    let hashes: BTreeSet<String> = reply.json()["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["hash"].as_str().unwrap().to_string())
+        .collect();
+    // One artifact per component, named by its hash, outside the plugin directory.
+    let cached: BTreeSet<String> = std::fs::read_dir(setup.cache.path())
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .split('-')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(cached, hashes);
+}
