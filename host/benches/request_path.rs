@@ -15,7 +15,7 @@ use modelyard::config::Config;
 use modelyard::http::{OutputEncoding, decode_request, encode_response};
 use modelyard::pipeline::{Build, EndpointSet, InferRequest, Pipeline};
 use modelyard::plugins::{
-    Datatype, Library, Limits, PluginEngine, RequestContext, Tensor, VariantStats,
+    Datatype, Library, Limits, Plugin, PluginEngine, RequestContext, Tensor, VariantStats,
 };
 use modelyard::registry::ModelRepository;
 use tract_onnx::prelude::*;
@@ -125,7 +125,7 @@ fn plugin_chain(
         "#,
     )
     .unwrap();
-    let engine = PluginEngine::new(Limits::default(), None).unwrap();
+    let engine = PluginEngine::new(Limits::default(), None, false).unwrap();
     let library = Library::scan(&engine, plugins.path(), &Library::default());
     let endpoints = Build {
         configs: &config.endpoints,
@@ -205,6 +205,28 @@ fn plugin_chain(
                 .unwrap()
         })
     });
+    // The same, with the pooling allocator, where this host allows its reservation.
+    match PluginEngine::new(Limits::default(), None, true) {
+        Ok(pooled) => {
+            let library = Library::scan(&pooled, plugins.path(), &Library::default());
+            let prepared = library.files["weighted"].prepared.clone().unwrap();
+            let config = r#"{"weights":{"stable":1,"candidate":1}}"#.to_string();
+            let Ok(Plugin::Router(router)) = pooled.bind(&prepared, config) else {
+                panic!("weighted is a router")
+            };
+            group.bench_function(
+                "router, fresh instance from InstancePre, pooling allocator",
+                |b| {
+                    b.iter(|| {
+                        router
+                            .call_fresh(|r, store| r.call_route(store, &ctx, &variants))
+                            .unwrap()
+                    })
+                },
+            );
+        }
+        Err(error) => eprintln!("pooling allocator not available here: {error}"),
+    }
     group.finish();
 }
 

@@ -83,7 +83,7 @@ pub async fn start(
         .cache_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("modelyard-cache"));
-    let engine = PluginEngine::new(limits, Some(cache_dir))?;
+    let engine = PluginEngine::new(limits, Some(cache_dir), config.plugins.pooling_allocator)?;
     let mut watched = vec![(plugin_dir.as_path(), RecursiveMode::NonRecursive)];
     let config_dir = config_file.as_ref().and_then(|f| f.parent()).map(|d| {
         if d.as_os_str().is_empty() {

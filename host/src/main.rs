@@ -128,7 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn check(file: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let engine = PluginEngine::new(Limits::default(), None)?;
+    let engine = PluginEngine::new(Limits::default(), None, false)?;
     let name = file.file_stem().map_or_else(
         || file.display().to_string(),
         |s| s.to_string_lossy().into_owned(),

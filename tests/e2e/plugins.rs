@@ -193,7 +193,7 @@ fn standard_plugins_route_sticky_and_shape_tensors() {
     );
     let endpoints = server.get("/admin/endpoints").json();
     let iris_ab = &endpoints["endpoints"][0];
-    assert_eq!(iris_ab["router"], "weighted");
+    assert_eq!(iris_ab["router"]["plugin"], "weighted");
     let requests: u64 = iris_ab["variants"]
         .as_array()
         .unwrap()
@@ -285,6 +285,18 @@ fn hostile_plugins_never_take_the_server_down() {
             .post_json(&format!("/v2/models/{endpoint}/infer"), &request)
             .error(503);
         assert!(error.contains(reason), "{endpoint}: {error}");
+    }
+    // Every failure is counted against the plugin that failed.
+    let endpoints = server.get("/admin/endpoints").json();
+    for mode in ["loop", "oom", "panic", "err"] {
+        let endpoint = endpoints["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == mode)
+            .unwrap();
+        assert_eq!(endpoint["router"]["plugin"], "hostile");
+        assert_eq!(endpoint["router"]["failures"], 3, "{mode}: {endpoint}");
     }
     let plugins = server.get("/admin/plugins").json();
     let not_wasm = plugins["plugins"]
@@ -534,6 +546,23 @@ fn plugin_check_names_the_world_or_the_reason() {
     }
 }
 
+/// Builds a scaffolded crate as its author would, returning the component.
+fn build_component(crate_dir: &Path, target: &Path, lib_name: &str) -> PathBuf {
+    let build = std::process::Command::new("cargo")
+        .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
+        .current_dir(crate_dir)
+        .env("CARGO_TARGET_DIR", target)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    target.join(format!("wasm32-wasip2/release/{lib_name}.wasm"))
+}
+
 #[test]
 fn plugin_new_scaffolds_a_crate_that_builds_into_a_plugin() {
     let dir = tempfile::tempdir().unwrap();
@@ -558,24 +587,80 @@ fn plugin_new_scaffolds_a_crate_that_builds_into_a_plugin() {
     let crate_dir = dir.path().join("my-router");
     // Its own target directory under ours, kept between runs so only the first is slow.
     let target = root().join("target/scaffold");
-    let build = std::process::Command::new("cargo")
-        .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
-        .current_dir(&crate_dir)
-        .env("CARGO_TARGET_DIR", &target)
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .output()
-        .unwrap();
-    assert!(
-        build.status.success(),
-        "{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
-    let wasm = target.join("wasm32-wasip2/release/my_router.wasm");
+    let wasm = build_component(&crate_dir, &target, "my_router");
     let out = modelyard(&["plugin", "check", wasm.to_str().unwrap()]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("a router plugin"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A flags plugin from the template: its flag reaches the other plugins as an attribute,
+    // beside the targeting key, the request's parameters and the endpoint's headers.
+    let out = modelyard(&[
+        "plugin",
+        "new",
+        "by-country",
+        "--kind",
+        "flags",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flags = build_component(&dir.path().join("by-country"), &target, "by_country");
+    let setup = Setup::new(&[
+        ("by-country.wasm", flags),
+        ("echo.wasm", component("fixture-processor", Some("a"))),
+    ]);
+    let server = setup.start(
+        r#"
+[endpoints.flagged]
+variants = { only = "iris" }
+targeting_key_header = "x-user-id"
+attribute_headers = ["X-Country"]
+[[endpoints.flagged.flags]]
+plugin = "by-country"
+config = { flag = "new-ui", attribute = "x-country", countries = ["NL"] }
+[[endpoints.flagged.processors]]
+plugin = "echo"
+config = { mode = "echo" }
+"#,
+    );
+    let mut request = iris_request(&[[5.1, 3.5, 1.4, 0.2]]);
+    request["parameters"] = json!({"segment": "beta", "tries": 3});
+    let reply = server.post(
+        "/v2/models/flagged/infer",
+        &[("x-user-id", "u-7"), ("x-country", "NL")],
+        request.to_string().as_bytes(),
+    );
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let body = reply.json();
+    let told = body["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "context")
+        .unwrap()["data"]
+        .clone();
+    assert_eq!(
+        told,
+        json!([
+            "endpoint=flagged",
+            "targeting_key=u-7",
+            "segment=beta",
+            "tries=3",
+            "x-country=NL",
+            "flag.new-ui=on"
+        ])
     );
 
     let again = modelyard(&[

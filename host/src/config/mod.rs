@@ -32,6 +32,9 @@ pub struct PluginsConfig {
     pub call_deadline_ms: u64,
     /// Memory one plugin instance may use.
     pub memory_limit_mib: usize,
+    /// Preallocate instance slots: cheaper fresh instances, where the host allows the
+    /// address-space reservation (see BENCHMARKS.md).
+    pub pooling_allocator: bool,
 }
 
 impl Default for PluginsConfig {
@@ -41,6 +44,7 @@ impl Default for PluginsConfig {
             cache_dir: None,
             call_deadline_ms: 10,
             memory_limit_mib: 64,
+            pooling_allocator: false,
         }
     }
 }

@@ -348,9 +348,9 @@ async fn admin_endpoints(
                 "name": e.name,
                 "variants": variants,
                 "default_variant": e.variants[e.default_variant].name,
-                "router": e.router.as_ref().map(|r| &r.plugin),
-                "processors": e.processors.iter().map(|p| &p.plugin).collect::<Vec<_>>(),
-                "flags": e.flags.iter().map(|f| &f.plugin).collect::<Vec<_>>(),
+                "router": e.router.as_ref().map(|r| json!({"plugin": r.plugin, "failures": r.pool.failures()})),
+                "processors": e.processors.iter().map(|p| json!({"plugin": p.plugin, "failures": p.pool.failures()})).collect::<Vec<_>>(),
+                "flags": e.flags.iter().map(|f| json!({"plugin": f.plugin, "failures": f.pool.failures()})).collect::<Vec<_>>(),
                 "error": set.errors.get(&e.name),
             })
         })

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use bindings::{Datatype, Decision, Evaluation, RequestContext, Tensor, VariantStats};
 pub use cache::component_hash;
@@ -28,6 +28,9 @@ pub use library::{Library, PluginFile};
 pub use pool::{FlagsWorld, Pool, ProcessorWorld, RouterWorld, World};
 use sandbox::Sandbox;
 pub use scaffold::{ScaffoldError, new_plugin};
+
+/// Instance slots the pooling allocator reserves, when it is on.
+const POOLED_INSTANCES: u32 = 256;
 
 /// How often the engine's epoch advances: the granularity of CPU deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -131,9 +134,27 @@ pub struct PluginEngine {
 impl PluginEngine {
     /// `cache_dir` keeps compiled components between runs and swaps; `None` compiles every
     /// time.
-    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<PluginEngine, PluginError> {
+    ///
+    /// `pooling` preallocates instance slots (the pooling allocator): fresh instances get
+    /// cheaper, at the price of reserving address space for `POOLED_INSTANCES` up front,
+    /// which some hosts refuse.
+    pub fn new(
+        limits: Limits,
+        cache_dir: Option<PathBuf>,
+        pooling: bool,
+    ) -> Result<PluginEngine, PluginError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
+        if pooling {
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_component_instances(POOLED_INSTANCES)
+                .total_core_instances(POOLED_INSTANCES * 4)
+                .total_memories(POOLED_INSTANCES * 2)
+                .total_tables(POOLED_INSTANCES * 4)
+                .max_memory_size(limits.memory_bytes);
+            config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            config.memory_reservation(limits.memory_bytes as u64);
+        }
         let engine = Engine::new(&config).map_err(PluginError::Engine)?;
         let linker = sandbox::linker(&engine).map_err(PluginError::Engine)?;
         let ticking = Arc::new(AtomicBool::new(true));

@@ -3,6 +3,7 @@
 //! the instance back only if the call succeeded: a trap, a deadline, an out-of-memory or
 //! an `err` drops it, so nothing a failed call left behind reaches a later request.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use wasmtime::Store;
@@ -82,6 +83,7 @@ pub struct Pool<W: World> {
     limits: Limits,
     engine: wasmtime::Engine,
     idle: Mutex<Vec<Live<W>>>,
+    failures: AtomicU64,
 }
 
 impl<W: World> Pool<W> {
@@ -108,6 +110,7 @@ impl<W: World> Pool<W> {
             limits,
             engine: engine.clone(),
             idle: Mutex::new(Vec::new()),
+            failures: AtomicU64::new(0),
         };
         let first = pool.fresh()?;
         pool.give_back(first);
@@ -140,6 +143,12 @@ impl<W: World> Pool<W> {
             .push(live);
     }
 
+    /// Calls that failed since this binding was made: traps, deadlines, out-of-memory and
+    /// `err` results.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
     /// Runs `call` on an instance under the CPU deadline.
     pub fn call<R>(
         &self,
@@ -152,10 +161,16 @@ impl<W: World> Pool<W> {
             .pop();
         let mut live = match idle {
             Some(live) => live,
-            None => self.fresh()?,
+            None => self.fresh().inspect_err(|_| {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            })?,
         };
         live.store.set_epoch_deadline(self.limits.deadline_ticks());
-        match call(&live.bindings, &mut live.store) {
+        let result = call(&live.bindings, &mut live.store);
+        if !matches!(result, Ok(Ok(_))) {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        match result {
             Ok(Ok(value)) => {
                 self.give_back(live);
                 Ok(value)

@@ -165,10 +165,13 @@ mod tests {
 const FLAGS: &str = r#"//! A flags plugin: evaluates feature flags for each request.
 use modelyard_sdk::{Error, Evaluation, Flags, RequestContext};
 
-/// This plugin's table in modelyard.toml, e.g. `config = { flag = "new-ui", countries = ["NL"] }`.
+/// This plugin's table in modelyard.toml, e.g.
+/// `config = { flag = "new-ui", attribute = "x-country", countries = ["NL"] }`.
 #[derive(serde::Deserialize)]
 pub struct Config {
     pub flag: String,
+    /// The request attribute that holds the country (a header the endpoint passes on).
+    pub attribute: String,
     pub countries: Vec<String>,
 }
 
@@ -184,7 +187,9 @@ impl Flags for ByCountry {
     }
 
     fn evaluate(&self, ctx: &RequestContext) -> Vec<Evaluation> {
-        let on = ctx.attribute("country").is_some_and(|c| self.config.countries.iter().any(|x| x == c));
+        let on = ctx
+            .attribute(&self.config.attribute)
+            .is_some_and(|c| self.config.countries.iter().any(|x| x == c));
         vec![Evaluation {
             flag: self.config.flag.clone(),
             variant: if on { "on" } else { "off" }.into(),
@@ -201,7 +206,12 @@ mod tests {
 
     #[test]
     fn targets_by_country() {
-        let f = ByCountry::new(Config { flag: "x".into(), countries: vec!["NL".into()] }).unwrap();
+        let f = ByCountry::new(Config {
+            flag: "x".into(),
+            attribute: "country".into(),
+            countries: vec!["NL".into()],
+        })
+        .unwrap();
         let ctx = RequestContext { attributes: vec![("country".into(), "NL".into())], ..Default::default() };
         assert_eq!(f.evaluate(&ctx)[0].variant, "on");
         assert_eq!(f.evaluate(&RequestContext::default())[0].variant, "off");
