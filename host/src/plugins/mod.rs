@@ -96,16 +96,6 @@ pub enum Plugin {
     Flags(Pool<FlagsWorld>),
 }
 
-impl Plugin {
-    pub fn world(&self) -> WorldKind {
-        match self {
-            Plugin::Router(_) => WorldKind::Router,
-            Plugin::Processor(_) => WorldKind::Processor,
-            Plugin::Flags(_) => WorldKind::Flags,
-        }
-    }
-}
-
 /// A compiled component that implements a known world, not yet configured.
 pub struct Prepared {
     name: Arc<str>,
