@@ -546,6 +546,19 @@ fn plugin_check_names_the_world_or_the_reason() {
     }
 }
 
+/// `modelyard plugin new NAME --kind KIND --dir DIR`.
+fn scaffold(dir: &Path, name: &str, kind: &str) -> std::process::Output {
+    modelyard(&[
+        "plugin",
+        "new",
+        name,
+        "--kind",
+        kind,
+        "--dir",
+        dir.to_str().unwrap(),
+    ])
+}
+
 /// Builds a scaffolded crate as its author would, returning the component.
 fn build_component(crate_dir: &Path, target: &Path, lib_name: &str) -> PathBuf {
     let build = std::process::Command::new("cargo")
@@ -566,15 +579,7 @@ fn build_component(crate_dir: &Path, target: &Path, lib_name: &str) -> PathBuf {
 #[test]
 fn plugin_new_scaffolds_a_crate_that_builds_into_a_plugin() {
     let dir = tempfile::tempdir().unwrap();
-    let out = modelyard(&[
-        "plugin",
-        "new",
-        "my-router",
-        "--kind",
-        "router",
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let out = scaffold(dir.path(), "my-router", "router");
     assert!(
         out.status.success(),
         "{}",
@@ -597,15 +602,7 @@ fn plugin_new_scaffolds_a_crate_that_builds_into_a_plugin() {
 
     // A flags plugin from the template: its flag reaches the other plugins as an attribute,
     // beside the targeting key, the request's parameters and the endpoint's headers.
-    let out = modelyard(&[
-        "plugin",
-        "new",
-        "by-country",
-        "--kind",
-        "flags",
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let out = scaffold(dir.path(), "by-country", "flags");
     assert!(
         out.status.success(),
         "{}",
@@ -663,25 +660,9 @@ config = { mode = "echo" }
         ])
     );
 
-    let again = modelyard(&[
-        "plugin",
-        "new",
-        "my-router",
-        "--kind",
-        "router",
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let again = scaffold(dir.path(), "my-router", "router");
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
-    let bad = modelyard(&[
-        "plugin",
-        "new",
-        "My Router",
-        "--kind",
-        "flags",
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let bad = scaffold(dir.path(), "My Router", "flags");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a crate name"));
 }
 
