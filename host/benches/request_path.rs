@@ -68,7 +68,7 @@ fn benches(c: &mut Criterion) {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let repository = Arc::new(ModelRepository::new(models().to_path_buf()));
-    let pipeline = Pipeline::new(repository.clone(), 2);
+    let pipeline = Pipeline::new(repository.clone(), 2, 1024);
     runtime.block_on(async {
         let _watch = repository.watch().unwrap();
         while !repository.is_ready() {

@@ -44,7 +44,11 @@ pub async fn run(
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let repository = Arc::new(ModelRepository::new(config.models.dir.clone()));
     let watcher = repository.watch()?;
-    let pipeline = Arc::new(Pipeline::new(repository, config.inference_threads()));
+    let pipeline = Arc::new(Pipeline::new(
+        repository,
+        config.inference_threads(),
+        config.server.feedback_memory,
+    ));
     let control = control::start(config, config_file, pipeline.clone()).await?;
     let state = Arc::new(HttpState {
         pipeline,

@@ -704,3 +704,90 @@ fn the_admin_api_takes_a_bearer_token_and_compiled_plugins_are_cached() {
         .collect();
     assert_eq!(cached, hashes);
 }
+
+#[test]
+fn feedback_rewards_the_variant_that_answered() {
+    let setup = Setup::new(&[
+        ("weighted.wasm", component("weighted", None)),
+        ("iris-features.wasm", component("iris-features", None)),
+    ]);
+    let server = Server::start(
+        setup.models.path(),
+        &format!("[server]\nfeedback_memory = 3\n{}", setup.config(IRIS_AB)),
+    );
+    let answer = |request: &Value| {
+        let body = server.post_json("/v2/models/iris-ab/infer", request).json();
+        (
+            body["id"].as_str().unwrap().to_string(),
+            body["parameters"]["variant"].as_str().unwrap().to_string(),
+        )
+    };
+    let feedback = |id: &str, reward: f64| {
+        server.post_json(
+            "/v2/models/iris-ab/feedback",
+            &json!({"id": id, "reward": reward}),
+        )
+    };
+
+    // An answer without a client id gets one from the host, to name in feedback.
+    let (first, variant) = answer(&flowers());
+    let reply = feedback(&first, 1.0);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["variant"], variant.as_str());
+    assert!(
+        feedback(&first, 1.0)
+            .error(404)
+            .contains("already rewarded")
+    );
+
+    let mut request = flowers();
+    request["id"] = json!("client-7");
+    let (id, _) = answer(&request);
+    assert_eq!(id, "client-7");
+    assert_eq!(feedback("client-7", 0.5).status, 200);
+
+    assert!(
+        feedback("never-seen", 1.0)
+            .error(404)
+            .contains("never-seen")
+    );
+    assert!(
+        server
+            .post_json("/v2/models/iris-ab/feedback", &json!({"id": "x"}))
+            .error(400)
+            .contains("reward")
+    );
+    assert!(
+        server
+            .post_json("/v2/models/iris/feedback", &json!({"id": "x", "reward": 1}))
+            .error(404)
+            .contains("not an endpoint")
+    );
+
+    // Memory is bounded: after more answers than it holds, the oldest id is gone for good.
+    let (oldest, _) = answer(&flowers());
+    for _ in 0..3 {
+        answer(&flowers());
+    }
+    assert!(feedback(&oldest, 1.0).error(410).contains("forgotten"));
+
+    let endpoints = server.get("/admin/endpoints").json();
+    let variants = endpoints["endpoints"][0]["variants"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let count: u64 = variants
+        .iter()
+        .map(|v| v["reward_count"].as_u64().unwrap())
+        .sum();
+    let sum: f64 = variants
+        .iter()
+        .map(|v| v["reward_sum"].as_f64().unwrap())
+        .sum();
+    assert_eq!((count, sum), (2, 1.5));
+}

@@ -110,6 +110,8 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: u64,
     /// Bearer token the operator API under /admin/ requires; open when unset.
     pub admin_token: Option<String>,
+    /// How many recent endpoint answers are remembered for the feedback API.
+    pub feedback_memory: usize,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +122,7 @@ impl Default for ServerConfig {
             inference_threads: 0,
             shutdown_grace_seconds: 30,
             admin_token: None,
+            feedback_memory: 100_000,
         }
     }
 }

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::codec::{self, HEADER_LENGTH};
 use super::{ApiError, HttpState};
+use crate::pipeline::Feedback;
 use crate::registry::LoadedVersion;
 
 type AppState = State<Arc<HttpState>>;
@@ -41,6 +42,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
             "/v2/models/{model}/versions/{version}/infer",
             post(version_infer),
         )
+        .route("/v2/models/{model}/feedback", post(feedback))
         .route("/admin/plugins", get(admin_plugins))
         .route("/admin/endpoints", get(admin_endpoints))
         .fallback(|| async {
@@ -341,6 +343,7 @@ async fn admin_endpoints(
                         "name": v.name, "model": v.model, "version": v.version,
                         "requests": stats.requests, "errors": stats.errors,
                         "latency_p50_us": stats.latency_p50_us, "latency_p99_us": stats.latency_p99_us,
+                        "reward_count": stats.reward_count, "reward_sum": stats.reward_sum,
                     })
                 })
                 .collect();
@@ -362,4 +365,61 @@ async fn admin_endpoints(
             .map(|(name, error)| json!({ "name": name, "error": error })),
     );
     Ok(Json(json!({ "endpoints": endpoints })))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedbackRequest {
+    /// The `id` of the endpoint's response being rewarded.
+    id: String,
+    reward: f64,
+}
+
+/// `POST /v2/models/{endpoint}/feedback` with `{"id": "...", "reward": 1.0}`: credits the
+/// reward to the variant that answered that request.
+async fn feedback(
+    State(state): AppState,
+    Path(endpoint): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request: FeedbackRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("feedback must be {{\"id\": \"<response id>\", \"reward\": <number>}}: {e}"),
+        )
+    })?;
+    if !request.reward.is_finite() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the reward must be a finite number",
+        ));
+    }
+    if !state.pipeline.endpoints().endpoints.contains_key(&endpoint) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("'{endpoint}' is not an endpoint; feedback goes to the endpoint that answered"),
+        ));
+    }
+    match state
+        .pipeline
+        .feedback(&endpoint, &request.id, request.reward)
+    {
+        Feedback::Recorded { variant } => Ok(Json(json!({
+            "endpoint": endpoint, "id": request.id, "variant": variant,
+        }))),
+        Feedback::Unknown => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "endpoint '{endpoint}' has no answer with id '{}' to reward (unknown, already rewarded, or forgotten)",
+                request.id
+            ),
+        )),
+        Feedback::Expired => Err(ApiError::new(
+            StatusCode::GONE,
+            format!(
+                "the answer '{}' of endpoint '{endpoint}' was forgotten: feedback must come within the last server.feedback_memory answers",
+                request.id
+            ),
+        )),
+    }
 }

@@ -9,7 +9,12 @@ use crate::tensor::{DataType, Tensor};
 /// The request context for `endpoint`: targeting key from the `targeting_key` parameter or
 /// the endpoint's header, attributes from the other parameters and the named headers, and
 /// a fresh seed.
-pub fn build(endpoint: &Endpoint, request: &InferRequest, headers: Headers<'_>) -> RequestContext {
+pub fn build(
+    endpoint: &Endpoint,
+    id: String,
+    request: &InferRequest,
+    headers: Headers<'_>,
+) -> RequestContext {
     let seed = fastrand::u64(..);
     let mut targeting_key = None;
     let mut attributes =
@@ -30,7 +35,7 @@ pub fn build(endpoint: &Endpoint, request: &InferRequest, headers: Headers<'_>) 
         }
     }
     RequestContext {
-        id: request.id.clone().unwrap_or_else(|| format!("{seed:016x}")),
+        id,
         endpoint: endpoint.name.clone(),
         targeting_key,
         attributes,
@@ -48,9 +53,8 @@ pub fn variant_stats(variant: &Variant) -> VariantStats {
         errors: stats.errors,
         latency_p50_us: stats.latency_p50_us,
         latency_p99_us: stats.latency_p99_us,
-        // Rewards arrive with the feedback API.
-        reward_count: 0,
-        reward_sum: 0.0,
+        reward_count: stats.reward_count,
+        reward_sum: stats.reward_sum,
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod context;
 mod endpoints;
+mod feedback;
 mod stats;
 mod validate;
 
@@ -26,6 +27,8 @@ use crate::registry::{LoadedVersion, LookupError, ModelRepository};
 use crate::tensor::Tensor;
 
 pub use endpoints::{Build, Endpoint, EndpointSet, Variant};
+pub use feedback::Feedback;
+use feedback::FeedbackBook;
 pub use stats::{StatsBook, StatsSnapshot};
 
 /// A decoded inference request.
@@ -77,18 +80,25 @@ pub struct Pipeline {
     endpoints: ArcSwap<EndpointSet>,
     plugins: ArcSwap<Library>,
     stats: StatsBook,
+    feedback: Arc<FeedbackBook>,
     slots: Arc<Semaphore>,
 }
 
 impl Pipeline {
     /// `parallelism` model runs at most at once; more wait their turn rather than crowd
     /// the cores.
-    pub fn new(repository: Arc<ModelRepository>, parallelism: usize) -> Pipeline {
+    /// `feedback_memory` answers are remembered for the feedback API.
+    pub fn new(
+        repository: Arc<ModelRepository>,
+        parallelism: usize,
+        feedback_memory: usize,
+    ) -> Pipeline {
         Pipeline {
             repository,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             plugins: ArcSwap::from_pointee(Library::default()),
             stats: StatsBook::default(),
+            feedback: Arc::new(FeedbackBook::new(feedback_memory)),
             slots: Arc::new(Semaphore::new(parallelism.max(1))),
         }
     }
@@ -99,6 +109,11 @@ impl Pipeline {
 
     pub fn stats(&self) -> &StatsBook {
         &self.stats
+    }
+
+    /// Credits a client's reward to the variant that answered request `id` of `endpoint`.
+    pub fn feedback(&self, endpoint: &str, id: &str, reward: f64) -> Feedback {
+        self.feedback.reward(endpoint, id, reward)
     }
 
     pub fn endpoints(&self) -> Arc<EndpointSet> {
@@ -161,8 +176,14 @@ impl Pipeline {
         headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
         let started = Instant::now();
-        let ctx = context::build(&endpoint, &request, headers);
+        // Every answer of an endpoint has an id, so that feedback can name it.
+        let id = request
+            .id
+            .clone()
+            .unwrap_or_else(|| self.feedback.host_id());
+        let ctx = context::build(&endpoint, id, &request, headers);
         let repository = self.repository.clone();
+        let feedback = self.feedback.clone();
         let slot = self.slot(&endpoint.name).await?;
         // Plugins and model run together on the blocking pool: one hand-off per request,
         // and WASI's blocking host calls (a guest writing a panic message, say) may block
@@ -175,6 +196,14 @@ impl Pipeline {
             let variant = route(&endpoint, &ctx);
             let result = serve_variant(&repository, &endpoint, variant, &ctx, request);
             variant.stats.record(started.elapsed(), result.is_err());
+            if result.is_ok() {
+                feedback.remember(
+                    &ctx.id,
+                    &endpoint.name,
+                    &variant.name,
+                    variant.stats.clone(),
+                );
+            }
             result
         })
         .await
@@ -304,7 +333,7 @@ fn serve_variant(
     Ok(InferResponse {
         model: endpoint.name.clone(),
         version: target.version,
-        id: request.id,
+        id: Some(ctx.id.clone()),
         outputs: select(outputs, wanted),
         variant: Some(variant.name.clone()),
     })

@@ -14,6 +14,8 @@ pub struct VariantCounters {
     requests: AtomicU64,
     errors: AtomicU64,
     latency_us: Mutex<Option<Histogram<u64>>>,
+    /// Count and sum of the rewards clients sent for this variant's answers.
+    rewards: Mutex<(u64, f64)>,
 }
 
 /// A copy of the counters at one moment.
@@ -23,6 +25,8 @@ pub struct StatsSnapshot {
     pub errors: u64,
     pub latency_p50_us: u64,
     pub latency_p99_us: u64,
+    pub reward_count: u64,
+    pub reward_sum: f64,
 }
 
 impl VariantCounters {
@@ -32,6 +36,7 @@ impl VariantCounters {
             errors: AtomicU64::new(0),
             // Microseconds up to an hour, to three significant digits.
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
+            rewards: Mutex::new((0, 0.0)),
         }
     }
 
@@ -51,7 +56,15 @@ impl VariantCounters {
         }
     }
 
+    pub fn reward(&self, reward: f64) {
+        let mut rewards = self.rewards.lock().unwrap_or_else(PoisonError::into_inner);
+        rewards.0 += 1;
+        rewards.1 += reward;
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
+        let (reward_count, reward_sum) =
+            *self.rewards.lock().unwrap_or_else(PoisonError::into_inner);
         let latency = self
             .latency_us
             .lock()
@@ -64,6 +77,8 @@ impl VariantCounters {
             errors: self.errors.load(Ordering::Relaxed),
             latency_p50_us: p50,
             latency_p99_us: p99,
+            reward_count,
+            reward_sum,
         }
     }
 }
