@@ -791,3 +791,58 @@ fn feedback_rewards_the_variant_that_answered() {
         .sum();
     assert_eq!((count, sum), (2, 1.5));
 }
+
+#[test]
+fn bandits_learn_the_better_variant_from_feedback() {
+    let setup = Setup::new(&[("bandit.wasm", component("bandit", None))]);
+    let mut endpoints = String::new();
+    for (name, config) in [
+        (
+            "epsilon",
+            r#"{ algorithm = "epsilon-greedy", epsilon = 0.1 }"#,
+        ),
+        ("ucb", r#"{ algorithm = "ucb1" }"#),
+        ("thompson", r#"{ algorithm = "thompson" }"#),
+    ] {
+        endpoints.push_str(&format!(
+            "[endpoints.{name}]\nvariants = {{ worse = \"iris@1\", better = \"iris@2\" }}\nrouter = {{ plugin = \"bandit\", config = {config} }}\n"
+        ));
+    }
+    let server = setup.start(&endpoints);
+    // The simulated world: the better variant earns a reward 80 % of the time, the worse 20 %.
+    let mut world = 0x2545_f491_4f6c_dd1du64;
+    let mut coin = move |p: f64| {
+        world ^= world << 13;
+        world ^= world >> 7;
+        world ^= world << 17;
+        ((world >> 11) as f64 / (1u64 << 53) as f64) < p
+    };
+    for endpoint in ["epsilon", "ucb", "thompson"] {
+        let mut better_late = 0;
+        for round in 0..300 {
+            let body = server
+                .post_json(
+                    &format!("/v2/models/{endpoint}/infer"),
+                    &iris_request(&[[5.1, 3.5, 1.4, 0.2]]),
+                )
+                .json();
+            let variant = body["parameters"]["variant"].as_str().unwrap().to_string();
+            let paid = coin(if variant == "better" { 0.8 } else { 0.2 });
+            let reward = json!({"id": body["id"], "reward": if paid { 1 } else { 0 }});
+            assert_eq!(
+                server
+                    .post_json(&format!("/v2/models/{endpoint}/feedback"), &reward)
+                    .status,
+                200
+            );
+            if round >= 200 && variant == "better" {
+                better_late += 1;
+            }
+        }
+        println!("{endpoint}: {better_late} of the last 100 requests went to the better variant");
+        assert!(
+            better_late >= 70,
+            "{endpoint}: only {better_late} of the last 100 to the better variant"
+        );
+    }
+}
