@@ -57,6 +57,11 @@ pub struct EndpointConfig {
     pub variants: BTreeMap<String, String>,
     /// The variant that answers without a router, or when the router fails.
     pub default_variant: Option<String>,
+    /// The variant (a simpler model, say) that answers when the routed one fails or takes
+    /// longer than `latency_budget_ms`; such answers say `"fallback": true`.
+    pub fallback_variant: Option<String>,
+    /// How long the routed variant may take before the fallback answers instead.
+    pub latency_budget_ms: Option<u64>,
     pub router: Option<PluginRef>,
     #[serde(default)]
     pub processors: Vec<PluginRef>,

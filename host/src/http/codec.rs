@@ -374,6 +374,9 @@ struct ResponseJson<'a> {
 struct ResponseParameters<'a> {
     /// The endpoint variant that answered.
     variant: &'a str,
+    /// Present, and true, when the endpoint's fallback variant answered.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    fallback: bool,
 }
 
 #[derive(Serialize)]
@@ -453,7 +456,10 @@ pub fn encode_response(
         parameters: response
             .variant
             .as_deref()
-            .map(|variant| ResponseParameters { variant }),
+            .map(|variant| ResponseParameters {
+                variant,
+                fallback: response.fallback,
+            }),
         outputs: response
             .outputs
             .iter()
@@ -609,6 +615,7 @@ mod tests {
             version: 3,
             id: Some("req-1".into()),
             variant: None,
+            fallback: false,
             outputs: vec![
                 Tensor {
                     name: "a".into(),

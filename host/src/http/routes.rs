@@ -351,6 +351,8 @@ async fn admin_endpoints(
                 "name": e.name,
                 "variants": variants,
                 "default_variant": e.variants[e.default_variant].name,
+                "fallback_variant": e.fallback.map(|f| &e.variants[f].name),
+                "latency_budget_ms": e.latency_budget.map(|b| b.as_millis() as u64),
                 "router": e.router.as_ref().map(|r| json!({"plugin": r.plugin, "failures": r.pool.failures()})),
                 "processors": e.processors.iter().map(|p| json!({"plugin": p.plugin, "failures": p.pool.failures()})).collect::<Vec<_>>(),
                 "flags": e.flags.iter().map(|f| json!({"plugin": f.plugin, "failures": f.pool.failures()})).collect::<Vec<_>>(),

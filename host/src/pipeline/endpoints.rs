@@ -33,6 +33,9 @@ pub struct Endpoint {
     pub variants: Vec<Variant>,
     /// Index into `variants` of the variant that answers without (or despite) a router.
     pub default_variant: usize,
+    /// Index of the variant that answers when the routed one fails or is over budget.
+    pub fallback: Option<usize>,
+    pub latency_budget: Option<std::time::Duration>,
     pub router: Option<Bound<RouterWorld>>,
     pub processors: Vec<Bound<ProcessorWorld>>,
     pub flags: Vec<Bound<FlagsWorld>>,
@@ -115,6 +118,19 @@ impl Build<'_> {
                 .ok_or_else(|| format!("default_variant '{d}' is not one of the variants"))?,
             None => 0,
         };
+        let fallback = config
+            .fallback_variant
+            .as_ref()
+            .map(|f| {
+                variants
+                    .iter()
+                    .position(|v| &v.name == f)
+                    .ok_or_else(|| format!("fallback_variant '{f}' is not one of the variants"))
+            })
+            .transpose()?;
+        if config.latency_budget_ms.is_some() && fallback.is_none() {
+            return Err("latency_budget_ms needs a fallback_variant to answer in time".to_string());
+        }
         let router = config
             .router
             .as_ref()
@@ -136,6 +152,10 @@ impl Build<'_> {
             name: name.to_string(),
             variants,
             default_variant,
+            fallback,
+            latency_budget: config
+                .latency_budget_ms
+                .map(std::time::Duration::from_millis),
             router,
             processors,
             flags,

@@ -32,7 +32,7 @@ use feedback::FeedbackBook;
 pub use stats::{StatsBook, StatsSnapshot};
 
 /// A decoded inference request.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct InferRequest {
     pub id: Option<String>,
     pub inputs: Vec<Tensor>,
@@ -52,6 +52,9 @@ pub struct InferResponse {
     pub outputs: Vec<Tensor>,
     /// The endpoint variant that answered, if an endpoint was called.
     pub variant: Option<String>,
+    /// Whether the endpoint's fallback variant answered because the routed one failed or
+    /// was too slow.
+    pub fallback: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +169,7 @@ impl Pipeline {
             id: request.id,
             outputs: select(outputs, wanted),
             variant: None,
+            fallback: false,
         })
     }
 
@@ -175,42 +179,92 @@ impl Pipeline {
         request: InferRequest,
         headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
-        let started = Instant::now();
         // Every answer of an endpoint has an id, so that feedback can name it.
         let id = request
             .id
             .clone()
             .unwrap_or_else(|| self.feedback.host_id());
         let ctx = context::build(&endpoint, id, &request, headers);
-        let repository = self.repository.clone();
-        let feedback = self.feedback.clone();
-        let slot = self.slot(&endpoint.name).await?;
+        let Some(fallback) = endpoint.fallback else {
+            return self.answer(&endpoint, None, ctx, request).await.1;
+        };
+        // The fallback may need the request again.
+        let spare = (request.clone(), ctx.clone());
+        let primary = self.answer(&endpoint, None, ctx, request);
+        let (variant, reason) = match endpoint.latency_budget {
+            Some(budget) => match tokio::time::timeout(budget, primary).await {
+                Ok((_, Ok(response))) => return Ok(response),
+                Ok((variant, Err(error))) => (Some(variant), error.to_string()),
+                Err(_) => (
+                    None,
+                    format!("no answer within the {} ms budget", budget.as_millis()),
+                ),
+            },
+            None => match primary.await {
+                (_, Ok(response)) => return Ok(response),
+                (variant, Err(error)) => (Some(variant), error.to_string()),
+            },
+        };
+        if variant == Some(fallback) {
+            return Err(InferError::Plugin {
+                endpoint: endpoint.name.clone(),
+                reason: format!("the fallback variant itself failed: {reason}"),
+            });
+        }
+        tracing::warn!(endpoint = %endpoint.name, fallback = %endpoint.variants[fallback].name, %reason, "answering from the fallback variant");
+        let (request, ctx) = spare;
+        let (_, answer) = self.answer(&endpoint, Some(fallback), ctx, request).await;
+        answer.map(|response| InferResponse {
+            fallback: true,
+            ..response
+        })
+    }
+
+    /// Flags, router (unless `variant` is forced), processors and model for one request, on
+    /// the blocking pool; returns the variant that served with the outcome.
+    async fn answer(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        variant: Option<usize>,
+        ctx: crate::plugins::RequestContext,
+        request: InferRequest,
+    ) -> (usize, Result<InferResponse, InferError>) {
+        let started = Instant::now();
+        let default = endpoint.default_variant;
+        let slot = match self.slot(&endpoint.name).await {
+            Ok(slot) => slot,
+            Err(error) => return (variant.unwrap_or(default), Err(error)),
+        };
+        let (endpoint, repository, feedback) = (
+            endpoint.clone(),
+            self.repository.clone(),
+            self.feedback.clone(),
+        );
+        let name = endpoint.name.clone();
         // Plugins and model run together on the blocking pool: one hand-off per request,
         // and WASI's blocking host calls (a guest writing a panic message, say) may block
         // there, which they may not on the reactor.
-        let name = endpoint.name.clone();
-        tokio::task::spawn_blocking(move || {
+        let answered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let mut ctx = ctx;
             evaluate_flags(&endpoint, &mut ctx);
-            let variant = route(&endpoint, &ctx);
-            let result = serve_variant(&repository, &endpoint, variant, &ctx, request);
-            variant.stats.record(started.elapsed(), result.is_err());
+            let index = variant.unwrap_or_else(|| route(&endpoint, &ctx));
+            let chosen = &endpoint.variants[index];
+            let result = serve_variant(&repository, &endpoint, chosen, &ctx, request);
+            chosen.stats.record(started.elapsed(), result.is_err());
             if result.is_ok() {
-                feedback.remember(
-                    &ctx.id,
-                    &endpoint.name,
-                    &variant.name,
-                    variant.stats.clone(),
-                );
+                feedback.remember(&ctx.id, &endpoint.name, &chosen.name, chosen.stats.clone());
             }
-            result
+            (index, result)
         })
-        .await
-        .map_err(|join| InferError::Plugin {
-            endpoint: name,
-            reason: format!("the request crashed ({join})"),
-        })?
+        .await;
+        answered.unwrap_or_else(|join| {
+            let crashed = InferError::Plugin {
+                endpoint: name,
+                reason: format!("the request crashed ({join})"),
+            };
+            (variant.unwrap_or(default), Err(crashed))
+        })
     }
 
     async fn slot(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
@@ -273,8 +327,8 @@ fn evaluate_flags(endpoint: &Endpoint, ctx: &mut crate::plugins::RequestContext)
 
 /// The variant for one request: the router's choice, or the default when there is no
 /// router or it fails (the router failure policy).
-fn route<'e>(endpoint: &'e Endpoint, ctx: &crate::plugins::RequestContext) -> &'e Variant {
-    let default = &endpoint.variants[endpoint.default_variant];
+fn route(endpoint: &Endpoint, ctx: &crate::plugins::RequestContext) -> usize {
+    let default = endpoint.default_variant;
     let Some(router) = &endpoint.router else {
         return default;
     };
@@ -287,7 +341,7 @@ fn route<'e>(endpoint: &'e Endpoint, ctx: &crate::plugins::RequestContext) -> &'
         Ok(decision) => match endpoint
             .variants
             .iter()
-            .find(|v| v.name == decision.primary)
+            .position(|v| v.name == decision.primary)
         {
             Some(variant) => variant,
             None => {
@@ -336,6 +390,7 @@ fn serve_variant(
         id: Some(ctx.id.clone()),
         outputs: select(outputs, wanted),
         variant: Some(variant.name.clone()),
+        fallback: false,
     })
 }
 
