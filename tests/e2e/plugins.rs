@@ -899,3 +899,54 @@ latency_budget_ms = 5
         "{error}"
     );
 }
+
+#[test]
+fn ab_experiments_report_arms_and_significance() {
+    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
+    let server = setup.start(
+        r#"
+[endpoints.ab]
+variants = { control = "iris@1", treatment = "iris@2" }
+default_variant = "control"
+router = { plugin = "weighted", config = { weights = { control = 1, treatment = 1 } } }
+"#,
+    );
+    let request = iris_request(&[[5.1, 3.5, 1.4, 0.2]]);
+    // Conversions: 20 % for control, 60 % for treatment, alternating deterministically.
+    let mut counts = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..400 {
+        let body = server.post_json("/v2/models/ab/infer", &request).json();
+        let variant = body["parameters"]["variant"].as_str().unwrap().to_string();
+        let n = counts.entry(variant.clone()).or_default();
+        *n += 1;
+        let converted = if variant == "treatment" {
+            *n % 5 < 3
+        } else {
+            *n % 5 == 0
+        };
+        let reward = json!({"id": body["id"], "reward": if converted { 1 } else { 0 }});
+        assert_eq!(
+            server.post_json("/v2/models/ab/feedback", &reward).status,
+            200
+        );
+    }
+    let report = server.get("/admin/experiments/ab").json();
+    let arms = report["arms"].as_array().unwrap();
+    assert_eq!(arms.len(), 2);
+    let share = arms[1]["requests"].as_u64().unwrap() as f64 / 400.0;
+    assert!(
+        (0.4..=0.6).contains(&share),
+        "a 50/50 split gave {share} to the treatment"
+    );
+    let comparison = &report["comparisons"][0];
+    assert_eq!(comparison["treatment"], "treatment");
+    let result = &comparison["result"];
+    assert_eq!(result["test"], "two-proportion z-test");
+    assert!(result["p_value"].as_f64().unwrap() < 0.001, "{result}");
+    let [low, high] = [
+        result["ci95"][0].as_f64().unwrap(),
+        result["ci95"][1].as_f64().unwrap(),
+    ];
+    assert!(low < 0.4 && 0.4 < high && low > 0.0, "{result}");
+    assert_eq!(server.get("/admin/experiments/nope").status, 404);
+}

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::codec::{self, HEADER_LENGTH};
 use super::{ApiError, HttpState};
-use crate::pipeline::Feedback;
+use crate::pipeline::{Feedback, compare};
 use crate::registry::LoadedVersion;
 
 type AppState = State<Arc<HttpState>>;
@@ -43,6 +43,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
             post(version_infer),
         )
         .route("/v2/models/{model}/feedback", post(feedback))
+        .route("/admin/experiments/{endpoint}", get(admin_experiment))
         .route("/admin/plugins", get(admin_plugins))
         .route("/admin/endpoints", get(admin_endpoints))
         .fallback(|| async {
@@ -424,4 +425,51 @@ async fn feedback(
             ),
         )),
     }
+}
+
+/// Per arm of an endpoint: traffic, errors, latency and rewards; and each arm compared with
+/// the default variant (the control) on mean reward.
+async fn admin_experiment(
+    State(state): AppState,
+    Path(endpoint): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let set = state.pipeline.endpoints();
+    let e = set
+        .endpoints
+        .get(&endpoint)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint '{endpoint}'")))?;
+    let snapshots: Vec<_> = e.variants.iter().map(|v| v.stats.snapshot()).collect();
+    let arms: Vec<serde_json::Value> = e
+        .variants
+        .iter()
+        .zip(&snapshots)
+        .map(|(v, s)| {
+            json!({
+                "variant": v.name, "requests": s.requests, "errors": s.errors,
+                "latency_p50_us": s.latency_p50_us, "latency_p99_us": s.latency_p99_us,
+                "reward_count": s.reward_count,
+                "reward_mean": (s.reward_count > 0).then(|| s.reward_sum / s.reward_count as f64),
+            })
+        })
+        .collect();
+    let control = &snapshots[e.default_variant];
+    let comparisons: Vec<serde_json::Value> = e
+        .variants
+        .iter()
+        .zip(&snapshots)
+        .enumerate()
+        .filter(|(i, _)| *i != e.default_variant)
+        .map(|(_, (v, s))| {
+            json!({
+                "control": e.variants[e.default_variant].name,
+                "treatment": v.name,
+                "result": compare(control, s),
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "endpoint": endpoint, "arms": arms, "comparisons": comparisons }),
+    ))
 }

@@ -10,6 +10,7 @@
 
 mod context;
 mod endpoints;
+mod experiment;
 mod feedback;
 mod stats;
 mod validate;
@@ -27,6 +28,7 @@ use crate::registry::{LoadedVersion, LookupError, ModelRepository};
 use crate::tensor::Tensor;
 
 pub use endpoints::{Build, Endpoint, EndpointSet, Variant};
+pub use experiment::{Comparison, compare};
 pub use feedback::Feedback;
 use feedback::FeedbackBook;
 pub use stats::{StatsBook, StatsSnapshot};

@@ -14,8 +14,8 @@ pub struct VariantCounters {
     requests: AtomicU64,
     errors: AtomicU64,
     latency_us: Mutex<Option<Histogram<u64>>>,
-    /// Count and sum of the rewards clients sent for this variant's answers.
-    rewards: Mutex<(u64, f64)>,
+    /// Count, sum and sum of squares of the rewards clients sent for this variant's answers.
+    rewards: Mutex<(u64, f64, f64)>,
 }
 
 /// A copy of the counters at one moment.
@@ -27,6 +27,7 @@ pub struct StatsSnapshot {
     pub latency_p99_us: u64,
     pub reward_count: u64,
     pub reward_sum: f64,
+    pub reward_sum_squares: f64,
 }
 
 impl VariantCounters {
@@ -36,7 +37,7 @@ impl VariantCounters {
             errors: AtomicU64::new(0),
             // Microseconds up to an hour, to three significant digits.
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
-            rewards: Mutex::new((0, 0.0)),
+            rewards: Mutex::new((0, 0.0, 0.0)),
         }
     }
 
@@ -60,10 +61,11 @@ impl VariantCounters {
         let mut rewards = self.rewards.lock().unwrap_or_else(PoisonError::into_inner);
         rewards.0 += 1;
         rewards.1 += reward;
+        rewards.2 += reward * reward;
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
-        let (reward_count, reward_sum) =
+        let (reward_count, reward_sum, reward_sum_squares) =
             *self.rewards.lock().unwrap_or_else(PoisonError::into_inner);
         let latency = self
             .latency_us
@@ -79,6 +81,7 @@ impl VariantCounters {
             latency_p99_us: p99,
             reward_count,
             reward_sum,
+            reward_sum_squares,
         }
     }
 }
