@@ -922,7 +922,7 @@ router = { plugin = "weighted", config = { weights = { control = 1, treatment = 
         let converted = if variant == "treatment" {
             *n % 5 < 3
         } else {
-            *n % 5 == 0
+            n.is_multiple_of(5)
         };
         let reward = json!({"id": body["id"], "reward": if converted { 1 } else { 0 }});
         assert_eq!(

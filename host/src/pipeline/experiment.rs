@@ -53,7 +53,8 @@ pub fn compare(control: &StatsSnapshot, treatment: &StatsSnapshot) -> Option<Com
         variance(treatment, n2, m2) / n2,
     );
     let se = (a + b).sqrt();
-    if !(se > 0.0) {
+    // Zero or NaN spread: nothing to test.
+    if se.is_nan() || se <= 0.0 {
         return None;
     }
     let df = (a + b).powi(2) / (a * a / (n1 - 1.0) + b * b / (n2 - 1.0));
