@@ -37,7 +37,9 @@ fn sigterm_finishes_the_request_in_flight_then_exits_zero() {
 
     let status = server.wait_exit();
     assert_eq!(status.code(), Some(0), "logs:\n{}", server.logs());
-    assert!(server.logs().contains("shutting down"));
+    server.wait_until("the shutdown is logged", || {
+        server.logs().contains("shutting down")
+    });
 }
 
 #[test]

@@ -427,11 +427,10 @@ fn backend_failures_are_500_naming_the_model_and_the_server_survives() {
         .post_json("/v2/models/gather/infer", &request)
         .error(500);
     assert!(error.contains("model 'gather' version 1"), "{error}");
-    assert!(
-        server.logs().contains("caught a panic"),
-        "{}",
-        server.logs()
-    );
+    // The log is read from the server's stderr by another thread: wait for the line.
+    server.wait_until("the panic is logged", || {
+        server.logs().contains("caught a panic")
+    });
 
     let request =
         json!({"inputs": [{"name": "indices", "datatype": "INT64", "shape": [2], "data": [2, 0]}]});

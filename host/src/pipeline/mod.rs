@@ -237,36 +237,37 @@ impl Pipeline {
             Ok(slot) => slot,
             Err(error) => return (variant.unwrap_or(default), Err(error)),
         };
-        let (endpoint, repository, feedback) = (
-            endpoint.clone(),
-            self.repository.clone(),
-            self.feedback.clone(),
-        );
-        let name = endpoint.name.clone();
+        let (serving, repository) = (endpoint.clone(), self.repository.clone());
+        let id = ctx.id.clone();
         // Plugins and model run together on the blocking pool: one hand-off per request,
         // and WASI's blocking host calls (a guest writing a panic message, say) may block
         // there, which they may not on the reactor.
         let answered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let mut ctx = ctx;
-            evaluate_flags(&endpoint, &mut ctx);
-            let index = variant.unwrap_or_else(|| route(&endpoint, &ctx));
-            let chosen = &endpoint.variants[index];
-            let result = serve_variant(&repository, &endpoint, chosen, &ctx, request);
+            evaluate_flags(&serving, &mut ctx);
+            let index = variant.unwrap_or_else(|| route(&serving, &ctx));
+            let chosen = &serving.variants[index];
+            let result = serve_variant(&repository, &serving, chosen, &ctx, request);
             chosen.stats.record(started.elapsed(), result.is_err());
-            if result.is_ok() {
-                feedback.remember(&ctx.id, &endpoint.name, &chosen.name, chosen.stats.clone());
-            }
             (index, result)
         })
         .await;
-        answered.unwrap_or_else(|join| {
+        let (index, result) = answered.unwrap_or_else(|join| {
             let crashed = InferError::Plugin {
-                endpoint: name,
+                endpoint: endpoint.name.clone(),
                 reason: format!("the request crashed ({join})"),
             };
             (variant.unwrap_or(default), Err(crashed))
-        })
+        });
+        // Only an answer the client gets is remembered for feedback: when a latency budget
+        // gives up on this one, this future is dropped before it gets here.
+        if result.is_ok() {
+            let chosen = &endpoint.variants[index];
+            self.feedback
+                .remember(&id, &endpoint.name, &chosen.name, chosen.stats.clone());
+        }
+        (index, result)
     }
 
     async fn slot(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
