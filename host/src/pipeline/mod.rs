@@ -161,9 +161,14 @@ impl Pipeline {
         }
         let target = self.repository.snapshot()?.resolve(name, version)?;
         validate::inputs(&target, &request.inputs)?;
-        let names: Vec<String> = target.outputs.iter().map(|s| s.name.clone()).collect();
-        let owner = format!("model '{}' version {}", target.model, target.version);
-        let wanted = validate::output_names(&owner, &names, request.outputs)?;
+        let wanted = request
+            .outputs
+            .map(|requested| {
+                let names: Vec<&str> = target.outputs.iter().map(|s| s.name.as_str()).collect();
+                let owner = format!("model '{}' version {}", target.model, target.version);
+                validate::output_names(&owner, &names, requested)
+            })
+            .transpose()?;
         let outputs = self.run(&target, request.inputs).await?;
         Ok(InferResponse {
             model: target.model.clone(),
@@ -300,8 +305,11 @@ impl Pipeline {
     }
 }
 
-/// The `wanted` outputs, in that order.
-fn select(mut outputs: Vec<Tensor>, wanted: Vec<String>) -> Vec<Tensor> {
+/// The `wanted` outputs, in that order; all of them when nothing was asked for.
+fn select(mut outputs: Vec<Tensor>, wanted: Option<Vec<String>>) -> Vec<Tensor> {
+    let Some(wanted) = wanted else {
+        return outputs;
+    };
     wanted
         .into_iter()
         .filter_map(|name| {
@@ -384,9 +392,13 @@ fn serve_variant(
     for processor in endpoint.processors.iter().rev() {
         outputs = process(endpoint, outputs, |t| processor.pool.postprocess(ctx, t))?;
     }
-    let names: Vec<String> = outputs.iter().map(|t| t.name.clone()).collect();
-    let owner = format!("endpoint '{}'", endpoint.name);
-    let wanted = validate::output_names(&owner, &names, request.outputs)?;
+    let wanted = request
+        .outputs
+        .map(|requested| {
+            let names: Vec<&str> = outputs.iter().map(|t| t.name.as_str()).collect();
+            validate::output_names(&format!("endpoint '{}'", endpoint.name), &names, requested)
+        })
+        .transpose()?;
     Ok(InferResponse {
         model: endpoint.name.clone(),
         version: target.version,

@@ -69,18 +69,15 @@ pub(super) fn inputs(target: &LoadedVersion, inputs: &[Tensor]) -> Result<(), In
     Ok(())
 }
 
-/// The output names to return, in order: every requested name must be among `available`
+/// The requested output names, in order: every one must be among `available`
 /// (the outputs of `owner`, a model version or an endpoint), and none asked twice.
 pub(super) fn output_names(
     owner: &str,
-    available: &[String],
-    requested: Option<Vec<String>>,
+    available: &[&str],
+    requested: Vec<String>,
 ) -> Result<Vec<String>, InferError> {
-    let Some(requested) = requested else {
-        return Ok(available.to_vec());
-    };
     for (i, name) in requested.iter().enumerate() {
-        if !available.contains(name) {
+        if !available.contains(&name.as_str()) {
             return Err(InferError::Invalid(format!(
                 "unknown output '{name}'; the outputs of {owner} are: {}",
                 available.join(", ")
