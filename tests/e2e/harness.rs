@@ -63,6 +63,12 @@ impl Reply {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
+    /// The JSON body of a 200, failing with the body otherwise.
+    pub fn ok(&self) -> Value {
+        assert_eq!(self.status, 200, "{}", String::from_utf8_lossy(&self.body));
+        self.json()
+    }
+
     /// The `error` of a protocol error body, checking the status on the way.
     pub fn error(&self, status: u16) -> String {
         assert_eq!(

@@ -54,6 +54,14 @@ impl Setup {
         setup
     }
 
+    /// The standard `weighted` and `iris-features` plugins, as `IRIS_AB` uses them.
+    fn standard() -> Setup {
+        Setup::new(&[
+            ("weighted.wasm", component("weighted", None)),
+            ("iris-features.wasm", component("iris-features", None)),
+        ])
+    }
+
     fn config(&self, endpoints: &str) -> String {
         format!(
             "[plugins]\ndir = {:?}\ncache_dir = {:?}\n{endpoints}",
@@ -87,10 +95,7 @@ fn flowers() -> Value {
 
 #[test]
 fn standard_plugins_route_sticky_and_shape_tensors() {
-    let setup = Setup::new(&[
-        ("weighted.wasm", component("weighted", None)),
-        ("iris-features.wasm", component("iris-features", None)),
-    ]);
+    let setup = Setup::standard();
     let server = setup.start(IRIS_AB);
 
     let mut seen = BTreeSet::new();
@@ -101,13 +106,7 @@ fn standard_plugins_route_sticky_and_shape_tensors() {
             &[("x-user-id", &user)],
             flowers().to_string().as_bytes(),
         );
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        let body = reply.json();
+        let body = reply.ok();
         let variant = reply.headers["x-modelyard-variant"]
             .to_str()
             .unwrap()
@@ -443,19 +442,11 @@ config = { mode = "tag" }
 
 #[test]
 fn configuration_edits_apply_live_and_bad_ones_are_refused() {
-    let setup = Setup::new(&[
-        ("weighted.wasm", component("weighted", None)),
-        ("iris-features.wasm", component("iris-features", None)),
-    ]);
+    let setup = Setup::standard();
     let server = setup.start(IRIS_AB);
     let variant = |server: &Server| {
         let reply = server.post_json("/v2/models/iris-ab/infer", &flowers());
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.ok();
         reply.headers["x-modelyard-variant"]
             .to_str()
             .unwrap()
@@ -634,13 +625,7 @@ config = { mode = "echo" }
         &[("x-user-id", "u-7"), ("x-country", "NL")],
         request.to_string().as_bytes(),
     );
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let body = reply.json();
+    let body = reply.ok();
     let told = body["outputs"]
         .as_array()
         .unwrap()
@@ -668,10 +653,7 @@ config = { mode = "echo" }
 
 #[test]
 fn the_admin_api_takes_a_bearer_token_and_compiled_plugins_are_cached() {
-    let setup = Setup::new(&[
-        ("weighted.wasm", component("weighted", None)),
-        ("iris-features.wasm", component("iris-features", None)),
-    ]);
+    let setup = Setup::standard();
     let server = Server::start(
         setup.models.path(),
         &format!(
@@ -707,10 +689,7 @@ fn the_admin_api_takes_a_bearer_token_and_compiled_plugins_are_cached() {
 
 #[test]
 fn feedback_rewards_the_variant_that_answered() {
-    let setup = Setup::new(&[
-        ("weighted.wasm", component("weighted", None)),
-        ("iris-features.wasm", component("iris-features", None)),
-    ]);
+    let setup = Setup::standard();
     let server = Server::start(
         setup.models.path(),
         &format!("[server]\nfeedback_memory = 3\n{}", setup.config(IRIS_AB)),
@@ -732,13 +711,7 @@ fn feedback_rewards_the_variant_that_answered() {
     // An answer without a client id gets one from the host, to name in feedback.
     let (first, variant) = answer(&flowers());
     let reply = feedback(&first, 1.0);
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    assert_eq!(reply.json()["variant"], variant.as_str());
+    assert_eq!(reply.ok()["variant"], variant.as_str());
     assert!(
         feedback(&first, 1.0)
             .error(404)
