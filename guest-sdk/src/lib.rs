@@ -14,7 +14,7 @@ mod types;
 pub mod __private;
 
 pub use tensor::{DataType, Tensor};
-pub use types::{Decision, Evaluation, RequestContext, VariantStats};
+pub use types::{Action, Decision, Evaluation, FlagInfo, RequestContext, VariantStats};
 
 /// Why a plugin refuses its configuration or a request. The host logs it with the plugin's
 /// name and applies the endpoint's failure policy.
@@ -41,11 +41,43 @@ pub trait Router: Sized + 'static {
     /// The plugin's configuration: its table in `modelyard.toml`.
     type Config: serde::de::DeserializeOwned;
 
+    /// What the host keeps for this router between calls (a canary's step, the active
+    /// colour …); `()` for a router that decides from the statistics alone. It starts as
+    /// `Default::default()` and again whenever the router's configuration changes.
+    type State: serde::Serialize + serde::de::DeserializeOwned + Default + Clone + PartialEq;
+
     /// Builds the router from its configuration, or refuses it.
     fn new(config: Self::Config) -> Result<Self, Error>;
 
-    /// Picks the primary variant (and any shadows) for one request.
-    fn route(&self, ctx: &RequestContext, variants: &[VariantStats]) -> Result<Decision, Error>;
+    /// Picks the primary variant (and any shadows) for one request. A change to `state`
+    /// is kept by the host and seen by the next call.
+    fn route(
+        &self,
+        ctx: &RequestContext,
+        variants: &[VariantStats],
+        state: &mut Self::State,
+    ) -> Result<Decision, Error>;
+
+    /// Applies an operator's request from the admin API to `state`. Routers that take no
+    /// orders keep this default, which refuses every action.
+    fn act(
+        &self,
+        action: Action,
+        _state: &mut Self::State,
+        _variants: &[VariantStats],
+        _now_ms: u64,
+    ) -> Result<(), Error> {
+        fail!(
+            "this router does not take '{}'; change its configuration instead",
+            action.name()
+        )
+    }
+
+    /// The strategy's state for operators (`GET /admin/endpoints/{e}`); the state itself
+    /// unless overridden.
+    fn describe(&self, state: &Self::State, _variants: &[VariantStats]) -> serde_json::Value {
+        serde_json::to_value(state).unwrap_or_default()
+    }
 }
 
 /// Shapes a request's tensors before the model and its answer after. Both steps pass the
@@ -75,6 +107,11 @@ pub trait Flags: Sized + 'static {
     fn new(config: Self::Config) -> Result<Self, Error>;
 
     fn evaluate(&self, ctx: &RequestContext) -> Vec<Evaluation>;
+
+    /// Every flag this plugin knows, for the admin API; none unless overridden.
+    fn describe(&self, _now_ms: u64) -> Vec<FlagInfo> {
+        Vec::new()
+    }
 }
 
 /// How much a log line matters.
@@ -108,8 +145,24 @@ macro_rules! register {
                 fn route(
                     ctx: $crate::__private::router::RequestContext,
                     variants: ::std::vec::Vec<$crate::__private::router::VariantStats>,
+                    state: ::std::string::String,
                 ) -> ::core::result::Result<$crate::__private::router::Decision, ::std::string::String> {
-                    $crate::__private::router::route::<$plugin>(ctx, variants)
+                    $crate::__private::router::route::<$plugin>(ctx, variants, state)
+                }
+                fn act(
+                    action: ::std::string::String,
+                    args: ::std::string::String,
+                    state: ::std::string::String,
+                    variants: ::std::vec::Vec<$crate::__private::router::VariantStats>,
+                    now_ms: u64,
+                ) -> ::core::result::Result<::std::string::String, ::std::string::String> {
+                    $crate::__private::router::act::<$plugin>(&action, &args, state, variants, now_ms)
+                }
+                fn describe(
+                    state: ::std::string::String,
+                    variants: ::std::vec::Vec<$crate::__private::router::VariantStats>,
+                ) -> ::std::string::String {
+                    $crate::__private::router::describe::<$plugin>(state, variants)
                 }
             }
             $crate::__private::router::bindings::__export_router!(Export with_types_in $crate::__private::router::bindings);
@@ -151,6 +204,9 @@ macro_rules! register {
                     ctx: $crate::__private::flags::RequestContext,
                 ) -> ::std::vec::Vec<$crate::__private::flags::Evaluation> {
                     $crate::__private::flags::evaluate::<$plugin>(ctx)
+                }
+                fn describe(now_ms: u64) -> ::std::vec::Vec<$crate::__private::flags::FlagInfo> {
+                    $crate::__private::flags::describe::<$plugin>(now_ms)
                 }
             }
             $crate::__private::flags::bindings::__export_flags!(Export with_types_in $crate::__private::flags::bindings);

@@ -11,6 +11,8 @@ pub struct RequestContext {
     pub attributes: Vec<(String, String)>,
     /// Randomness drawn by the host for this request.
     pub seed: u64,
+    /// When the host took the request, in milliseconds since the Unix epoch.
+    pub now_ms: u64,
 }
 
 impl RequestContext {
@@ -21,6 +23,32 @@ impl RequestContext {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// A point in [0, 1) for splitting traffic, and how it was drawn: from the targeting
+    /// key when the request has one, so the same user always lands on the same side of a
+    /// split (across requests, restarts and plugin swaps), otherwise from the seed.
+    pub fn draw(&self) -> (f64, &'static str) {
+        let (bits, how) = match &self.targeting_key {
+            Some(key) => (mix(fnv1a(key.as_bytes())), "sticky by targeting key"),
+            None => (mix(self.seed), "by request seed"),
+        };
+        // The top 53 bits give a uniform double.
+        ((bits >> 11) as f64 / (1u64 << 53) as f64, how)
+    }
+}
+
+/// FNV-1a: stable across builds and platforms, which a sticky assignment needs.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// SplitMix64's finaliser: spreads nearby inputs over the whole range.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Live statistics of one variant, as the host counted them.
@@ -72,4 +100,44 @@ pub struct Evaluation {
     pub flag: String,
     pub variant: String,
     pub reason: String,
+}
+
+/// An operator's request to a router, from the admin API.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Action {
+    /// `POST /admin/endpoints/{e}/weights {"weights": {"a": 90, "b": 10}}`.
+    Weights {
+        weights: std::collections::BTreeMap<String, f64>,
+    },
+    /// `POST /admin/endpoints/{e}/promote`, optionally `{"to": "<variant>"}`.
+    Promote {
+        #[serde(default)]
+        to: Option<String>,
+    },
+    /// `POST /admin/endpoints/{e}/rollback`.
+    Rollback {},
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Weights { .. } => "weights",
+            Action::Promote { .. } => "promote",
+            Action::Rollback {} => "rollback",
+        }
+    }
+}
+
+/// A flag as its definition stands, for operators.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FlagInfo {
+    pub key: String,
+    /// `ENABLED` or `DISABLED`.
+    pub state: String,
+    pub default_variant: String,
+    pub variants: Vec<String>,
+    pub metadata: Vec<(String, String)>,
+    /// Past its `expiry` date.
+    pub expired: bool,
 }

@@ -13,7 +13,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use modelyard::backend::{self, TractBackend};
 use modelyard::config::Config;
 use modelyard::http::{OutputEncoding, decode_request, encode_response};
-use modelyard::pipeline::{Build, EndpointSet, InferRequest, Pipeline};
+use modelyard::pipeline::{Build, EndpointSet, InferRequest, Options, Pipeline};
 use modelyard::plugins::{
     Datatype, Library, Limits, Plugin, PluginEngine, RequestContext, Tensor, VariantStats,
 };
@@ -68,7 +68,15 @@ fn benches(c: &mut Criterion) {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let repository = Arc::new(ModelRepository::new(models().to_path_buf()));
-    let pipeline = Pipeline::new(repository.clone(), 2, 1024);
+    let pipeline = Pipeline::new(
+        repository.clone(),
+        Options {
+            parallelism: 2,
+            feedback_memory: 1024,
+            shadow_queue: 1024,
+            seed: Some(7),
+        },
+    );
     runtime.block_on(async {
         let _watch = repository.watch().unwrap();
         while !repository.is_ready() {
@@ -170,11 +178,12 @@ fn plugin_chain(
         targeting_key: Some("user-1".into()),
         attributes: vec![],
         seed: 7,
+        now_ms: 1_800_000_000_000,
     };
     let variants = vec![stats("stable"), stats("candidate")];
     let mut group = c.benchmark_group("plugin calls");
     group.bench_function("router, reused instance", |b| {
-        b.iter(|| router.route(&ctx, &variants).unwrap())
+        b.iter(|| router.route(&ctx, &variants, "").unwrap())
     });
     let inputs = vec![Tensor {
         name: "input".into(),
@@ -193,7 +202,7 @@ fn plugin_chain(
     }];
     group.bench_function("whole chain: route + preprocess + postprocess", |b| {
         b.iter(|| {
-            router.route(&ctx, &variants).unwrap();
+            router.route(&ctx, &variants, "").unwrap();
             processor.preprocess(&ctx, &inputs).unwrap();
             processor.postprocess(&ctx, &outputs).unwrap()
         })
@@ -201,7 +210,7 @@ fn plugin_chain(
     group.bench_function("router, fresh instance from InstancePre", |b| {
         b.iter(|| {
             router
-                .call_fresh(|r, store| r.call_route(store, &ctx, &variants))
+                .call_fresh(|r, store| r.call_route(store, &ctx, &variants, ""))
                 .unwrap()
         })
     });
@@ -219,7 +228,7 @@ fn plugin_chain(
                 |b| {
                     b.iter(|| {
                         router
-                            .call_fresh(|r, store| r.call_route(store, &ctx, &variants))
+                            .call_fresh(|r, store| r.call_route(store, &ctx, &variants, ""))
                             .unwrap()
                     })
                 },

@@ -95,6 +95,19 @@ pub async fn start(
     if let Some(dir) = &config_dir {
         watched.push((dir.as_path(), RecursiveMode::NonRecursive));
     }
+    // Plugin configuration files (flag files) are followed where they lie at start.
+    let file_dirs: std::collections::BTreeSet<PathBuf> = config
+        .endpoints
+        .values()
+        .flat_map(|e| e.router.iter().chain(&e.processors).chain(&e.flags))
+        .filter_map(|p| Some(p.config_file.as_ref()?.parent()?.to_path_buf()))
+        .filter(|d| d.is_dir() && Some(d) != config_dir.as_ref())
+        .collect();
+    watched.extend(
+        file_dirs
+            .iter()
+            .map(|d| (d.as_path(), RecursiveMode::NonRecursive)),
+    );
     let watch = Watch::new(&watched)?;
     let mut control = Some(Control {
         engine,

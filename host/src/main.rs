@@ -135,7 +135,7 @@ fn check(file: &Path) -> anyhow::Result<()> {
     );
     let inspection = engine.inspect(&name, &bytes)?;
     println!(
-        "{}: a {} plugin (modelyard:plugin@0.1.0)",
+        "{}: a {} plugin (modelyard:plugin@0.2.0)",
         file.display(),
         inspection.world.as_str()
     );

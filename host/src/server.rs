@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::control;
 use crate::http::{self, HttpState};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Options, Pipeline};
 use crate::registry::{ModelRepository, WatchError};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,8 @@ pub enum ServeError {
     Watch(#[from] WatchError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Tokens(#[from] http::TokenError),
     #[error("the HTTP server stopped: {0}")]
     Http(std::io::Error),
 }
@@ -35,6 +37,7 @@ pub async fn run(
     config_file: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let tokens = http::Tokens::new(&config.server.tokens)?;
     let listener = TcpListener::bind(&config.server.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -46,14 +49,18 @@ pub async fn run(
     let watcher = repository.watch()?;
     let pipeline = Arc::new(Pipeline::new(
         repository,
-        config.inference_threads(),
-        config.server.feedback_memory,
+        Options {
+            parallelism: config.inference_threads(),
+            feedback_memory: config.server.feedback_memory,
+            shadow_queue: config.server.shadow_queue,
+            seed: config.server.seed,
+        },
     ));
     let control = control::start(config, config_file, pipeline.clone()).await?;
     let state = Arc::new(HttpState {
         pipeline,
         max_body_bytes: config.server.max_body_bytes,
-        admin_token: config.server.admin_token.clone(),
+        tokens,
     });
     tracing::info!(%addr, "listening");
 

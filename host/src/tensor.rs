@@ -135,6 +135,32 @@ impl Tensor {
         }
         Some(elements)
     }
+
+    /// The elements as numbers, for FP16/FP32/FP64 tensors; `None` for other datatypes.
+    pub fn floats(&self) -> Option<Vec<f64>> {
+        let data = &self.data;
+        Some(match self.datatype {
+            DataType::Fp16 => data
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .map(|c| f64::from(half::f16::from_le_bytes(*c)))
+                .collect(),
+            DataType::Fp32 => data
+                .as_chunks::<4>()
+                .0
+                .iter()
+                .map(|c| f64::from(f32::from_le_bytes(*c)))
+                .collect(),
+            DataType::Fp64 => data
+                .as_chunks::<8>()
+                .0
+                .iter()
+                .map(|c| f64::from_le_bytes(*c))
+                .collect(),
+            _ => return None,
+        })
+    }
 }
 
 /// What a model declares for one of its inputs or outputs; `-1` marks a dimension that

@@ -7,3 +7,4 @@ mod lifecycle;
 mod plugins;
 mod protocol;
 mod repository;
+mod strategies;

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::harness::{Server, iris_request, repository, root};
 
 /// A built component: `plugins/NAME.wasm`, or a fixture of flavour `a` or `b`.
-fn component(name: &str, flavor: Option<&str>) -> PathBuf {
+pub(crate) fn component(name: &str, flavor: Option<&str>) -> PathBuf {
     let path = match flavor {
         None => root().join("plugins").join(format!("{name}.wasm")),
         Some(f) => root()
@@ -29,20 +29,20 @@ fn component(name: &str, flavor: Option<&str>) -> PathBuf {
 }
 
 /// Drops a file into the plugin directory the way an operator's tooling should: whole.
-fn drop_in(from: &Path, dir: &Path, name: &str) {
+pub(crate) fn drop_in(from: &Path, dir: &Path, name: &str) {
     let temp = dir.join(format!(".{name}.tmp"));
     std::fs::copy(from, &temp).unwrap();
     std::fs::rename(&temp, dir.join(name)).unwrap();
 }
 
-struct Setup {
-    models: tempfile::TempDir,
-    plugins: tempfile::TempDir,
-    cache: tempfile::TempDir,
+pub(crate) struct Setup {
+    pub models: tempfile::TempDir,
+    pub plugins: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
 }
 
 impl Setup {
-    fn new(files: &[(&str, PathBuf)]) -> Setup {
+    pub fn new(files: &[(&str, PathBuf)]) -> Setup {
         let setup = Setup {
             models: repository(&[]),
             plugins: tempfile::tempdir().unwrap(),
@@ -62,7 +62,7 @@ impl Setup {
         ])
     }
 
-    fn config(&self, endpoints: &str) -> String {
+    pub fn config(&self, endpoints: &str) -> String {
         format!(
             "[plugins]\ndir = {:?}\ncache_dir = {:?}\n{endpoints}",
             self.plugins.path(),
@@ -70,7 +70,7 @@ impl Setup {
         )
     }
 
-    fn start(&self, endpoints: &str) -> Server {
+    pub fn start(&self, endpoints: &str) -> Server {
         Server::start(self.models.path(), &self.config(endpoints))
     }
 }
@@ -657,14 +657,34 @@ fn the_admin_api_takes_a_bearer_token_and_compiled_plugins_are_cached() {
     let server = Server::start(
         setup.models.path(),
         &format!(
-            "[server]\nadmin_token = \"s3cret\"\n{}",
+            "[server.tokens.ops]\ntoken = \"s3cret\"\nrole = \"admin\"\n\
+             [server.tokens.dashboard]\ntoken = \"peek\"\nrole = \"read\"\n{}",
             setup.config(IRIS_AB)
         ),
     );
     let error = server.get("/admin/plugins").error(401);
     assert!(error.contains("Bearer"), "{error}");
-    let reply = server.get_with("/admin/plugins", &[("authorization", "Bearer s3cret")]);
+    let wrong = server.get_with("/admin/plugins", &[("authorization", "Bearer s3cret!")]);
+    assert_eq!(wrong.status, 401);
+    let reply = server.get_with("/admin/plugins", &[("authorization", "Bearer peek")]);
     assert_eq!(reply.status, 200);
+    // A read token may look but not change; the admin token's name goes into the log.
+    let weights = json!({"weights": {"stable": 1, "candidate": 3}});
+    let change = |token: &str| {
+        server.post(
+            "/admin/endpoints/iris-ab/weights",
+            &[("authorization", token)],
+            weights.to_string().as_bytes(),
+        )
+    };
+    assert!(change("Bearer peek").error(403).contains("only read"));
+    let changed = change("Bearer s3cret").ok();
+    assert_eq!(changed["strategy"]["weights"]["candidate"], 3.0);
+    server.wait_until("the change is audited with the token's name", || {
+        server.logs().lines().any(|l| {
+            l.contains("endpoint changed through the admin API") && l.contains("\"token\":\"ops\"")
+        })
+    });
     let hashes: BTreeSet<String> = reply.json()["plugins"]
         .as_array()
         .unwrap()

@@ -10,7 +10,7 @@ pub mod bindings {
 }
 
 pub use bindings::Guest;
-pub use bindings::modelyard::plugin::types::{Evaluation, RequestContext};
+pub use bindings::modelyard::plugin::types::{Evaluation, FlagInfo, RequestContext};
 
 pub fn evaluate<T: crate::Flags>(ctx: RequestContext) -> Vec<Evaluation> {
     let ctx = super::context!(ctx);
@@ -21,6 +21,21 @@ pub fn evaluate<T: crate::Flags>(ctx: RequestContext) -> Vec<Evaluation> {
             flag: e.flag,
             variant: e.variant,
             reason: e.reason,
+        })
+        .collect()
+}
+
+pub fn describe<T: crate::Flags>(now_ms: u64) -> Vec<FlagInfo> {
+    super::with_plugin::<T, _>(|p| p.describe(now_ms))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| FlagInfo {
+            key: f.key,
+            state: f.state,
+            default_variant: f.default_variant,
+            variants: f.variants,
+            metadata: f.metadata,
+            expired: f.expired,
         })
         .collect()
 }

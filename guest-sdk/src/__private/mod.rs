@@ -53,6 +53,7 @@ macro_rules! context {
             targeting_key: ctx.targeting_key,
             attributes: ctx.attributes,
             seed: ctx.seed,
+            now_ms: ctx.now_ms,
         }
     }};
 }

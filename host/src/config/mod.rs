@@ -74,6 +74,18 @@ pub struct EndpointConfig {
     /// Headers passed to plugins as attributes, under their lowercase names.
     #[serde(default)]
     pub attribute_headers: Vec<String>,
+    /// A flag whose value picks the variant, overriding the router.
+    pub flag_routing: Option<FlagRouting>,
+}
+
+/// `flag_routing = { flag = "new-model", variants = { on = "candidate", off = "stable" } }`:
+/// when the endpoint's flags give `new-model` a listed value, that variant answers.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagRouting {
+    pub flag: String,
+    /// Flag variant → endpoint variant.
+    pub variants: BTreeMap<String, String>,
 }
 
 /// What a failing processor does to the request.
@@ -96,9 +108,13 @@ pub struct PluginRef {
     /// Handed to the plugin's `configure` as JSON.
     #[serde(default = "empty_object")]
     pub config: serde_json::Value,
+    /// A JSON file handed to `configure` instead of `config` (a flagd flag file, say);
+    /// reread whenever it changes.
+    pub config_file: Option<PathBuf>,
 }
 
-fn empty_object() -> serde_json::Value {
+/// The configuration of a plugin whose table gives none.
+pub fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
 }
 
@@ -113,10 +129,33 @@ pub struct ServerConfig {
     pub inference_threads: usize,
     /// After SIGINT/SIGTERM, how long in-flight requests may take before the server exits.
     pub shutdown_grace_seconds: u64,
-    /// Bearer token the operator API under /admin/ requires; open when unset.
-    pub admin_token: Option<String>,
+    /// Who may use the operator API under /admin/, by name: `[server.tokens.<name>]`.
+    pub tokens: BTreeMap<String, TokenConfig>,
     /// How many recent endpoint answers are remembered for the feedback API.
     pub feedback_memory: usize,
+    /// Shadow requests waiting to run; more are dropped (and counted) rather than queued.
+    pub shadow_queue: usize,
+    /// Seeds the per-request randomness routers draw from, so that the same requests in
+    /// the same order get the same decisions; unset, every run draws afresh.
+    pub seed: Option<u64>,
+}
+
+/// A bearer token for the admin API and what it may do.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The token itself; or name an environment variable that holds it with `token_env`.
+    pub token: Option<String>,
+    pub token_env: Option<String>,
+    pub role: Role,
+}
+
+/// `read` may look at `/admin/`; `admin` may also change endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Admin,
 }
 
 impl Default for ServerConfig {
@@ -126,8 +165,10 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024 * 1024,
             inference_threads: 0,
             shutdown_grace_seconds: 30,
-            admin_token: None,
+            tokens: BTreeMap::new(),
             feedback_memory: 100_000,
+            shadow_queue: 1024,
+            seed: None,
         }
     }
 }
@@ -181,6 +222,15 @@ impl Config {
             config.models.dir = base.join(&config.models.dir);
             config.plugins.dir = base.join(&config.plugins.dir);
             config.plugins.cache_dir = config.plugins.cache_dir.map(|d| base.join(d));
+            for endpoint in config.endpoints.values_mut() {
+                let refs = endpoint.router.iter_mut();
+                for plugin in refs
+                    .chain(endpoint.processors.iter_mut())
+                    .chain(endpoint.flags.iter_mut())
+                {
+                    plugin.config_file = plugin.config_file.take().map(|f| base.join(f));
+                }
+            }
         }
         Ok(config)
     }

@@ -4,6 +4,7 @@
 //! Owns: everything about the wire. Must not touch: model files, backends, or what happens
 //! to a request between decoding and encoding (that is the pipeline's).
 
+mod auth;
 mod codec;
 mod error;
 mod routes;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::pipeline::Pipeline;
 
+pub use auth::{TokenError, Tokens};
 pub use codec::{DecodeError, OutputEncoding, decode_request, encode_response};
 pub use error::ApiError;
 
@@ -24,8 +26,8 @@ pub struct HttpState {
     pub pipeline: Arc<Pipeline>,
     /// Request bodies above this many bytes are refused with 413.
     pub max_body_bytes: usize,
-    /// When set, `/admin/` requires `Authorization: Bearer <token>`.
-    pub admin_token: Option<String>,
+    /// Who may read and change things under `/admin/`.
+    pub tokens: Tokens,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.

@@ -14,7 +14,8 @@ use serde_json::json;
 
 use super::codec::{self, HEADER_LENGTH};
 use super::{ApiError, HttpState};
-use crate::pipeline::{Feedback, compare};
+use crate::config::Role;
+use crate::pipeline::{ActError, Endpoint, Feedback, compare};
 use crate::registry::LoadedVersion;
 
 type AppState = State<Arc<HttpState>>;
@@ -46,6 +47,8 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
         .route("/admin/experiments/{endpoint}", get(admin_experiment))
         .route("/admin/plugins", get(admin_plugins))
         .route("/admin/endpoints", get(admin_endpoints))
+        .route("/admin/endpoints/{endpoint}", get(admin_endpoint))
+        .route("/admin/endpoints/{endpoint}/{action}", post(admin_act))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -274,24 +277,6 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-fn authorize(state: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.admin_token else {
-        return Ok(());
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "the admin API needs 'Authorization: Bearer <server.admin_token>'",
-        ))
-    }
-}
-
 fn unix_seconds(time: Option<std::time::SystemTime>) -> serde_json::Value {
     time.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(serde_json::Value::Null, |d| json!(d.as_secs_f64()))
@@ -301,7 +286,7 @@ async fn admin_plugins(
     State(state): AppState,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&state, &headers)?;
+    state.tokens.authorize(&headers, Role::Read)?;
     let library = state.pipeline.plugins();
     let plugins: Vec<serde_json::Value> = library
         .files
@@ -325,41 +310,48 @@ async fn admin_plugins(
     Ok(Json(json!({ "plugins": plugins })))
 }
 
+/// An endpoint's configuration and live counters, as `/admin/endpoints` lists them.
+fn endpoint_summary(e: &Endpoint, error: Option<&String>) -> serde_json::Value {
+    let variants: Vec<serde_json::Value> = e
+        .variants
+        .iter()
+        .map(|v| {
+            let stats = v.stats.snapshot();
+            json!({
+                "name": v.name, "model": v.model, "version": v.version,
+                "requests": stats.requests, "errors": stats.errors,
+                "latency_p50_us": stats.latency_p50_us, "latency_p99_us": stats.latency_p99_us,
+                "reward_count": stats.reward_count, "reward_sum": stats.reward_sum,
+            })
+        })
+        .collect();
+    json!({
+        "name": e.name,
+        "variants": variants,
+        "default_variant": e.variants[e.default_variant].name,
+        "fallback_variant": e.fallback.map(|f| &e.variants[f].name),
+        "latency_budget_ms": e.latency_budget.map(|b| b.as_millis() as u64),
+        "router": e.router.as_ref().map(|r| json!({"plugin": r.plugin, "failures": r.pool.failures()})),
+        "processors": e.processors.iter().map(|p| json!({"plugin": p.plugin, "failures": p.pool.failures()})).collect::<Vec<_>>(),
+        "flags": e.flags.iter().map(|f| json!({"plugin": f.plugin, "failures": f.pool.failures()})).collect::<Vec<_>>(),
+        "flag_routing": e.flag_route.as_ref().map(|f| json!({
+            "flag": f.flag,
+            "variants": f.variants.iter().map(|(value, i)| (value.clone(), e.variants[*i].name.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        })),
+        "error": error,
+    })
+}
+
 async fn admin_endpoints(
     State(state): AppState,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&state, &headers)?;
+    state.tokens.authorize(&headers, Role::Read)?;
     let set = state.pipeline.endpoints();
     let mut endpoints: Vec<serde_json::Value> = set
         .endpoints
         .values()
-        .map(|e| {
-            let variants: Vec<serde_json::Value> = e
-                .variants
-                .iter()
-                .map(|v| {
-                    let stats = v.stats.snapshot();
-                    json!({
-                        "name": v.name, "model": v.model, "version": v.version,
-                        "requests": stats.requests, "errors": stats.errors,
-                        "latency_p50_us": stats.latency_p50_us, "latency_p99_us": stats.latency_p99_us,
-                        "reward_count": stats.reward_count, "reward_sum": stats.reward_sum,
-                    })
-                })
-                .collect();
-            json!({
-                "name": e.name,
-                "variants": variants,
-                "default_variant": e.variants[e.default_variant].name,
-                "fallback_variant": e.fallback.map(|f| &e.variants[f].name),
-                "latency_budget_ms": e.latency_budget.map(|b| b.as_millis() as u64),
-                "router": e.router.as_ref().map(|r| json!({"plugin": r.plugin, "failures": r.pool.failures()})),
-                "processors": e.processors.iter().map(|p| json!({"plugin": p.plugin, "failures": p.pool.failures()})).collect::<Vec<_>>(),
-                "flags": e.flags.iter().map(|f| json!({"plugin": f.plugin, "failures": f.pool.failures()})).collect::<Vec<_>>(),
-                "error": set.errors.get(&e.name),
-            })
-        })
+        .map(|e| endpoint_summary(e, set.errors.get(&e.name)))
         .collect();
     endpoints.extend(
         set.errors
@@ -368,6 +360,121 @@ async fn admin_endpoints(
             .map(|(name, error)| json!({ "name": name, "error": error })),
     );
     Ok(Json(json!({ "endpoints": endpoints })))
+}
+
+fn endpoint(state: &HttpState, name: &str) -> Result<Arc<Endpoint>, ApiError> {
+    state
+        .pipeline
+        .endpoints()
+        .endpoints
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint '{name}'")))
+}
+
+/// Plugin calls may block (WASI), so they run on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|join| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} crashed ({join})"),
+        )
+    })
+}
+
+/// One endpoint in full: its summary, the router's strategy state, its flags (with
+/// expired ones marked), the last routing decisions and what its shadows did.
+async fn admin_endpoint(
+    State(state): AppState,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.tokens.authorize(&headers, Role::Read)?;
+    let e = endpoint(&state, &name)?;
+    let error = state.pipeline.endpoints().errors.get(&name).cloned();
+    let mut body = endpoint_summary(&e, error.as_ref());
+    let (strategy, flags) = blocking("describing the endpoint", {
+        let e = e.clone();
+        move || (e.describe_strategy(), e.flag_infos())
+    })
+    .await?;
+    body["strategy"] = json!(strategy);
+    body["flag_definitions"] = flags
+        .into_iter()
+        .map(|(plugin, infos)| match infos {
+            Ok(infos) => json!({
+                "plugin": plugin,
+                "flags": infos.iter().map(|f| json!({
+                    "key": f.key, "state": f.state, "default_variant": f.default_variant,
+                    "variants": f.variants,
+                    "metadata": f.metadata.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                    "expired": f.expired,
+                })).collect::<Vec<_>>(),
+            }),
+            Err(error) => json!({ "plugin": plugin, "error": error }),
+        })
+        .collect();
+    body["recent_decisions"] = json!(e.recent.list());
+    body["shadows"] = shadow_reports(&e);
+    Ok(Json(body))
+}
+
+fn shadow_reports(e: &Endpoint) -> serde_json::Value {
+    e.variants
+        .iter()
+        .map(|v| (v.name.clone(), v.shadow.report()))
+        .filter(|(_, r)| r.runs + r.dropped > 0)
+        .map(|(name, r)| (name, json!(r)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// `POST /admin/endpoints/{e}/weights|promote|rollback`: the router applies it to its
+/// state; answers with the router's account of the new state.
+async fn admin_act(
+    State(state): AppState,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let token = state
+        .tokens
+        .authorize(&headers, Role::Admin)?
+        .unwrap_or_default()
+        .to_string();
+    if !["weights", "promote", "rollback"].contains(&action.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no action '{action}'; endpoints take weights, promote and rollback"),
+        ));
+    }
+    let e = endpoint(&state, &name)?;
+    let args = String::from_utf8_lossy(&body).into_owned();
+    let done = blocking("the admin action", {
+        let action = action.clone();
+        move || e.act(&action, &args)
+    })
+    .await?;
+    match done {
+        Ok(strategy) => {
+            tracing::info!(target: "modelyard::audit", token = %token, endpoint = %name, %action, %strategy, "endpoint changed through the admin API");
+            Ok(Json(
+                json!({ "endpoint": name, "action": action, "strategy": strategy }),
+            ))
+        }
+        Err(error) => {
+            tracing::warn!(target: "modelyard::audit", token = %token, endpoint = %name, %action, %error, "admin action refused");
+            let status = match error {
+                ActError::Refused { .. } => StatusCode::BAD_REQUEST,
+                ActError::NoRouter(_) | ActError::Contended(_) => StatusCode::CONFLICT,
+                ActError::Plugin { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(ApiError::new(status, error.to_string()))
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -434,7 +541,7 @@ async fn admin_experiment(
     Path(endpoint): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&state, &headers)?;
+    state.tokens.authorize(&headers, Role::Read)?;
     let set = state.pipeline.endpoints();
     let e = set
         .endpoints
@@ -469,7 +576,8 @@ async fn admin_experiment(
             })
         })
         .collect();
-    Ok(Json(
-        json!({ "endpoint": endpoint, "arms": arms, "comparisons": comparisons }),
-    ))
+    Ok(Json(json!({
+        "endpoint": endpoint, "arms": arms, "comparisons": comparisons,
+        "shadows": shadow_reports(e),
+    })))
 }

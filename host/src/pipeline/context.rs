@@ -7,15 +7,15 @@ use crate::plugins::{Datatype, RequestContext, Tensor as PluginTensor, VariantSt
 use crate::tensor::{DataType, Tensor};
 
 /// The request context for `endpoint`: targeting key from the `targeting_key` parameter or
-/// the endpoint's header, attributes from the other parameters and the named headers, and
-/// a fresh seed.
+/// the endpoint's header, attributes from the other parameters and the named headers, the
+/// request's seed and the time.
 pub fn build(
     endpoint: &Endpoint,
     id: String,
+    seed: u64,
     request: &InferRequest,
     headers: Headers<'_>,
 ) -> RequestContext {
-    let seed = fastrand::u64(..);
     let mut targeting_key = None;
     let mut attributes =
         Vec::with_capacity(request.parameters.len() + endpoint.attribute_headers.len());
@@ -40,6 +40,7 @@ pub fn build(
         targeting_key,
         attributes,
         seed,
+        now_ms: super::now_ms(),
     }
 }
 

@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::shadow::ShadowCounters;
 use super::stats::{StatsBook, VariantCounters};
+use super::strategy::{Recent, StrategyState};
 use crate::config::{EndpointConfig, PluginRef, ProcessorFailure};
 use crate::plugins::{
     FlagsWorld, Library, Plugin, PluginEngine, Pool, ProcessorWorld, RouterWorld, World,
@@ -18,6 +20,15 @@ pub struct Variant {
     pub model: String,
     pub version: Option<u64>,
     pub stats: Arc<VariantCounters>,
+    pub shadow: Arc<ShadowCounters>,
+}
+
+/// A flag whose value picks the variant: `(flag variant, index into variants)` pairs.
+pub struct FlagRoute {
+    pub flag: String,
+    /// The context attribute the flag's value arrives in: `flag.<name>`.
+    pub attribute: String,
+    pub variants: Vec<(String, usize)>,
 }
 
 /// A plugin bound to an endpoint with its configuration.
@@ -42,6 +53,9 @@ pub struct Endpoint {
     pub on_processor_error: ProcessorFailure,
     pub targeting_key_header: Option<String>,
     pub attribute_headers: Vec<String>,
+    pub flag_route: Option<FlagRoute>,
+    pub strategy: Arc<StrategyState>,
+    pub recent: Arc<Recent>,
 }
 
 /// Every endpoint, and why those that cannot serve cannot.
@@ -108,24 +122,46 @@ impl Build<'_> {
                     model: model.to_string(),
                     version,
                     stats: self.stats.variant(name, variant),
+                    shadow: self.stats.shadow(name, variant),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let default_variant = match &config.default_variant {
-            Some(d) => variants
+        let index = |what: &str, name: &str| {
+            variants
                 .iter()
-                .position(|v| &v.name == d)
-                .ok_or_else(|| format!("default_variant '{d}' is not one of the variants"))?,
+                .position(|v| v.name == name)
+                .ok_or_else(|| format!("{what} '{name}' is not one of the variants"))
+        };
+        let default_variant = match &config.default_variant {
+            Some(d) => index("default_variant", d)?,
             None => 0,
         };
         let fallback = config
             .fallback_variant
             .as_ref()
-            .map(|f| {
-                variants
-                    .iter()
-                    .position(|v| &v.name == f)
-                    .ok_or_else(|| format!("fallback_variant '{f}' is not one of the variants"))
+            .map(|f| index("fallback_variant", f))
+            .transpose()?;
+        let flag_route = config
+            .flag_routing
+            .as_ref()
+            .map(|routing| {
+                if config.flags.is_empty() {
+                    return Err(format!(
+                        "flag_routing uses flag '{}', but the endpoint has no flags plugin to evaluate it",
+                        routing.flag
+                    ));
+                }
+                Ok(FlagRoute {
+                    flag: routing.flag.clone(),
+                    attribute: format!("flag.{}", routing.flag),
+                    variants: routing
+                        .variants
+                        .iter()
+                        .map(|(value, variant)| {
+                            Ok((value.clone(), index("flag_routing variant", variant)?))
+                        })
+                        .collect::<Result<_, String>>()?,
+                })
             })
             .transpose()?;
         if config.latency_budget_ms.is_some() && fallback.is_none() {
@@ -142,12 +178,23 @@ impl Build<'_> {
             .enumerate()
             .map(|(i, p)| self.bind(p, before.and_then(|b| b.processors.get(i)), as_processor))
             .collect::<Result<_, _>>()?;
-        let flags = config
+        let flags: Vec<Bound<FlagsWorld>> = config
             .flags
             .iter()
             .enumerate()
             .map(|(i, f)| self.bind(f, before.and_then(|b| b.flags.get(i)), as_flags))
             .collect::<Result<_, _>>()?;
+        warn_expired(name, &flags);
+        // The router's state carries over only while its plugin and configuration stay.
+        let same_router = |b: &&Endpoint| match (&b.router, &router) {
+            (Some(old), Some(new)) => old.plugin == new.plugin && old.config == new.config,
+            (None, None) => true,
+            _ => false,
+        };
+        let strategy = before
+            .filter(same_router)
+            .map(|b| b.strategy.clone())
+            .unwrap_or_default();
         Ok(Endpoint {
             name: name.to_string(),
             variants,
@@ -169,6 +216,9 @@ impl Build<'_> {
                 .iter()
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
+            flag_route,
+            strategy,
+            recent: before.map(|b| b.recent.clone()).unwrap_or_default(),
         })
     }
 
@@ -203,7 +253,27 @@ impl Build<'_> {
                 W::NAME
             ));
         }
-        let config = wanted.config.to_string();
+        let config = match &wanted.config_file {
+            None => wanted.config.to_string(),
+            Some(file) => {
+                if wanted.config != crate::config::empty_object() {
+                    return Err(format!(
+                        "plugin '{}' has both config and config_file; keep one",
+                        wanted.plugin
+                    ));
+                }
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    format!(
+                        "cannot read {} for plugin '{}': {e}",
+                        file.display(),
+                        wanted.plugin
+                    )
+                })?;
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| format!("{} is not JSON: {e}", file.display()))?;
+                value.to_string()
+            }
+        };
         if let Some(before) = before
             .filter(|b| b.plugin == wanted.plugin && b.hash == file.hash && b.config == config)
         {
@@ -247,5 +317,27 @@ fn as_flags(plugin: Plugin) -> Result<Pool<FlagsWorld>, &'static str> {
     match plugin {
         Plugin::Flags(pool) => Ok(pool),
         _ => Err("flags"),
+    }
+}
+
+/// Logs every flag past its expiry date: on each rebuild, so the warning keeps coming back
+/// until someone cleans the flag up.
+fn warn_expired(endpoint: &str, flags: &[Bound<FlagsWorld>]) {
+    for bound in flags {
+        match bound.pool.describe(super::now_ms()) {
+            Ok(infos) => {
+                for info in infos.iter().filter(|f| f.expired) {
+                    let expiry = info
+                        .metadata
+                        .iter()
+                        .find(|(k, _)| k == "expiry")
+                        .map_or("", |(_, v)| v.as_str());
+                    tracing::warn!(endpoint, plugin = %bound.plugin, flag = %info.key, expiry, "flag is past its expiry date; remove it or extend it");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(endpoint, plugin = %bound.plugin, %error, "cannot list the flags")
+            }
+        }
     }
 }

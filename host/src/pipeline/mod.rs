@@ -1,22 +1,25 @@
 //! One request's way through the host, after HTTP has decoded it and before HTTP encodes
-//! the answer. For an endpoint: flags → router → preprocessors → model → postprocessors,
-//! with the variant's counters updated at the end; for a bare model: the model alone.
+//! the answer. For an endpoint: flags → flag routing or router → preprocessors → model →
+//! postprocessors, with the variant's counters updated at the end, shadows queued and the
+//! decision logged; for a bare model: the model alone.
 //! The model runs off the async reactor, at most one run per inference slot; plugin calls
 //! run inline, each bounded by its CPU deadline.
 //!
-//! Owns: the order of those steps, failure policies, per-variant statistics and the
-//! concurrency limit on model runs. Must not touch: wire formats (http), how models are
+//! Owns: the order of those steps, failure policies, per-variant statistics, routing state
+//! and the concurrency limit on model runs. Must not touch: wire formats (http), how models are
 //! found on disk (registry), how models or plugins run (backend, plugins).
 
 mod context;
 mod endpoints;
 mod experiment;
 mod feedback;
+mod shadow;
 mod stats;
+mod strategy;
 mod validate;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
@@ -31,7 +34,9 @@ pub use endpoints::{Build, Endpoint, EndpointSet, Variant};
 pub use experiment::{Comparison, compare};
 pub use feedback::Feedback;
 use feedback::FeedbackBook;
+use shadow::{ShadowJob, ShadowQueue};
 pub use stats::{StatsBook, StatsSnapshot};
+pub use strategy::{ActError, DecisionRecord};
 
 /// A decoded inference request.
 #[derive(Clone, Debug, Default)]
@@ -87,24 +92,60 @@ pub struct Pipeline {
     stats: StatsBook,
     feedback: Arc<FeedbackBook>,
     slots: Arc<Semaphore>,
+    shadows: Arc<ShadowQueue>,
+    /// Where each request's seed comes from: seeded from the configuration when a test or
+    /// an investigation needs the same decisions again.
+    seeds: std::sync::Mutex<fastrand::Rng>,
+}
+
+/// How a pipeline is sized.
+pub struct Options {
+    /// Model runs at once at most; more wait their turn rather than crowd the cores.
+    pub parallelism: usize,
+    /// Endpoint answers remembered for the feedback API.
+    pub feedback_memory: usize,
+    /// Shadow requests waiting at most.
+    pub shadow_queue: usize,
+    /// Seeds every request's randomness; `None` draws a fresh sequence per run.
+    pub seed: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch: the time plugins are told.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Which variant answers a request, and why.
+struct Routing {
+    index: usize,
+    shadows: Vec<usize>,
+    reason: String,
+}
+
+/// What `answer` did: the variant that served, why it was chosen, and the outcome.
+struct Answered {
+    variant: usize,
+    reason: String,
+    shadows: Vec<usize>,
+    result: Result<InferResponse, InferError>,
 }
 
 impl Pipeline {
-    /// `parallelism` model runs at most at once; more wait their turn rather than crowd
-    /// the cores.
-    /// `feedback_memory` answers are remembered for the feedback API.
-    pub fn new(
-        repository: Arc<ModelRepository>,
-        parallelism: usize,
-        feedback_memory: usize,
-    ) -> Pipeline {
+    pub fn new(repository: Arc<ModelRepository>, options: Options) -> Pipeline {
         Pipeline {
+            shadows: Arc::new(ShadowQueue::start(options.shadow_queue, repository.clone())),
+            seeds: std::sync::Mutex::new(match options.seed {
+                Some(seed) => fastrand::Rng::with_seed(seed),
+                None => fastrand::Rng::new(),
+            }),
             repository,
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             plugins: ArcSwap::from_pointee(Library::default()),
             stats: StatsBook::default(),
-            feedback: Arc::new(FeedbackBook::new(feedback_memory)),
-            slots: Arc::new(Semaphore::new(parallelism.max(1))),
+            feedback: Arc::new(FeedbackBook::new(options.feedback_memory)),
+            slots: Arc::new(Semaphore::new(options.parallelism.max(1))),
         }
     }
 
@@ -186,63 +227,136 @@ impl Pipeline {
         request: InferRequest,
         headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
+        let started = Instant::now();
         // Every answer of an endpoint has an id, so that feedback can name it.
         let id = request
             .id
             .clone()
             .unwrap_or_else(|| self.feedback.host_id());
-        let ctx = context::build(&endpoint, id, &request, headers);
+        let seed = self
+            .seeds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .u64(..);
+        let ctx = context::build(&endpoint, id, seed, &request, headers);
+        let (answered, fallback) = self
+            .answer_or_fall_back(&endpoint, ctx.clone(), request)
+            .await;
+        let result = answered.result;
+        let variant = &endpoint.variants[answered.variant].name;
+        let shadows: Vec<String> = answered
+            .shadows
+            .iter()
+            .map(|&s| endpoint.variants[s].name.clone())
+            .collect();
+        let status = match &result {
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        tracing::info!(
+            target: "modelyard::requests",
+            endpoint = %endpoint.name, id = %ctx.id, %variant, reason = %answered.reason,
+            fallback, ?shadows, status, latency_us = started.elapsed().as_micros() as u64,
+            "routed"
+        );
+        endpoint.recent.push(DecisionRecord {
+            id: ctx.id,
+            at_ms: ctx.now_ms,
+            variant: variant.clone(),
+            reason: answered.reason,
+            shadows,
+            fallback,
+            ok: result.is_ok(),
+        });
+        result
+    }
+
+    /// The routed variant's answer, or the fallback's when that one fails or is over
+    /// budget; and whether the fallback answered.
+    async fn answer_or_fall_back(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        ctx: crate::plugins::RequestContext,
+        request: InferRequest,
+    ) -> (Answered, bool) {
         let Some(fallback) = endpoint.fallback else {
-            return self.answer(&endpoint, None, ctx, request).await.1;
+            return (self.answer(endpoint, None, ctx, request).await, false);
         };
         // The fallback may need the request again.
         let spare = (request.clone(), ctx.clone());
-        let primary = self.answer(&endpoint, None, ctx, request);
-        let (variant, reason) = match endpoint.latency_budget {
+        let primary = self.answer(endpoint, None, ctx, request);
+        let (failed, why) = match endpoint.latency_budget {
             Some(budget) => match tokio::time::timeout(budget, primary).await {
-                Ok((_, Ok(response))) => return Ok(response),
-                Ok((variant, Err(error))) => (Some(variant), error.to_string()),
+                Ok(answered) if answered.result.is_ok() => return (answered, false),
+                Ok(answered) => {
+                    let why = answered.result.as_ref().err().map(ToString::to_string);
+                    (Some(answered), why.unwrap_or_default())
+                }
                 Err(_) => (
                     None,
                     format!("no answer within the {} ms budget", budget.as_millis()),
                 ),
             },
-            None => match primary.await {
-                (_, Ok(response)) => return Ok(response),
-                (variant, Err(error)) => (Some(variant), error.to_string()),
-            },
+            None => {
+                let answered = primary.await;
+                if answered.result.is_ok() {
+                    return (answered, false);
+                }
+                let why = answered.result.as_ref().err().map(ToString::to_string);
+                (Some(answered), why.unwrap_or_default())
+            }
         };
-        if variant == Some(fallback) {
-            return Err(InferError::Plugin {
-                endpoint: endpoint.name.clone(),
-                reason: format!("the fallback variant itself failed: {reason}"),
-            });
+        if let Some(failed) = failed.filter(|f| f.variant == fallback) {
+            let reason = format!("the fallback variant itself failed: {why}");
+            return (
+                Answered {
+                    result: Err(InferError::Plugin {
+                        endpoint: endpoint.name.clone(),
+                        reason,
+                    }),
+                    ..failed
+                },
+                false,
+            );
         }
-        tracing::warn!(endpoint = %endpoint.name, fallback = %endpoint.variants[fallback].name, %reason, "answering from the fallback variant");
+        tracing::warn!(endpoint = %endpoint.name, fallback = %endpoint.variants[fallback].name, reason = %why, "answering from the fallback variant");
         let (request, ctx) = spare;
-        let (_, answer) = self.answer(&endpoint, Some(fallback), ctx, request).await;
-        answer.map(|response| InferResponse {
+        let answered = self.answer(endpoint, Some(fallback), ctx, request).await;
+        let result = answered.result.map(|response| InferResponse {
             fallback: true,
             ..response
-        })
+        });
+        let answered = Answered {
+            reason: format!("fallback: {why}"),
+            result,
+            ..answered
+        };
+        (answered, true)
     }
 
     /// Flags, router (unless `variant` is forced), processors and model for one request, on
-    /// the blocking pool; returns the variant that served with the outcome.
+    /// the blocking pool; shadows are queued once the answer is there.
     async fn answer(
         &self,
         endpoint: &Arc<Endpoint>,
         variant: Option<usize>,
         ctx: crate::plugins::RequestContext,
         request: InferRequest,
-    ) -> (usize, Result<InferResponse, InferError>) {
+    ) -> Answered {
         let started = Instant::now();
         let default = endpoint.default_variant;
+        let failed = |reason: String, result: InferError| Answered {
+            variant: variant.unwrap_or(default),
+            reason,
+            shadows: Vec::new(),
+            result: Err(result),
+        };
         let slot = match self.slot(&endpoint.name).await {
             Ok(slot) => slot,
-            Err(error) => return (variant.unwrap_or(default), Err(error)),
+            Err(error) => return failed("not served".to_string(), error),
         };
         let (serving, repository) = (endpoint.clone(), self.repository.clone());
+        let shadows = self.shadows.clone();
         let id = ctx.id.clone();
         // Plugins and model run together on the blocking pool: one hand-off per request,
         // and WASI's blocking host calls (a guest writing a panic message, say) may block
@@ -251,28 +365,56 @@ impl Pipeline {
             let _slot = slot;
             let mut ctx = ctx;
             evaluate_flags(&serving, &mut ctx);
-            let index = variant.unwrap_or_else(|| route(&serving, &ctx));
-            let chosen = &serving.variants[index];
+            let routing = match variant {
+                Some(index) => Routing {
+                    index,
+                    shadows: Vec::new(),
+                    reason: "fallback variant".to_string(),
+                },
+                None => route(&serving, &ctx),
+            };
+            let chosen = &serving.variants[routing.index];
+            let inputs = (!routing.shadows.is_empty()).then(|| Arc::new(request.inputs.clone()));
             let result = serve_variant(&repository, &serving, chosen, &ctx, request);
             chosen.stats.record(started.elapsed(), result.is_err());
-            (index, result)
+            if let (Some(inputs), Ok(response)) = (inputs, &result) {
+                let primary = Arc::new(response.outputs.clone());
+                for &shadow in &routing.shadows {
+                    shadows.submit(ShadowJob {
+                        endpoint: serving.clone(),
+                        variant: shadow,
+                        ctx: ctx.clone(),
+                        inputs: inputs.clone(),
+                        primary: primary.clone(),
+                    });
+                }
+            }
+            Answered {
+                variant: routing.index,
+                reason: routing.reason,
+                shadows: routing.shadows,
+                result,
+            }
         })
         .await;
-        let (index, result) = answered.unwrap_or_else(|join| {
-            let crashed = InferError::Plugin {
-                endpoint: endpoint.name.clone(),
-                reason: format!("the request crashed ({join})"),
-            };
-            (variant.unwrap_or(default), Err(crashed))
-        });
+        let answered = match answered {
+            Ok(answered) => answered,
+            Err(join) => {
+                let crashed = InferError::Plugin {
+                    endpoint: endpoint.name.clone(),
+                    reason: format!("the request crashed ({join})"),
+                };
+                failed("crashed".to_string(), crashed)
+            }
+        };
         // Only an answer the client gets is remembered for feedback: when a latency budget
         // gives up on this one, this future is dropped before it gets here.
-        if result.is_ok() {
-            let chosen = &endpoint.variants[index];
+        if answered.result.is_ok() {
+            let chosen = &endpoint.variants[answered.variant];
             self.feedback
                 .remember(&id, &endpoint.name, &chosen.name, chosen.stats.clone());
         }
-        (index, result)
+        answered
     }
 
     async fn slot(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
@@ -336,34 +478,62 @@ fn evaluate_flags(endpoint: &Endpoint, ctx: &mut crate::plugins::RequestContext)
     }
 }
 
-/// The variant for one request: the router's choice, or the default when there is no
-/// router or it fails (the router failure policy).
-fn route(endpoint: &Endpoint, ctx: &crate::plugins::RequestContext) -> usize {
-    let default = endpoint.default_variant;
+/// The variant for one request: the flag's when the endpoint routes by flag and the flag
+/// has a mapped value, else the router's choice, else the default (no router, or it failed).
+fn route(endpoint: &Endpoint, ctx: &crate::plugins::RequestContext) -> Routing {
+    let default = |reason: String| Routing {
+        index: endpoint.default_variant,
+        shadows: Vec::new(),
+        reason,
+    };
+    if let Some(by_flag) = &endpoint.flag_route
+        && let Some((_, value)) = ctx.attributes.iter().find(|(k, _)| *k == by_flag.attribute)
+        && let Some((_, index)) = by_flag.variants.iter().find(|(v, _)| v == value)
+    {
+        return Routing {
+            index: *index,
+            shadows: Vec::new(),
+            reason: format!("flag {} = {value}", by_flag.flag),
+        };
+    }
     let Some(router) = &endpoint.router else {
-        return default;
+        return default("default variant (no router)".to_string());
     };
     let stats: Vec<_> = endpoint
         .variants
         .iter()
         .map(context::variant_stats)
         .collect();
-    match router.pool.route(ctx, &stats) {
-        Ok(decision) => match endpoint
-            .variants
-            .iter()
-            .position(|v| v.name == decision.primary)
-        {
-            Some(variant) => variant,
-            None => {
-                tracing::warn!(endpoint = %endpoint.name, plugin = %router.plugin, primary = %decision.primary, "router chose an unknown variant; using the default");
-                default
-            }
-        },
+    let state = endpoint.strategy.load();
+    let decision = match router.pool.route(ctx, &stats, &state) {
+        Ok(decision) => decision,
         Err(error) => {
             tracing::warn!(endpoint = %endpoint.name, %error, "router failed; using the default variant");
-            default
+            return default(format!("default variant (router failed: {error})"));
         }
+    };
+    if let Some(new) = decision.state
+        && endpoint.strategy.replace(&state, new)
+    {
+        tracing::info!(endpoint = %endpoint.name, plugin = %router.plugin, reason = %decision.reason, state = %endpoint.strategy.load(), "routing state changed");
+    }
+    let index_of = |name: &str| endpoint.variants.iter().position(|v| v.name == name);
+    let Some(index) = index_of(&decision.primary) else {
+        tracing::warn!(endpoint = %endpoint.name, plugin = %router.plugin, primary = %decision.primary, "router chose an unknown variant; using the default");
+        return default(format!(
+            "default variant (router chose unknown '{}')",
+            decision.primary
+        ));
+    };
+    Routing {
+        index,
+        shadows: decision
+            .shadows
+            .iter()
+            .filter_map(|s| index_of(s))
+            .filter(|&s| s != index)
+            .collect(),
+        reason: decision.reason,
     }
 }
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+use super::shadow::ShadowCounters;
+
 /// Counters of one variant.
 pub struct VariantCounters {
     requests: AtomicU64,
@@ -30,8 +32,8 @@ pub struct StatsSnapshot {
     pub reward_sum_squares: f64,
 }
 
-impl VariantCounters {
-    fn new() -> VariantCounters {
+impl Default for VariantCounters {
+    fn default() -> VariantCounters {
         VariantCounters {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -40,7 +42,9 @@ impl VariantCounters {
             rewards: Mutex::new((0, 0.0, 0.0)),
         }
     }
+}
 
+impl VariantCounters {
     pub fn record(&self, latency: Duration, failed: bool) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if failed {
@@ -86,20 +90,31 @@ impl VariantCounters {
     }
 }
 
+type ByVariant<T> = Mutex<HashMap<(String, String), Arc<T>>>;
+
 /// Every variant's counters, created on first use.
 #[derive(Default)]
 pub struct StatsBook {
-    variants: Mutex<HashMap<(String, String), Arc<VariantCounters>>>,
+    variants: ByVariant<VariantCounters>,
+    shadows: ByVariant<ShadowCounters>,
+}
+
+fn entry<T: Default>(map: &ByVariant<T>, endpoint: &str, variant: &str) -> Arc<T> {
+    map.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry((endpoint.to_string(), variant.to_string()))
+        .or_default()
+        .clone()
 }
 
 impl StatsBook {
     pub fn variant(&self, endpoint: &str, variant: &str) -> Arc<VariantCounters> {
-        self.variants
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry((endpoint.to_string(), variant.to_string()))
-            .or_insert_with(|| Arc::new(VariantCounters::new()))
-            .clone()
+        entry(&self.variants, endpoint, variant)
+    }
+
+    /// What the variant did as a shadow of `endpoint`'s answers.
+    pub fn shadow(&self, endpoint: &str, variant: &str) -> Arc<ShadowCounters> {
+        entry(&self.shadows, endpoint, variant)
     }
 }
 

@@ -30,5 +30,5 @@ pub mod flags {
 
 pub use router::modelyard::plugin::host::{Host, Level};
 pub use router::modelyard::plugin::types::{
-    Datatype, Decision, Evaluation, RequestContext, Tensor, VariantStats,
+    Datatype, Decision, Evaluation, FlagInfo, RequestContext, Tensor, VariantStats,
 };

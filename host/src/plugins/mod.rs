@@ -22,7 +22,9 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use bindings::{Datatype, Decision, Evaluation, RequestContext, Tensor, VariantStats};
+pub use bindings::{
+    Datatype, Decision, Evaluation, FlagInfo, RequestContext, Tensor, VariantStats,
+};
 pub use cache::component_hash;
 pub use library::{Library, PluginFile};
 pub use pool::{FlagsWorld, Pool, ProcessorWorld, RouterWorld, World};
@@ -196,7 +198,7 @@ impl PluginEngine {
             return Err(PluginError::Refused {
                 plugin: name.to_string(),
                 reason: format!(
-                    "implements none of the router, processor or flags worlds of modelyard:plugin@0.1.0 (it exports: {})",
+                    "implements none of the router, processor or flags worlds of modelyard:plugin@0.2.0 (it exports: {})",
                     exports.into_iter().collect::<Vec<_>>().join(", ")
                 ),
             });

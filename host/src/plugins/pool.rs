@@ -10,7 +10,7 @@ use wasmtime::Store;
 use wasmtime::component::InstancePre;
 
 use super::bindings::{
-    Decision, Evaluation, RequestContext, Tensor, VariantStats, flags, processor, router,
+    Decision, Evaluation, FlagInfo, RequestContext, Tensor, VariantStats, flags, processor, router,
 };
 use super::sandbox::Sandbox;
 use super::{Limits, PluginError};
@@ -222,8 +222,26 @@ impl Pool<RouterWorld> {
         &self,
         ctx: &RequestContext,
         variants: &[VariantStats],
+        state: &str,
     ) -> Result<Decision, PluginError> {
-        self.call(|b, store| b.call_route(store, ctx, variants))
+        self.call(|b, store| b.call_route(store, ctx, variants, state))
+    }
+
+    /// An operator's `action` with JSON `args` applied to `state`; the new state.
+    pub fn act(
+        &self,
+        action: &str,
+        args: &str,
+        state: &str,
+        variants: &[VariantStats],
+        now_ms: u64,
+    ) -> Result<String, PluginError> {
+        self.call(|b, store| b.call_act(store, action, args, state, variants, now_ms))
+    }
+
+    /// The strategy's state as the router explains it (JSON).
+    pub fn describe(&self, state: &str, variants: &[VariantStats]) -> Result<String, PluginError> {
+        self.call(|b, store| b.call_describe(store, state, variants).map(Ok))
     }
 }
 
@@ -248,5 +266,9 @@ impl Pool<ProcessorWorld> {
 impl Pool<FlagsWorld> {
     pub fn evaluate(&self, ctx: &RequestContext) -> Result<Vec<Evaluation>, PluginError> {
         self.call(|b, store| b.call_evaluate(store, ctx).map(Ok))
+    }
+
+    pub fn describe(&self, now_ms: u64) -> Result<Vec<FlagInfo>, PluginError> {
+        self.call(|b, store| b.call_describe(store, now_ms).map(Ok))
     }
 }

@@ -87,12 +87,19 @@ pub struct Pinned {
 
 impl Router for Pinned {
     type Config = Config;
+    /// What the host keeps between calls for this router: nothing.
+    type State = ();
 
     fn new(config: Config) -> Result<Self, Error> {
         Ok(Pinned { variant: config.variant })
     }
 
-    fn route(&self, _ctx: &RequestContext, variants: &[VariantStats]) -> Result<Decision, Error> {
+    fn route(
+        &self,
+        _ctx: &RequestContext,
+        variants: &[VariantStats],
+        _state: &mut (),
+    ) -> Result<Decision, Error> {
         if !variants.iter().any(|v| v.name == self.variant) {
             return fail!("no variant named '{}'", self.variant);
         }
@@ -110,7 +117,7 @@ mod tests {
     fn routes_to_the_configured_variant() {
         let router = Pinned::new(Config { variant: "b".into() }).unwrap();
         let variants = [VariantStats::named("a"), VariantStats::named("b")];
-        assert_eq!(router.route(&RequestContext::default(), &variants).unwrap().primary, "b");
+        assert_eq!(router.route(&RequestContext::default(), &variants, &mut ()).unwrap().primary, "b");
     }
 }
 "#;

@@ -17,7 +17,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Beta, Distribution, Normal};
 
-#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Algorithm {
     EpsilonGreedy,
@@ -56,6 +56,7 @@ pub struct Bandit {
 
 impl Router for Bandit {
     type Config = Config;
+    type State = ();
 
     fn new(config: Config) -> Result<Self, Error> {
         if !(0.0..=1.0).contains(&config.epsilon) {
@@ -67,7 +68,12 @@ impl Router for Bandit {
         Ok(Bandit { config })
     }
 
-    fn route(&self, ctx: &RequestContext, variants: &[VariantStats]) -> Result<Decision, Error> {
+    fn route(
+        &self,
+        ctx: &RequestContext,
+        variants: &[VariantStats],
+        _state: &mut (),
+    ) -> Result<Decision, Error> {
         if variants.is_empty() {
             return fail!("endpoint '{}' has no variants", ctx.endpoint);
         }
@@ -106,6 +112,37 @@ impl Router for Bandit {
             }
         };
         Ok(Decision::to(variants[index].name.clone(), reason))
+    }
+
+    /// Per arm: pulls, mean reward and, for Thompson, the posterior it samples from.
+    fn describe(&self, _state: &(), variants: &[VariantStats]) -> serde_json::Value {
+        let arms: Vec<serde_json::Value> = variants
+            .iter()
+            .map(|v| {
+                let n = v.reward_count as f64;
+                let mean = (v.reward_count > 0).then(|| v.reward_sum / n);
+                let posterior = match (self.config.algorithm, self.config.rewards) {
+                    (Algorithm::Thompson, Rewards::Bernoulli) => {
+                        let successes = v.reward_sum.clamp(0.0, n);
+                        serde_json::json!({"beta": {"alpha": 1.0 + successes, "beta": 1.0 + n - successes}})
+                    }
+                    (Algorithm::Thompson, Rewards::Gaussian) => serde_json::json!({"normal": {
+                        "mean": mean.unwrap_or(0.0), "sd": 1.0 / (n + 1.0).sqrt()
+                    }}),
+                    _ => serde_json::Value::Null,
+                };
+                serde_json::json!({
+                    "variant": v.name, "pulls": v.reward_count, "mean_reward": mean,
+                    "posterior": posterior,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "strategy": "bandit",
+            "algorithm": self.config.algorithm,
+            "epsilon": (self.config.algorithm == Algorithm::EpsilonGreedy).then_some(self.config.epsilon),
+            "arms": arms,
+        })
     }
 }
 
@@ -159,7 +196,7 @@ mod tests {
                 seed: round,
                 ..Default::default()
             };
-            let pick = bandit.route(&ctx, &arms).unwrap().primary;
+            let pick = bandit.route(&ctx, &arms, &mut ()).unwrap().primary;
             let i = arms.iter().position(|a| a.name == pick).unwrap();
             let reward = if world.random::<f64>() < pay[i] {
                 1.0
@@ -221,8 +258,8 @@ mod tests {
                 ..Default::default()
             };
             assert_eq!(
-                bandit.route(&ctx, &arms).unwrap(),
-                bandit.route(&ctx, &arms).unwrap()
+                bandit.route(&ctx, &arms, &mut ()).unwrap(),
+                bandit.route(&ctx, &arms, &mut ()).unwrap()
             );
         }
     }

@@ -1,0 +1,428 @@
+//! Deployment strategies end to end: canary steps and rollback, shadows, blue-green
+//! switches under load, flagd flags, sticky A/B assignment, and the admin API that drives
+//! them. Servers run with a fixed `server.seed`, so every split here is the same run after
+//! run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Server, iris_data, iris_request};
+use crate::plugins::{Setup, component};
+
+const ADMIN: (&str, &str) = ("authorization", "Bearer let-me-in");
+const SERVER: &str =
+    "[server]\nseed = 42\n[server.tokens.ops]\ntoken = \"let-me-in\"\nrole = \"admin\"\n";
+
+fn flower() -> Value {
+    iris_request(&[[5.1, 3.5, 1.4, 0.2]])
+}
+
+/// Calls `endpoint` once; the status and the variant that answered.
+fn call(server: &Server, endpoint: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    let reply = server.post(
+        &format!("/v2/models/{endpoint}/infer"),
+        &all,
+        flower().to_string().as_bytes(),
+    );
+    let variant = reply
+        .headers
+        .get("x-modelyard-variant")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (reply.status, variant)
+}
+
+/// How many of `n` calls the variant `name` answered; every call must succeed.
+fn count(server: &Server, endpoint: &str, n: usize, name: &str) -> usize {
+    (0..n)
+        .filter(|_| {
+            let (status, variant) = call(server, endpoint, &[]);
+            assert_eq!(status, 200, "{endpoint}");
+            variant == name
+        })
+        .count()
+}
+
+fn admin(server: &Server, endpoint: &str, action: &str, body: &Value) -> Value {
+    server
+        .post(
+            &format!("/admin/endpoints/{endpoint}/{action}"),
+            &[ADMIN],
+            body.to_string().as_bytes(),
+        )
+        .ok()
+}
+
+fn strategy(server: &Server, endpoint: &str) -> Value {
+    server.get(&format!("/admin/endpoints/{endpoint}")).ok()["strategy"].clone()
+}
+
+#[test]
+fn canary_steps_up_rolls_back_on_failure_and_obeys_operators() {
+    let setup = Setup::new(&[("canary.wasm", component("canary", None))]);
+    let broken = setup.models.path().join("broken/1");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("model.onnx"), b"not a model").unwrap();
+    let server = setup.start(&format!(
+        r#"{SERVER}
+[endpoints.healthy]
+variants = {{ stable = "iris@2", canary = "iris@1" }}
+default_variant = "stable"
+router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [10, 50, 100], step_requests = 100 }} }}
+[endpoints.failing]
+variants = {{ stable = "iris@2", canary = "broken" }}
+default_variant = "stable"
+router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [50], step_requests = 100000, min_requests = 10 }} }}
+"#
+    ));
+    // A step ends on the request after its 100: 10 %, then 50 %, then 100 %.
+    let first = count(&server, "healthy", 100, "canary");
+    assert!((3..=20).contains(&first), "{first} of 100 at 10 %");
+    let second = count(&server, "healthy", 100, "canary");
+    assert!((35..=65).contains(&second), "{second} of 100 at 50 %");
+    assert_eq!(count(&server, "healthy", 101, "canary"), 101);
+    let state = strategy(&server, "healthy");
+    assert_eq!(state["status"], "promoted", "{state}");
+
+    // By hand: back to 0 %, then straight to 100 %.
+    let rolled = admin(&server, "healthy", "rollback", &json!({}));
+    assert_eq!(rolled["strategy"]["share_percent"], 0.0);
+    assert_eq!(count(&server, "healthy", 30, "canary"), 0);
+    admin(&server, "healthy", "promote", &json!({}));
+    assert_eq!(count(&server, "healthy", 30, "canary"), 30);
+    let refused = server.post(
+        "/admin/endpoints/healthy/weights",
+        &[ADMIN],
+        br#"{"weights": {"canary": 1}}"#,
+    );
+    assert!(refused.error(400).contains("steps"));
+
+    // A canary whose every answer fails is rolled back on its own after 10 of them.
+    let mut failures = 0;
+    let mut last = Vec::new();
+    for _ in 0..120 {
+        let (status, variant) = call(&server, "failing", &[]);
+        failures += usize::from(status != 200);
+        last.push((status, variant));
+    }
+    assert!(
+        (10..=15).contains(&failures),
+        "{failures} failed before the rollback"
+    );
+    assert!(
+        last[60..].iter().all(|(s, v)| *s == 200 && v == "stable"),
+        "after the rollback only stable answers: {last:?}"
+    );
+    let state = strategy(&server, "failing");
+    assert_eq!(state["status"], "rolled-back", "{state}");
+    assert!(
+        state["reason"].as_str().unwrap().contains("error rate"),
+        "{state}"
+    );
+    server.wait_until("the rollback is logged", || {
+        server.logs().contains("routing state changed")
+            && server.logs().contains("rolled back automatically")
+    });
+}
+
+#[test]
+fn shadows_are_compared_and_never_delay_the_answer() {
+    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
+    crate::harness::copy_dir(
+        &crate::harness::root().join("tests/fixtures/slow"),
+        &setup.models.path().join("slow"),
+    );
+    let server = setup.start(
+        r#"
+[server]
+shadow_queue = 32
+[endpoints.plain]
+variants = { main = "iris@2" }
+[endpoints.shadowed]
+variants = { main = "iris@2", heavy = "slow" }
+router = { plugin = "weighted", config = { weights = { main = 1 }, shadows = ["heavy"] } }
+[endpoints.compared]
+variants = { main = "iris@2", other = "iris@1" }
+router = { plugin = "weighted", config = { weights = { main = 1 }, shadows = ["other"] } }
+"#,
+    );
+    // iris v1 in the shadow of v2: the report says how often they pick the same class.
+    let (rows, _) = iris_data();
+    for row in &rows {
+        let reply = server.post_json("/v2/models/compared/infer", &iris_request(&[*row]));
+        assert_eq!(reply.headers["x-modelyard-variant"], "main");
+    }
+    let shadow = |endpoint: &str, variant: &str| {
+        server.get(&format!("/admin/experiments/{endpoint}")).ok()["shadows"][variant].clone()
+    };
+    server.wait_until("every shadow request ran", || {
+        shadow("compared", "other")["runs"] == rows.len()
+    });
+    let other = shadow("compared", "other");
+    let agreement = other["agreement"].as_f64().unwrap();
+    assert!((0.8..1.0).contains(&agreement), "{other}");
+    assert_eq!(other["errors"], 0);
+
+    // The slow shadow costs the client nothing: interleave calls with and without it.
+    let latency = |endpoint: &str| {
+        let started = Instant::now();
+        assert_eq!(call(&server, endpoint, &[]).0, 200);
+        started.elapsed()
+    };
+    let (mut plain, mut shadowed) = (Vec::new(), Vec::new());
+    for _ in 0..100 {
+        plain.push(latency("plain"));
+        shadowed.push(latency("shadowed"));
+    }
+    plain.sort();
+    shadowed.sort();
+    server.wait_until("the slow shadow is done or dropped", || {
+        let heavy = shadow("shadowed", "heavy");
+        heavy["runs"].as_u64().unwrap() + heavy["dropped"].as_u64().unwrap() == 100
+    });
+    let heavy = shadow("shadowed", "heavy");
+    let shadow_p50 = Duration::from_micros(heavy["latency_p50_us"].as_u64().unwrap());
+    assert!(shadow_p50 >= Duration::from_millis(10), "{heavy}");
+    assert!(
+        heavy["dropped"].as_u64().unwrap() > 0,
+        "a full queue drops: {heavy}"
+    );
+    let (p50_plain, p50_shadowed) = (plain[50], shadowed[50]);
+    assert!(
+        p50_shadowed < p50_plain + shadow_p50 / 4,
+        "median with a {shadow_p50:?} shadow {p50_shadowed:?} vs {p50_plain:?} without"
+    );
+}
+
+#[test]
+fn blue_green_switches_atomically_under_load() {
+    let setup = Setup::new(&[("blue-green.wasm", component("blue-green", None))]);
+    let endpoints = |active: &str| {
+        format!(
+            r#"{SERVER}
+[endpoints.bg]
+variants = {{ blue = "iris@1", green = "iris@2" }}
+router = {{ plugin = "blue-green", config = {{ active = "{active}" }} }}
+"#
+        )
+    };
+    let server = Arc::new(setup.start(&endpoints("blue")));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (server, stop, served, failed) =
+                (server.clone(), stop.clone(), served.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, _) = call(&server, "bg", &[]);
+                    let counter = if status == 200 { &served } else { &failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(50));
+        let switched = admin(&server, "bg", "promote", &json!({}));
+        assert_eq!(switched["strategy"]["active"], "green");
+        // Instant: the very next request lands on the new colour.
+        assert_eq!(call(&server, "bg", &[]).1, "green");
+        std::thread::sleep(Duration::from_millis(50));
+        admin(&server, "bg", "rollback", &json!({}));
+        assert_eq!(call(&server, "bg", &[]).1, "blue");
+    }
+    // A configuration edit switches too.
+    std::fs::write(server.config_path(), setup.config(&endpoints("green"))).unwrap();
+    server.wait_until("the edit switches to green", || {
+        call(&server, "bg", &[]).1 == "green"
+    });
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap();
+    }
+    let served = served.load(Ordering::Relaxed);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the switches"
+    );
+    assert!(served > 500, "only {served} requests under load");
+}
+
+#[test]
+fn flagd_flags_route_bucket_expire_and_kill() {
+    let setup = Setup::new(&[("flagd.wasm", component("flagd", None))]);
+    let flags_dir = tempfile::tempdir().unwrap();
+    let flags_file = flags_dir.path().join("flags.json");
+    let flags = |state: &str| {
+        json!({"flags": {
+            "new-model": {
+                "state": state, "variants": {"on": true, "off": false}, "defaultVariant": "off",
+                "targeting": {"if": [{"in": [{"var": "x-country"}, ["NL", "DE"]]}, "on", null]},
+                "metadata": {"owner": "ml-platform", "purpose": "try the linear model", "expiry": "2099-12-31"}
+            },
+            "rollout": {
+                "state": "ENABLED", "variants": {"v1": 1, "v2": 2}, "defaultVariant": "v2",
+                "targeting": {"fractional": [["v1", 50], ["v2", 50]]},
+                "metadata": {"owner": "ml-platform", "expiry": "2020-01-01"}
+            }
+        }})
+        .to_string()
+    };
+    std::fs::write(&flags_file, flags("ENABLED")).unwrap();
+    let server = setup.start(&format!(
+        r#"{SERVER}
+[endpoints.flagged]
+variants = {{ stable = "iris@2", candidate = "iris@1" }}
+default_variant = "stable"
+attribute_headers = ["x-country"]
+flags = [{{ plugin = "flagd", config_file = {flags_file:?} }}]
+flag_routing = {{ flag = "new-model", variants = {{ on = "candidate", off = "stable" }} }}
+[endpoints.rollout]
+variants = {{ v1 = "iris@1", v2 = "iris@2" }}
+targeting_key_header = "x-user-id"
+flags = [{{ plugin = "flagd", config_file = {flags_file:?} }}]
+flag_routing = {{ flag = "rollout", variants = {{ v1 = "v1", v2 = "v2" }} }}
+"#
+    ));
+    let country = |c: &str| call(&server, "flagged", &[("x-country", c)]).1;
+    assert_eq!(country("NL"), "candidate");
+    assert_eq!(country("DE"), "candidate");
+    assert_eq!(country("US"), "stable");
+    assert_eq!(call(&server, "flagged", &[]).1, "stable");
+    let view = server.get("/admin/endpoints/flagged").ok();
+    let reasons: Vec<&str> = view["recent_decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons[0], "flag new-model = on", "{view}");
+
+    // fractional: half the users each way, each user always the same way.
+    let user = |n: usize| call(&server, "rollout", &[("x-user-id", &format!("user-{n}"))]).1;
+    let first: Vec<String> = (0..200).map(user).collect();
+    let v1 = first.iter().filter(|v| *v == "v1").count();
+    assert!((80..=120).contains(&v1), "{v1} of 200 users on v1");
+    assert!(
+        (0..200).step_by(7).all(|n| user(n) == first[n]),
+        "users moved"
+    );
+
+    // Expired flags show in the admin API and the log.
+    let view = server.get("/admin/endpoints/rollout").ok();
+    let defined = &view["flag_definitions"][0]["flags"];
+    let rollout = defined
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["key"] == "rollout")
+        .unwrap();
+    assert_eq!(rollout["expired"], true, "{view}");
+    assert_eq!(rollout["metadata"]["owner"], "ml-platform");
+    assert!(server.logs().contains("past its expiry date"));
+
+    // The kill switch: DISABLED in the file, and the flag stops overriding at once.
+    let temp = flags_dir.path().join(".flags.json.tmp");
+    std::fs::write(&temp, flags("DISABLED")).unwrap();
+    std::fs::rename(&temp, &flags_file).unwrap();
+    server.wait_until("the disabled flag stops routing", || {
+        country("NL") == "stable"
+    });
+}
+
+#[test]
+fn ab_assignment_is_sticky_across_restarts_and_weights_change_live() {
+    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
+    let endpoints = format!(
+        r#"{SERVER}
+[endpoints.ab]
+variants = {{ a = "iris@1", b = "iris@2" }}
+targeting_key_header = "x-user-id"
+router = {{ plugin = "weighted", config = {{ weights = {{ a = 1, b = 1 }} }} }}
+"#
+    );
+    let assign = |server: &Server| -> Vec<String> {
+        (0..60)
+            .map(|n| call(server, "ab", &[("x-user-id", &format!("user-{n}"))]).1)
+            .collect()
+    };
+    let before = assign(&setup.start(&endpoints));
+    let on_a = before.iter().filter(|v| *v == "a").count();
+    assert!((18..=42).contains(&on_a), "{on_a} of 60 users on a");
+    let server = setup.start(&endpoints);
+    assert_eq!(assign(&server), before, "a restart moved users");
+
+    let view = server.get("/admin/endpoints/ab").ok();
+    assert_eq!(view["strategy"]["weights_from"], "configuration");
+    let last = view["recent_decisions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("sticky by targeting key"),
+        "{last}"
+    );
+    server.wait_until("decisions are in the request log", || {
+        server
+            .logs()
+            .lines()
+            .any(|l| l.contains("\"routed\"") && l.contains("sticky by targeting key"))
+    });
+
+    admin(
+        &server,
+        "ab",
+        "weights",
+        &json!({"weights": {"a": 0, "b": 1}}),
+    );
+    assert!(assign(&server).iter().all(|v| v == "b"));
+    let refused = server.post("/admin/endpoints/ab/rollback", &[ADMIN], b"");
+    assert!(refused.error(400).contains("weights"));
+    assert_eq!(
+        server
+            .post("/admin/endpoints/ab/explode", &[ADMIN], b"")
+            .status,
+        404
+    );
+    assert_eq!(
+        server
+            .post("/admin/endpoints/nope/promote", &[ADMIN], b"")
+            .status,
+        404
+    );
+}
+
+#[test]
+fn changing_endpoints_needs_a_configured_admin_token() {
+    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
+    let server = setup.start(
+        r#"
+[endpoints.ab]
+variants = { a = "iris@1", b = "iris@2" }
+router = { plugin = "weighted", config = { weights = { a = 1, b = 1 } } }
+"#,
+    );
+    let error = server
+        .post(
+            "/admin/endpoints/ab/weights",
+            &[],
+            br#"{"weights": {"a": 1}}"#,
+        )
+        .error(403);
+    assert!(error.contains("[server.tokens"), "{error}");
+    // Reading stays open while no read tokens exist.
+    assert_eq!(server.get("/admin/endpoints/ab").status, 200);
+}
