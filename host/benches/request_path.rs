@@ -36,6 +36,7 @@ fn request() -> InferRequest {
 fn again(template: &InferRequest) -> InferRequest {
     InferRequest {
         inputs: template.inputs.clone(),
+        parameters: template.parameters.clone(),
         ..InferRequest::default()
     }
 }
@@ -99,6 +100,127 @@ fn benches(c: &mut Criterion) {
         })
     });
     plugin_chain(c, &runtime, &pipeline, &template);
+    strategies(c, &runtime, &pipeline, &template);
+}
+
+/// What each deployment strategy adds to a request: the same request through an endpoint
+/// with no router (the baseline) and through one per standard strategy, whole path.
+fn strategies(
+    c: &mut Criterion,
+    runtime: &tokio::runtime::Runtime,
+    pipeline: &Pipeline,
+    template: &InferRequest,
+) {
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let plugins = tempfile::tempdir().unwrap();
+    for name in ["weighted", "canary", "blue-green", "bandit", "flagd"] {
+        let from = root.join("plugins").join(format!("{name}.wasm"));
+        std::fs::copy(&from, plugins.path().join(format!("{name}.wasm"))).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; build the plugins with tests/run first",
+                from.display()
+            )
+        });
+    }
+    let config: Config = toml::from_str(
+        r#"
+        [endpoints.baseline]
+        variants = { a = "iris@2", b = "iris@1" }
+        [endpoints.ab]
+        variants = { a = "iris@2", b = "iris@1" }
+        router = { plugin = "weighted", config = { weights = { a = 1, b = 1 } } }
+        [endpoints.canary]
+        variants = { a = "iris@2", b = "iris@1" }
+        router = { plugin = "canary", config = { stable = "a", canary = "b", steps = [10, 50], step_requests = 1000000000000 } }
+        [endpoints.blue-green]
+        variants = { a = "iris@2", b = "iris@1" }
+        router = { plugin = "blue-green", config = { active = "a" } }
+        [endpoints.bandit]
+        variants = { a = "iris@2", b = "iris@1" }
+        router = { plugin = "bandit", config = { algorithm = "thompson" } }
+        [endpoints.shadow]
+        variants = { a = "iris@2", b = "iris@1" }
+        router = { plugin = "weighted", config = { weights = { a = 1 }, shadows = ["b"] } }
+        [endpoints.flags]
+        variants = { a = "iris@2", b = "iris@1" }
+        flag_routing = { flag = "rollout", variants = { on = "b", off = "a" } }
+        [[endpoints.flags.flags]]
+        plugin = "flagd"
+        [endpoints.flags.flags.config.flags.rollout]
+        state = "ENABLED"
+        variants = { on = true, off = false }
+        defaultVariant = "off"
+        targeting = { if = [{ in = [{ var = "country" }, ["NL", "DE"]] }, "on", { fractional = [["on", 10], ["off", 90]] }] }
+        "#,
+    )
+    .unwrap();
+    let engine = PluginEngine::new(Limits::default(), None, false).unwrap();
+    let library = Library::scan(&engine, plugins.path(), &Library::default());
+    let endpoints = Build {
+        configs: &config.endpoints,
+        library: &library,
+        engine: &engine,
+        previous: &EndpointSet::default(),
+        stats: pipeline.stats(),
+    }
+    .run();
+    assert!(endpoints.errors.is_empty(), "{:?}", endpoints.errors);
+    // The decision alone: each router's call on a reused instance, with the state the
+    // host keeps for it, and the flags plugin's evaluation.
+    let ctx = RequestContext {
+        id: "bench".into(),
+        endpoint: "bench".into(),
+        targeting_key: Some("user-1".into()),
+        attributes: vec![("country".into(), "US".into())],
+        seed: 7,
+        now_ms: 1_800_000_000_000,
+    };
+    let variants = vec![stats("a"), stats("b")];
+    let mut group = c.benchmark_group("strategy decision");
+    for name in ["ab", "canary", "blue-green", "bandit", "shadow"] {
+        let endpoint = &endpoints.endpoints[name];
+        let router = &endpoint.router.as_ref().unwrap().pool;
+        // The state a running endpoint would hold after its first request.
+        if let Some(state) = router.route(&ctx, &variants, "").unwrap().state {
+            endpoint.strategy.replace(&endpoint.strategy.load(), state);
+        }
+        let state = endpoint.strategy.load();
+        group.bench_function(name, |b| {
+            b.iter(|| router.route(&ctx, &variants, &state).unwrap())
+        });
+    }
+    let flags = endpoints.endpoints["flags"].flags[0].pool.clone();
+    group.bench_function("flags (flagd, one rule with fractional)", |b| {
+        b.iter(|| flags.evaluate(&ctx).unwrap())
+    });
+    group.finish();
+    pipeline.set_plugins(library, endpoints);
+    let mut request = again(template);
+    request.parameters = vec![
+        ("targeting_key".into(), "user-1".into()),
+        ("country".into(), "US".into()),
+    ];
+    let mut group = c.benchmark_group("strategy cost");
+    group.measurement_time(std::time::Duration::from_secs(3));
+    for endpoint in [
+        "baseline",
+        "ab",
+        "canary",
+        "blue-green",
+        "bandit",
+        "shadow",
+        "flags",
+    ] {
+        group.bench_function(endpoint, |b| {
+            b.to_async(runtime).iter(|| async {
+                pipeline
+                    .infer(endpoint, None, again(&request), &|_| None)
+                    .await
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
 }
 
 /// The plugin chain (router + preprocess + postprocess) against the same request to the
