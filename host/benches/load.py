@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""Runs the load benchmark that host/benches/load.sh sets up (see there)."""
+"""Runs the load benchmark that host/benches/load.sh sets up (see there).
+
+With --strategies it measures modelyard alone instead: the bare model and each sample
+endpoint of modelyard.toml (one per deployment strategy), with the request log written and
+with it turned off (RUST_LOG=info,modelyard::requests=off). Needs the plugins built.
+"""
 
 import argparse
 import json
@@ -75,11 +80,51 @@ def wrk(url, concurrency, duration, script):
     return {"rps": int(requests) / float(seconds), "p50": float(p50), "p99": float(p99), "errors": int(errors)}
 
 
+STRATEGY_ENDPOINTS = ["iris", "iris-ab", "iris-canary", "iris-bg", "iris-shadow", "iris-bandit", "iris-flags", "iris-safe"]
+
+
+def strategies(args, script):
+    """Each sample endpoint at concurrency 8, request log on and off; a table of medians."""
+    results = {}
+    for log in ("on", "off"):
+        env = dict(os.environ, RUST_LOG="info" if log == "on" else "info,modelyard::requests=off")
+        proc = subprocess.Popen([ROOT / "target/release/modelyard", "serve", "--listen", "127.0.0.1:18080",
+                                 "--config", ROOT / "modelyard.toml"], stderr=subprocess.DEVNULL, env=env)
+        base = "http://127.0.0.1:18080"
+        try:
+            wait_ready(f"{base}/v2/models/iris/ready", proc)
+            for run in range(args.runs):
+                for endpoint in STRATEGY_ENDPOINTS:
+                    r = wrk(f"{base}/v2/models/{endpoint}/infer", 8, args.duration, script)
+                    results.setdefault((endpoint, log), []).append(r)
+                    print(f"run {run + 1} {endpoint} log {log}: {r['rps']:.0f} req/s, p50 {r['p50']:.0f} us, "
+                          f"{r['errors']} errors", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50", "p99", "errors")}
+           for k, v in results.items()}
+    print(f"median of {args.runs} runs of {args.duration} s each, concurrency 8, wrk on the same machine\n")
+    print("| endpoint | req/s | p50 (µs) | p99 (µs) | req/s, request log off | p50 (µs), log off | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for endpoint in STRATEGY_ENDPOINTS:
+        on, off = med[(endpoint, "on")], med[(endpoint, "off")]
+        print(f"| {endpoint} | {on['rps']:.0f} | {on['p50']:.0f} | {on['p99']:.0f} | {off['rps']:.0f} | "
+              f"{off['p50']:.0f} | {on['errors'] + off['errors']:.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--strategies", action="store_true", help="modelyard alone: each sample endpoint")
     args = ap.parse_args()
+    if args.strategies:
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "infer.lua"
+            script.write_text(WRK_SCRIPT % json.dumps(BODY))
+            strategies(args, str(script))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
