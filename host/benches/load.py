@@ -83,7 +83,7 @@ def wrk(url, concurrency, duration, script):
 STRATEGY_ENDPOINTS = ["iris", "iris-ab", "iris-canary", "iris-bg", "iris-shadow", "iris-bandit", "iris-flags", "iris-safe"]
 
 
-def strategies(args, script):
+def strategies(args, script, features_script):
     """Each sample endpoint at concurrency 8, request log on and off; a table of medians."""
     results = {}
     for log in ("on", "off"):
@@ -95,7 +95,9 @@ def strategies(args, script):
             wait_ready(f"{base}/v2/models/iris/ready", proc)
             for run in range(args.runs):
                 for endpoint in STRATEGY_ENDPOINTS:
-                    r = wrk(f"{base}/v2/models/{endpoint}/infer", 8, args.duration, script)
+                    # iris-ab's processor takes the flower as the tensor `features`.
+                    body = features_script if endpoint == "iris-ab" else script
+                    r = wrk(f"{base}/v2/models/{endpoint}/infer", 8, args.duration, body)
                     results.setdefault((endpoint, log), []).append(r)
                     print(f"run {run + 1} {endpoint} log {log}: {r['rps']:.0f} req/s, p50 {r['p50']:.0f} us, "
                           f"{r['errors']} errors", file=sys.stderr)
@@ -123,7 +125,9 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "infer.lua"
             script.write_text(WRK_SCRIPT % json.dumps(BODY))
-            strategies(args, str(script))
+            features = Path(tmp) / "features.lua"
+            features.write_text(WRK_SCRIPT % json.dumps(BODY).replace('"input"', '"features"'))
+            strategies(args, str(script), str(features))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
