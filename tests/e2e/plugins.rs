@@ -788,7 +788,8 @@ fn feedback_rewards_the_variant_that_answered() {
 #[test]
 fn bandits_learn_the_better_variant_from_feedback() {
     let setup = Setup::new(&[("bandit.wasm", component("bandit", None))]);
-    let mut endpoints = String::new();
+    // A fixed seed: the same rewards in the same order give the same decisions every run.
+    let mut endpoints = String::from("[server]\nseed = 7\n");
     for (name, config) in [
         (
             "epsilon",
@@ -900,6 +901,8 @@ fn ab_experiments_report_arms_and_significance() {
     let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
     let server = setup.start(
         r#"
+[server]
+seed = 7
 [endpoints.ab]
 variants = { control = "iris@1", treatment = "iris@2" }
 default_variant = "control"
