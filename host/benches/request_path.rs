@@ -154,17 +154,7 @@ fn strategies(
         "#,
     )
     .unwrap();
-    let engine = PluginEngine::new(Limits::default(), None, false).unwrap();
-    let library = Library::scan(&engine, plugins.path(), &Library::default());
-    let endpoints = Build {
-        configs: &config.endpoints,
-        library: &library,
-        engine: &engine,
-        previous: &EndpointSet::default(),
-        stats: pipeline.stats(),
-    }
-    .run();
-    assert!(endpoints.errors.is_empty(), "{:?}", endpoints.errors);
+    let (library, endpoints) = bind(pipeline, plugins.path(), &config);
     // The decision alone: each router's call on a reused instance, with the state the
     // host keeps for it, and the flags plugin's evaluation.
     let ctx = RequestContext {
@@ -255,17 +245,7 @@ fn plugin_chain(
         "#,
     )
     .unwrap();
-    let engine = PluginEngine::new(Limits::default(), None, false).unwrap();
-    let library = Library::scan(&engine, plugins.path(), &Library::default());
-    let endpoints = Build {
-        configs: &config.endpoints,
-        library: &library,
-        engine: &engine,
-        previous: &EndpointSet::default(),
-        stats: pipeline.stats(),
-    }
-    .run();
-    assert!(endpoints.errors.is_empty(), "{:?}", endpoints.errors);
+    let (library, endpoints) = bind(pipeline, plugins.path(), &config);
     let router = endpoints.endpoints["chain"]
         .router
         .as_ref()
@@ -359,6 +339,23 @@ fn plugin_chain(
         Err(error) => eprintln!("pooling allocator not available here: {error}"),
     }
     group.finish();
+}
+
+/// The endpoints of `config`, bound to the components in `plugins`, counting into the
+/// pipeline's statistics.
+fn bind(pipeline: &Pipeline, plugins: &Path, config: &Config) -> (Library, EndpointSet) {
+    let engine = PluginEngine::new(Limits::default(), None, false).unwrap();
+    let library = Library::scan(&engine, plugins, &Library::default());
+    let endpoints = Build {
+        configs: &config.endpoints,
+        library: &library,
+        engine: &engine,
+        previous: &EndpointSet::default(),
+        stats: pipeline.stats(),
+    }
+    .run();
+    assert!(endpoints.errors.is_empty(), "{:?}", endpoints.errors);
+    (library, endpoints)
 }
 
 fn stats(name: &str) -> VariantStats {

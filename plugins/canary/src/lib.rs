@@ -230,6 +230,9 @@ impl Router for Canary {
         if config.steps.windows(2).any(|w| w[1] < w[0]) {
             return fail!("steps must rise: {:?}", config.steps);
         }
+        if config.step_requests == Some(0) || config.step_seconds == Some(0) {
+            return fail!("a step of 0 requests or 0 seconds would skip straight to the end");
+        }
         if config.step_requests.is_none() && config.step_seconds.is_none() {
             return fail!("say when a step ends: step_requests, step_seconds or both");
         }

@@ -23,16 +23,13 @@ use datalogic_rs::{DataValue, Engine, Logic};
 use modelyard_sdk::{Error, Evaluation, FlagInfo, Flags, RequestContext, fail};
 use serde_json::{Map, Value};
 
-/// A flagd document: `{"flags": {...}, "$evaluators": {...}, "metadata": {...}}`.
+/// A flagd document: `{"flags": {...}, "$evaluators": {...}}`; other keys flagd files
+/// carry (`$schema`, flag-set `metadata`) are accepted and not used.
 #[derive(serde::Deserialize)]
 pub struct Config {
     pub flags: BTreeMap<String, Value>,
     #[serde(rename = "$evaluators", default)]
     pub evaluators: Map<String, Value>,
-    #[serde(default)]
-    pub metadata: Map<String, Value>,
-    #[serde(rename = "$schema", default)]
-    pub schema: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
