@@ -269,7 +269,10 @@ router = {{ plugin = "blue-green", config = {{ active = "{active}" }} }}
 
 #[test]
 fn flagd_flags_route_bucket_expire_and_kill() {
-    let setup = Setup::new(&[("flagd.wasm", component("flagd", None))]);
+    let setup = Setup::new(&[
+        ("flagd.wasm", component("flagd", None)),
+        ("weighted.wasm", component("weighted", None)),
+    ]);
     let flags_dir = tempfile::tempdir().unwrap();
     let flags_file = flags_dir.path().join("flags.json");
     let flags = |state: &str| {
@@ -294,8 +297,9 @@ fn flagd_flags_route_bucket_expire_and_kill() {
 variants = {{ stable = "iris@2", candidate = "iris@1" }}
 default_variant = "stable"
 attribute_headers = ["x-country"]
+router = {{ plugin = "weighted", config = {{ weights = {{ stable = 1 }} }} }}
 flags = [{{ plugin = "flagd", config_file = {flags_file:?} }}]
-flag_routing = {{ flag = "new-model", variants = {{ on = "candidate", off = "stable" }} }}
+flag_routing = {{ flag = "new-model", variants = {{ on = "candidate" }} }}
 [endpoints.rollout]
 variants = {{ v1 = "iris@1", v2 = "iris@2" }}
 targeting_key_header = "x-user-id"
@@ -315,7 +319,10 @@ flag_routing = {{ flag = "rollout", variants = {{ v1 = "v1", v2 = "v2" }} }}
         .iter()
         .map(|d| d["reason"].as_str().unwrap())
         .collect();
+    // The flag overrides the router; values it does not map (`off`) leave the choice to
+    // the router, which sends everything to stable.
     assert_eq!(reasons[0], "flag new-model = on", "{view}");
+    assert!(reasons[2].starts_with("weight 1 of 1"), "{view}");
 
     // fractional: half the users each way, each user always the same way.
     let user = |n: usize| call(&server, "rollout", &[("x-user-id", &format!("user-{n}"))]).1;

@@ -278,6 +278,16 @@ mod tests {
           "defaultVariant": "old",
           "targeting": {"if": [{"sem_ver": [{"var": "app_version"}, ">=", "2.1.0"]}, "new", "old"]}
         },
+        "beta": {
+          "state": "ENABLED",
+          "variants": {"in": true, "out": false},
+          "defaultVariant": "out",
+          "targeting": {"if": [{"and": [
+            {"==": [{"var": "plan"}, "pro"]},
+            {">=": [{"var": "age"}, 18]},
+            {"starts_with": [{"var": "device"}, "ios-"]}
+          ]}, "in", "out"]}
+        },
         "killed": {
           "state": "DISABLED",
           "variants": {"on": true, "off": false},
@@ -345,6 +355,19 @@ mod tests {
         assert_eq!(us["staff"].0, "no");
         assert_eq!(us["app"].0, "old");
         assert!(!us.contains_key("killed"), "a disabled flag is not set");
+        let beta = |plan: &str, age: &str, device: &str| {
+            evaluate(
+                &flags,
+                None,
+                &[("plan", plan), ("age", age), ("device", device)],
+            )["beta"]
+                .0
+                .clone()
+        };
+        assert_eq!(beta("pro", "30", "ios-17"), "in");
+        assert_eq!(beta("free", "30", "ios-17"), "out");
+        assert_eq!(beta("pro", "17", "ios-17"), "out");
+        assert_eq!(beta("pro", "30", "android-14"), "out");
     }
 
     #[test]
