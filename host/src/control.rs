@@ -101,7 +101,7 @@ pub async fn start(
         .values()
         .flat_map(|e| e.router.iter().chain(&e.processors).chain(&e.flags))
         .filter_map(|p| Some(p.config_file.as_ref()?.parent()?.to_path_buf()))
-        .filter(|d| d.is_dir() && Some(d) != config_dir.as_ref())
+        .filter(|d| d.is_dir() && *d != plugin_dir && Some(d) != config_dir.as_ref())
         .collect();
     watched.extend(
         file_dirs
