@@ -74,19 +74,21 @@ fn canary_steps_up_rolls_back_on_failure_and_obeys_operators() {
 [endpoints.healthy]
 variants = {{ stable = "iris@2", canary = "iris@1" }}
 default_variant = "stable"
-router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [10, 50, 100], step_requests = 100 }} }}
+router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [10, 50, 100], step_requests = 100, min_p99_increase_us = 1000000 }} }}
 [endpoints.failing]
 variants = {{ stable = "iris@2", canary = "broken" }}
 default_variant = "stable"
 router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [50], step_requests = 100000, min_requests = 10 }} }}
 "#
     ));
-    // A step ends on the request after its 100: 10 %, then 50 %, then 100 %.
+    // A step ends on the request after its 100: 10 %, then 50 %, then 100 %. (The latency
+    // bound is out of the way here: a busy test machine's jitter is not what is tested.)
     let first = count(&server, "healthy", 100, "canary");
     assert!((3..=20).contains(&first), "{first} of 100 at 10 %");
     let second = count(&server, "healthy", 100, "canary");
     assert!((35..=65).contains(&second), "{second} of 100 at 50 %");
-    assert_eq!(count(&server, "healthy", 101, "canary"), 101);
+    let third = count(&server, "healthy", 101, "canary");
+    assert_eq!(third, 101, "{}", strategy(&server, "healthy"));
     let state = strategy(&server, "healthy");
     assert_eq!(state["status"], "promoted", "{state}");
     eprintln!("canary: {first}/100 at 10 %, {second}/100 at 50 %, then promoted");

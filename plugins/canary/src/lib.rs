@@ -30,9 +30,13 @@ pub struct Config {
     /// How far the canary's error rate may exceed the stable one's (0.02 = 2 points).
     #[serde(default = "default_error_increase")]
     pub max_error_rate_increase: f64,
-    /// How many times the stable p99 latency the canary's may reach.
+    /// How many times the stable p99 latency the canary's may reach …
     #[serde(default = "default_p99_ratio")]
     pub max_p99_ratio: f64,
+    /// … counted only once it is also this many microseconds above it: on sub-millisecond
+    /// models a ratio alone trips on scheduling jitter.
+    #[serde(default = "default_p99_slack")]
+    pub min_p99_increase_us: u64,
     /// Canary requests needed before the bounds are judged.
     #[serde(default = "default_min_requests")]
     pub min_requests: u64,
@@ -43,6 +47,9 @@ fn default_error_increase() -> f64 {
 }
 fn default_p99_ratio() -> f64 {
     2.0
+}
+fn default_p99_slack() -> u64 {
+    1_000
 }
 fn default_min_requests() -> u64 {
     20
@@ -144,7 +151,11 @@ impl Canary {
             ));
         }
         let bound = self.config.max_p99_ratio * stable.latency_p99_us.max(1) as f64;
-        if since.stable.0 >= self.config.min_requests && canary.latency_p99_us as f64 > bound {
+        let slower = canary.latency_p99_us.saturating_sub(stable.latency_p99_us);
+        if since.stable.0 >= self.config.min_requests
+            && canary.latency_p99_us as f64 > bound
+            && slower > self.config.min_p99_increase_us
+        {
             return Some(format!(
                 "canary p99 {} µs exceeds {} × stable p99 {} µs",
                 canary.latency_p99_us, self.config.max_p99_ratio, stable.latency_p99_us
@@ -340,6 +351,7 @@ mod tests {
             step_seconds: None,
             max_error_rate_increase: 0.05,
             max_p99_ratio: 2.0,
+            min_p99_increase_us: 1_000,
             min_requests: 20,
         })
         .unwrap()
@@ -408,8 +420,14 @@ mod tests {
         let router = canary();
         let (mut state, mut arms) = (State::default(), arms());
         play(&router, &mut state, &mut arms, 50, false);
+        // 2.5 times slower but only 150 µs: jitter, not a regression.
         arms[0].latency_p99_us = 100;
         arms[1].latency_p99_us = 250;
+        arms[1].requests += 20;
+        play(&router, &mut state, &mut arms, 1, false);
+        assert_eq!(state.status, Status::Progressing);
+        arms[0].latency_p99_us = 1_000;
+        arms[1].latency_p99_us = 2_500;
         arms[1].requests += 20;
         play(&router, &mut state, &mut arms, 1, false);
         assert_eq!(state.status, Status::RolledBack);
