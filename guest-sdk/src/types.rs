@@ -24,12 +24,17 @@ impl RequestContext {
             .map(|(_, v)| v.as_str())
     }
 
-    /// A point in [0, 1) for splitting traffic, and how it was drawn: from the targeting
-    /// key when the request has one, so the same user always lands on the same side of a
-    /// split (across requests, restarts and plugin swaps), otherwise from the seed.
+    /// A point in [0, 1) for splitting traffic, and how it was drawn: from the endpoint
+    /// and the targeting key when the request has one, so the same user always lands on
+    /// the same side of a split (across requests, restarts and plugin swaps) while
+    /// different endpoints split users independently; otherwise from the seed.
     pub fn draw(&self) -> (f64, &'static str) {
         let (bits, how) = match &self.targeting_key {
-            Some(key) => (mix(fnv1a(key.as_bytes())), "sticky by targeting key"),
+            Some(key) => {
+                let endpoint = fnv1a_from(fnv1a(self.endpoint.as_bytes()), &[0]);
+                let salted = fnv1a_from(endpoint, key.as_bytes());
+                (mix(salted), "sticky by targeting key")
+            }
             None => (mix(self.seed), "by request seed"),
         };
         // The top 53 bits give a uniform double.
@@ -39,7 +44,12 @@ impl RequestContext {
 
 /// FNV-1a: stable across builds and platforms, which a sticky assignment needs.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+    fnv1a_from(0xcbf2_9ce4_8422_2325, bytes)
+}
+
+/// FNV-1a continued from `hash`, to hash several parts as one.
+fn fnv1a_from(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
 }

@@ -140,9 +140,13 @@ impl Server {
         server
     }
 
-    /// The server's `modelyard.toml`: tests edit it to change endpoints live.
-    pub fn config_path(&self) -> &Path {
-        &self.config_path
+    /// Replaces the server's `modelyard.toml` to change endpoints live, the way operators'
+    /// tooling should: whole (a hidden file renamed over it), so the watcher never reads
+    /// half a file.
+    pub fn write_config(&self, text: &str) {
+        let temp = self.config_path.with_file_name(".modelyard.toml.tmp");
+        std::fs::write(&temp, text).unwrap();
+        std::fs::rename(&temp, &self.config_path).unwrap();
     }
 
     pub fn pid(&self) -> u32 {

@@ -458,16 +458,12 @@ fn configuration_edits_apply_live_and_bad_ones_are_refused() {
         "weights = { stable = 1, candidate = 1 }",
         "weights = { stable = 0, candidate = 1 }",
     );
-    std::fs::write(server.config_path(), &all_candidate).unwrap();
+    server.write_config(&all_candidate);
     server.wait_until("the new weights apply", || {
         (0..10).all(|_| variant(&server) == "candidate")
     });
 
-    std::fs::write(
-        server.config_path(),
-        all_candidate.replace("variants = {", "variants = {{"),
-    )
-    .unwrap();
+    server.write_config(&all_candidate.replace("variants = {", "variants = {{"));
     server.wait_until("the bad edit is refused", || {
         server.logs().contains("configuration edit refused")
     });
@@ -484,14 +480,10 @@ fn configuration_edits_apply_live_and_bad_ones_are_refused() {
     assert!((0..10).all(|_| variant(&server) == "candidate"));
 
     // A plugin configuration the plugin refuses: refused with its message, old one serves.
-    std::fs::write(
-        server.config_path(),
-        config.replace(
-            "weights = { stable = 1, candidate = 1 }",
-            "weights = { stable = -1 }",
-        ),
-    )
-    .unwrap();
+    server.write_config(&config.replace(
+        "weights = { stable = 1, candidate = 1 }",
+        "weights = { stable = -1 }",
+    ));
     server.wait_until("the refused plugin config is reported", || {
         server.get("/admin/endpoints").json()["endpoints"][0]["error"]
             .as_str()

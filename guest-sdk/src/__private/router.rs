@@ -23,24 +23,30 @@ thread_local! {
     static STATE: RefCell<Option<(String, Box<dyn Any>)>> = const { RefCell::new(None) };
 }
 
-fn parse_state<T: Router>(text: String) -> Result<T::State, String> {
+fn parse_state<T: Router>(text: String) -> T::State {
     STATE.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some((seen, parsed)) = cache.as_ref()
             && *seen == text
             && let Some(state) = parsed.downcast_ref::<T::State>()
         {
-            return Ok(state.clone());
+            return state.clone();
         }
+        // A state this build cannot read (written by an older version of the plugin, say)
+        // starts afresh rather than fail every request from now on.
         let state: T::State = if text.is_empty() {
             T::State::default()
         } else {
-            serde_json::from_str(&text).map_err(|e| {
-                format!("cannot read the state the host kept ({e}); edit the router's configuration to start afresh")
-            })?
+            serde_json::from_str(&text).unwrap_or_else(|e| {
+                crate::log(
+                    crate::Level::Warn,
+                    &format!("cannot read the state the host kept ({e}); starting afresh"),
+                );
+                T::State::default()
+            })
         };
         *cache = Some((text, Box::new(state.clone())));
-        Ok(state)
+        state
     })
 }
 
@@ -72,7 +78,7 @@ pub fn route<T: Router>(
 ) -> Result<Decision, String> {
     let ctx = super::context!(ctx);
     let variants = stats(variants);
-    let mut state = parse_state::<T>(state)?;
+    let mut state = parse_state::<T>(state);
     let before = state.clone();
     let decision =
         super::with_plugin::<T, _>(|p| p.route(&ctx, &variants, &mut state))?.map_err(|e| e.0)?;
@@ -106,7 +112,7 @@ pub fn act<T: Router>(
     fields.insert("action".to_string(), serde_json::Value::from(action));
     let action: Action = serde_json::from_value(request).map_err(|e| format!("{action}: {e}"))?;
     let variants = stats(variants);
-    let mut state = parse_state::<T>(state)?;
+    let mut state = parse_state::<T>(state);
     super::with_plugin::<T, _>(|p| p.act(action, &mut state, &variants, now_ms))?
         .map_err(|e| e.0)?;
     state_text(&state)
@@ -114,8 +120,8 @@ pub fn act<T: Router>(
 
 pub fn describe<T: Router>(state: String, variants: Vec<VariantStats>) -> String {
     let variants = stats(variants);
-    let described = parse_state::<T>(state)
-        .and_then(|state| super::with_plugin::<T, _>(|p| p.describe(&state, &variants)));
+    let state = parse_state::<T>(state);
+    let described = super::with_plugin::<T, _>(|p| p.describe(&state, &variants));
     match described {
         Ok(value) => value.to_string(),
         Err(error) => serde_json::json!({ "error": error }).to_string(),

@@ -22,6 +22,10 @@ pub enum TokenError {
         "admin token '{name}' is to come from ${var}, which is not set; set it or remove the token"
     )]
     MissingEnv { name: String, var: String },
+    #[error("admin token '{name}' is empty; give it a secret")]
+    Empty { name: String },
+    #[error("admin tokens '{first}' and '{second}' have the same secret; give each its own")]
+    Shared { first: String, second: String },
 }
 
 struct Token {
@@ -54,13 +58,25 @@ impl Tokens {
                     }
                     _ => return Err(TokenError::Unset { name: name.clone() }),
                 };
+                if secret.trim().is_empty() {
+                    return Err(TokenError::Empty { name: name.clone() });
+                }
                 Ok(Token {
                     name: name.clone(),
                     digest: digest(secret.as_bytes()),
                     role: t.role,
                 })
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<Token>, _>>()?;
+        // One secret, two names: the log could not say who acted.
+        for (i, a) in tokens.iter().enumerate() {
+            if let Some(b) = tokens[i + 1..].iter().find(|b| b.digest == a.digest) {
+                return Err(TokenError::Shared {
+                    first: a.name.clone(),
+                    second: b.name.clone(),
+                });
+            }
+        }
         Ok(Tokens { tokens })
     }
 
@@ -81,7 +97,12 @@ impl Tokens {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            // The scheme is case-insensitive (RFC 9110).
+            .and_then(|v| {
+                v.get(..7)
+                    .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                    .map(|_| &v[7..])
+            })
             .map(|v| digest(v.trim().as_bytes()));
         let Some(given) = given else {
             return Err(ApiError::new(
@@ -189,6 +210,38 @@ mod tests {
         assert_eq!(
             status(both.authorize(&bearer("r"), Role::Admin)),
             Some(StatusCode::FORBIDDEN)
+        );
+    }
+
+    #[test]
+    fn empty_and_shared_secrets_are_refused_and_the_scheme_is_case_insensitive() {
+        let config = |secrets: &[(&str, &str)]| {
+            secrets
+                .iter()
+                .map(|(name, token)| {
+                    let token = TokenConfig {
+                        token: Some(token.to_string()),
+                        token_env: None,
+                        role: Role::Admin,
+                    };
+                    (name.to_string(), token)
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert!(matches!(
+            Tokens::new(&config(&[("ops", " ")])),
+            Err(TokenError::Empty { .. })
+        ));
+        assert!(matches!(
+            Tokens::new(&config(&[("a", "x"), ("b", "x")])),
+            Err(TokenError::Shared { .. })
+        ));
+        let tokens = tokens(&[("ops", "s3cret", Role::Admin)]);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "bearer s3cret".parse().unwrap());
+        assert_eq!(
+            tokens.authorize(&headers, Role::Admin).unwrap(),
+            Some("ops")
         );
     }
 

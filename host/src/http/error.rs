@@ -1,6 +1,6 @@
 //! Errors as the protocol wants them: `{"error": "..."}` with the status Triton would use.
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::codec::DecodeError;
@@ -11,6 +11,8 @@ use crate::registry::LookupError;
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// The endpoint variant that failed, named in the response like a successful one.
+    variant: Option<String>,
 }
 
 impl ApiError {
@@ -18,6 +20,7 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            variant: None,
         }
     }
 
@@ -33,11 +36,17 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = self.status.as_u16(), error = %self.message, "request refused");
         }
-        (
+        let mut response = (
             self.status,
             axum::Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if let Some(variant) = self.variant.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            response
+                .headers_mut()
+                .insert(super::VARIANT_HEADER, variant);
+        }
+        response
     }
 }
 
@@ -58,6 +67,10 @@ impl From<InferError> for ApiError {
             e @ (InferError::Backend { .. } | InferError::Plugin { .. }) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
+            InferError::Variant { variant, error } => ApiError {
+                variant: Some(variant),
+                ..ApiError::from(*error)
+            },
         }
     }
 }

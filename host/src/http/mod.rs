@@ -21,6 +21,10 @@ pub use auth::{TokenError, Tokens};
 pub use codec::{DecodeError, OutputEncoding, decode_request, encode_response};
 pub use error::ApiError;
 
+/// Names the endpoint variant that answered (or failed), beside `parameters.variant` in a
+/// successful body.
+const VARIANT_HEADER: &str = "x-modelyard-variant";
+
 /// What every handler shares.
 pub struct HttpState {
     pub pipeline: Arc<Pipeline>,

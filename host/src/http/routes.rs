@@ -13,15 +13,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
 use super::codec::{self, HEADER_LENGTH};
-use super::{ApiError, HttpState};
+use super::{ApiError, HttpState, VARIANT_HEADER};
 use crate::config::Role;
 use crate::pipeline::{ActError, Endpoint, Feedback, compare};
 use crate::registry::LoadedVersion;
 
 type AppState = State<Arc<HttpState>>;
-
-/// Names the endpoint variant that answered, beside `parameters.variant` in the body.
-const VARIANT_HEADER: &str = "x-modelyard-variant";
 
 pub(super) fn router(state: Arc<HttpState>) -> Router {
     Router::new()
@@ -393,8 +390,13 @@ async fn admin_endpoint(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
-    let e = endpoint(&state, &name)?;
     let error = state.pipeline.endpoints().errors.get(&name).cloned();
+    let e = match (endpoint(&state, &name), error.as_ref()) {
+        (Ok(e), _) => e,
+        // Configured but never built: what went wrong is all there is to show.
+        (Err(_), Some(error)) => return Ok(Json(json!({ "name": name, "error": error }))),
+        (Err(missing), None) => return Err(missing),
+    };
     let mut body = endpoint_summary(&e, error.as_ref());
     let (strategy, flags) = blocking("describing the endpoint", {
         let e = e.clone();

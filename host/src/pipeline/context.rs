@@ -20,6 +20,11 @@ pub fn build(
     let mut attributes =
         Vec::with_capacity(request.parameters.len() + endpoint.attribute_headers.len());
     for (name, value) in &request.parameters {
+        // `flag.<name>` attributes are the flags plugins' word alone: a client that sent
+        // one could otherwise pick its own variant, or undo a kill switch.
+        if name.starts_with("flag.") {
+            continue;
+        }
         if name == "targeting_key" {
             targeting_key = Some(value.clone());
         } else {

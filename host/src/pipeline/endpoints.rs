@@ -191,10 +191,17 @@ impl Build<'_> {
             (None, None) => true,
             _ => false,
         };
-        let strategy = before
-            .filter(same_router)
-            .map(|b| b.strategy.clone())
-            .unwrap_or_default();
+        let strategy = match before {
+            Some(b) if same_router(&b) => b.strategy.clone(),
+            Some(b) => {
+                let dropped = b.strategy.load();
+                if !dropped.is_empty() {
+                    tracing::info!(endpoint = %name, state = %dropped, "the router's configuration changed; its state starts afresh");
+                }
+                Default::default()
+            }
+            None => Default::default(),
+        };
         Ok(Endpoint {
             name: name.to_string(),
             variants,

@@ -80,6 +80,12 @@ pub enum InferError {
     /// A processor failed and the endpoint's policy is to fail the request.
     #[error("endpoint '{endpoint}': {reason}")]
     Plugin { endpoint: String, reason: String },
+    /// Any of the above, from the endpoint variant that was serving the request.
+    #[error("{error}")]
+    Variant {
+        variant: String,
+        error: Box<InferError>,
+    },
 }
 
 /// Looks a request header up by lowercase name.
@@ -268,7 +274,10 @@ impl Pipeline {
             fallback,
             ok: result.is_ok(),
         });
-        result
+        result.map_err(|error| InferError::Variant {
+            variant: variant.clone(),
+            error: Box::new(error),
+        })
     }
 
     /// The routed variant's answer, or the fallback's when that one fails or is over
@@ -285,26 +294,34 @@ impl Pipeline {
         // The fallback may need the request again.
         let spare = (request.clone(), ctx.clone());
         let primary = self.answer(endpoint, None, ctx, request);
-        let (failed, why) = match endpoint.latency_budget {
-            Some(budget) => match tokio::time::timeout(budget, primary).await {
-                Ok(answered) if answered.result.is_ok() => return (answered, false),
-                Ok(answered) => {
-                    let why = answered.result.as_ref().err().map(ToString::to_string);
-                    (Some(answered), why.unwrap_or_default())
-                }
-                Err(_) => (
-                    None,
-                    format!("no answer within the {} ms budget", budget.as_millis()),
-                ),
-            },
-            None => {
-                let answered = primary.await;
-                if answered.result.is_ok() {
-                    return (answered, false);
-                }
-                let why = answered.result.as_ref().err().map(ToString::to_string);
-                (Some(answered), why.unwrap_or_default())
+        let outcome = match endpoint.latency_budget {
+            Some(budget) => tokio::time::timeout(budget, primary).await.ok(),
+            None => Some(primary.await),
+        };
+        let (failed, why) = match outcome {
+            Some(answered) if answered.result.is_ok() => return (answered, false),
+            Some(answered) => {
+                // What was routed and why stays in the record beside the fallback.
+                let why = format!(
+                    "'{}' ({}) failed: {}",
+                    endpoint.variants[answered.variant].name,
+                    answered.reason,
+                    answered
+                        .result
+                        .as_ref()
+                        .err()
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                );
+                (Some(answered), why)
             }
+            None => (
+                None,
+                format!(
+                    "no answer within the {} ms budget",
+                    endpoint.latency_budget.map_or(0, |b| b.as_millis())
+                ),
+            ),
         };
         if let Some(failed) = failed.filter(|f| f.variant == fallback) {
             let reason = format!("the fallback variant itself failed: {why}");
@@ -499,11 +516,7 @@ fn route(endpoint: &Endpoint, ctx: &crate::plugins::RequestContext) -> Routing {
     let Some(router) = &endpoint.router else {
         return default("default variant (no router)".to_string());
     };
-    let stats: Vec<_> = endpoint
-        .variants
-        .iter()
-        .map(context::variant_stats)
-        .collect();
+    let stats = endpoint.stats();
     let state = endpoint.strategy.load();
     let decision = match router.pool.route(ctx, &stats, &state) {
         Ok(decision) => decision,

@@ -102,7 +102,8 @@ impl Endpoint {
             .collect()
     }
 
-    fn stats(&self) -> Vec<VariantStats> {
+    /// Every variant's statistics, as routers see them.
+    pub(super) fn stats(&self) -> Vec<VariantStats> {
         self.variants
             .iter()
             .map(super::context::variant_stats)

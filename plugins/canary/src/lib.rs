@@ -74,6 +74,7 @@ pub struct Baseline {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct State {
     pub status: Status,
     /// Index into `steps`.
