@@ -61,6 +61,10 @@ pub async fn run(
         pipeline,
         max_body_bytes: config.server.max_body_bytes,
         tokens,
+        metrics: config
+            .server
+            .metrics
+            .then(crate::telemetry::Metrics::default),
     });
     tracing::info!(%addr, "listening");
 

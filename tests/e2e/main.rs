@@ -4,6 +4,7 @@
 mod compat;
 mod harness;
 mod lifecycle;
+mod monitoring;
 mod plugins;
 mod protocol;
 mod repository;

@@ -138,6 +138,8 @@ pub struct ServerConfig {
     /// Seeds the per-request randomness routers draw from, so that the same requests in
     /// the same order get the same decisions; unset, every run draws afresh.
     pub seed: Option<u64>,
+    /// Count requests for Prometheus and serve them at `/metrics`.
+    pub metrics: bool,
 }
 
 /// A bearer token for the admin API and what it may do.
@@ -169,6 +171,7 @@ impl Default for ServerConfig {
             feedback_memory: 100_000,
             shadow_queue: 1024,
             seed: None,
+            metrics: true,
         }
     }
 }

@@ -27,6 +27,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The endpoint variant that failed, if one did.
+    pub fn variant(&self) -> Option<&str> {
+        self.variant.as_deref()
+    }
 }
 
 impl IntoResponse for ApiError {

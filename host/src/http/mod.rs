@@ -32,6 +32,8 @@ pub struct HttpState {
     pub max_body_bytes: usize,
     /// Who may read and change things under `/admin/`.
     pub tokens: Tokens,
+    /// `None` when `server.metrics` is off: nothing counted, no `/metrics`.
+    pub metrics: Option<crate::telemetry::Metrics>,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.

@@ -17,6 +17,7 @@ use super::{ApiError, HttpState, VARIANT_HEADER};
 use crate::config::Role;
 use crate::pipeline::{ActError, Endpoint, Feedback, compare};
 use crate::registry::LoadedVersion;
+use crate::telemetry::RequestLabels;
 
 type AppState = State<Arc<HttpState>>;
 
@@ -41,6 +42,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
             post(version_infer),
         )
         .route("/v2/models/{model}/feedback", post(feedback))
+        .route("/metrics", get(metrics))
         .route("/admin/experiments/{endpoint}", get(admin_experiment))
         .route("/admin/plugins", get(admin_plugins))
         .route("/admin/endpoints", get(admin_endpoints))
@@ -158,7 +160,7 @@ async fn model_infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    infer(&state, &model, None, &headers, body).await
+    measured(&state, &model, None, &headers, body).await
 }
 
 async fn version_infer(
@@ -167,7 +169,92 @@ async fn version_infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    infer(&state, &model, Some(&version), &headers, body).await
+    measured(&state, &model, Some(&version), &headers, body).await
+}
+
+/// The version that answered, for the metrics.
+#[derive(Clone, Copy)]
+struct Served(u64);
+
+/// `infer`, counted: in flight while it runs, then by endpoint, variant, model, version and
+/// status, with its duration.
+async fn measured(
+    state: &HttpState,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Some(metrics) = &state.metrics else {
+        return infer(state, name, version, headers, body).await;
+    };
+    let in_flight = metrics.in_flight();
+    let started = std::time::Instant::now();
+    let result = infer(state, name, version, headers, body).await;
+    drop(in_flight);
+    let (status, variant, served) = match &result {
+        Ok(reply) => (
+            reply.status(),
+            reply
+                .headers()
+                .get(VARIANT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            reply.extensions().get::<Served>().copied(),
+        ),
+        Err(error) => (error.status(), error.variant().map(str::to_string), None),
+    };
+    // Label values come from the configuration and the repository only: a name that is
+    // neither is `unknown`, so clients cannot grow the number of series.
+    let endpoint = state.pipeline.endpoints().endpoints.get(name).cloned();
+    let model = match (&endpoint, &variant) {
+        (Some(e), Some(v)) => e
+            .variants
+            .iter()
+            .find(|x| x.name == *v)
+            .map(|x| x.model.clone()),
+        (Some(_), None) => None,
+        (None, _) => state
+            .pipeline
+            .repository()
+            .snapshot()
+            .ok()
+            .and_then(|s| s.model(name).ok().map(|_| name.to_string())),
+    };
+    let known = endpoint.is_some() || model.is_some();
+    metrics.answered(
+        RequestLabels {
+            endpoint: if known { name } else { "unknown" }.to_string(),
+            variant: variant.unwrap_or_default(),
+            model: model.unwrap_or_default(),
+            version: served.map(|s| s.0.to_string()).unwrap_or_default(),
+            status: status.as_u16().to_string(),
+        },
+        started.elapsed(),
+    );
+    result
+}
+
+/// Every metric, in the OpenMetrics text format Prometheus scrapes.
+async fn metrics(State(state): AppState) -> Result<Response, ApiError> {
+    let metrics = state.metrics.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics are off: set server.metrics = true",
+        )
+    })?;
+    let text = metrics.encode().map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the metrics: {e}"),
+        )
+    })?;
+    let mut reply = Response::new(Body::from(text));
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(reply)
 }
 
 async fn infer(
@@ -222,6 +309,7 @@ async fn infer(
         )
     })?;
     let mut reply = Response::new(Body::from(bytes));
+    reply.extensions_mut().insert(Served(response.version));
     let headers = reply.headers_mut();
     if let Some(variant) = response
         .variant

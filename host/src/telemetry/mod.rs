@@ -1,9 +1,14 @@
 //! Logs through `tracing`: readable lines by default, one JSON object per line for log
-//! collectors. Filtered by `RUST_LOG` (default `info`).
+//! collectors. Filtered by `RUST_LOG` (default `info`). And metrics for Prometheus.
 //!
-//! Owns: the subscriber. Must not touch: what the rest of the host decides to log.
+//! Owns: the subscriber and the metrics registry. Must not touch: what the rest of the host
+//! decides to log or count.
+
+mod metrics;
 
 use std::io::IsTerminal;
+
+pub use metrics::{InFlight, Metrics, RequestLabels};
 
 use tracing_subscriber::EnvFilter;
 
