@@ -63,6 +63,24 @@ fn benches(c: &mut Criterion) {
         b.iter(|| backend::run(&loaded.graph, black_box(again(&template).inputs)).unwrap())
     });
 
+    let metrics = modelyard::telemetry::Metrics::default();
+    let labels = modelyard::telemetry::RequestLabels {
+        endpoint: "iris-ab".into(),
+        variant: "stable".into(),
+        model: "iris".into(),
+        version: "2".into(),
+        status: "200".into(),
+    };
+    c.bench_function("metrics: count one answer", |b| {
+        b.iter(|| {
+            let _in_flight = metrics.in_flight();
+            metrics.answered(
+                black_box(labels.clone()),
+                std::time::Duration::from_micros(70),
+            )
+        })
+    });
+
     c.bench_function("http: decode JSON request", |b| {
         b.iter(|| decode_request(black_box(BODY.as_bytes()), None).unwrap())
     });
