@@ -76,6 +76,17 @@ pub struct VariantStats {
 }
 
 impl VariantStats {
+    /// The variant named `name` among `variants`, or the error that says it is not one.
+    pub fn find<'a>(
+        variants: &'a [VariantStats],
+        name: &str,
+    ) -> Result<&'a VariantStats, crate::Error> {
+        variants
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| crate::Error::new(format!("'{name}' is not a variant of this endpoint")))
+    }
+
     /// A variant with no traffic yet: handy in tests.
     pub fn named(name: &str) -> VariantStats {
         VariantStats {

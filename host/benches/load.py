@@ -80,6 +80,12 @@ def wrk(url, concurrency, duration, script):
     return {"rps": int(requests) / float(seconds), "p50": float(p50), "p99": float(p99), "errors": int(errors)}
 
 
+def medians(results):
+    """Per key, the median of each measure over its runs."""
+    return {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50", "p99", "errors")}
+            for k, v in results.items()}
+
+
 STRATEGY_ENDPOINTS = ["iris", "iris-ab", "iris-canary", "iris-bg", "iris-shadow", "iris-bandit", "iris-flags", "iris-safe"]
 
 
@@ -104,8 +110,7 @@ def strategies(args, script, features_script):
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50", "p99", "errors")}
-           for k, v in results.items()}
+    med = medians(results)
     print(f"median of {args.runs} runs of {args.duration} s each, concurrency 8, wrk on the same machine\n")
     print("| endpoint | req/s | p50 (µs) | p99 (µs) | req/s, request log off | p50 (µs), log off | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -165,8 +170,7 @@ def main():
                 os.killpg(proc.pid, signal.SIGTERM) if proc.args[0] == "mlserver" else proc.terminate()
                 proc.wait(timeout=30)
 
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50", "p99", "errors")}
-           for k, v in results.items()}
+    med = medians(results)
     print(f"median of {args.runs} runs of {args.duration} s each, wrk on the same machine\n")
     print("| server | concurrency | req/s | p50 (µs) | p99 (µs) | errors |")
     print("| --- | --- | --- | --- | --- | --- |")

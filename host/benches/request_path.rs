@@ -129,17 +129,13 @@ fn strategies(
     pipeline: &Pipeline,
     template: &InferRequest,
 ) {
-    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    let plugins = tempfile::tempdir().unwrap();
-    for name in ["weighted", "canary", "blue-green", "bandit", "flagd"] {
-        let from = root.join("plugins").join(format!("{name}.wasm"));
-        std::fs::copy(&from, plugins.path().join(format!("{name}.wasm"))).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}; build the plugins with tests/run first",
-                from.display()
-            )
-        });
-    }
+    let plugins = plugin_dir(&[
+        ("plugins/weighted.wasm", "weighted.wasm"),
+        ("plugins/canary.wasm", "canary.wasm"),
+        ("plugins/blue-green.wasm", "blue-green.wasm"),
+        ("plugins/bandit.wasm", "bandit.wasm"),
+        ("plugins/flagd.wasm", "flagd.wasm"),
+    ]);
     let config: Config = toml::from_str(
         r#"
         [endpoints.baseline]
@@ -240,18 +236,13 @@ fn plugin_chain(
     pipeline: &Pipeline,
     template: &InferRequest,
 ) {
-    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    let plugins = tempfile::tempdir().unwrap();
-    for (from, name) in [
+    let plugins = plugin_dir(&[
         ("plugins/weighted.wasm", "weighted.wasm"),
         (
             "target/fixtures/a/fixture-processor.wasm",
             "passthrough.wasm",
         ),
-    ] {
-        std::fs::copy(root.join(from), plugins.path().join(name))
-            .unwrap_or_else(|e| panic!("{from}: {e}; build the plugins with tests/run first"));
-    }
+    ]);
     let config: Config = toml::from_str(
         r#"
         [endpoints.chain]
@@ -357,6 +348,18 @@ fn plugin_chain(
         Err(error) => eprintln!("pooling allocator not available here: {error}"),
     }
     group.finish();
+}
+
+/// A plugin directory holding the components `tests/run` built: (path from the repository
+/// root, file name) pairs.
+fn plugin_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let plugins = tempfile::tempdir().unwrap();
+    for (from, name) in files {
+        std::fs::copy(root.join(from), plugins.path().join(name))
+            .unwrap_or_else(|e| panic!("{from}: {e}; build the plugins with tests/run first"));
+    }
+    plugins
 }
 
 /// The endpoints of `config`, bound to the components in `plugins`, counting into the

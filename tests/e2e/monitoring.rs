@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use serde_json::{Value, json};
 
 use crate::harness::{Server, iris_request, root};
-use crate::plugins::{Setup, component};
+use crate::plugins::{AB, Setup};
 
 /// Every sample `/metrics` serves, parsed by `prometheus_client`'s OpenMetrics parser.
 fn samples(server: &Server) -> Vec<Value> {
@@ -60,14 +60,8 @@ fn value(samples: &[Value], name: &str, labels: &Value) -> f64 {
 
 #[test]
 fn metrics_count_requests_with_bounded_labels() {
-    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
-    let server = setup.start(
-        r#"
-[endpoints.ab]
-variants = { a = "iris@1", b = "iris@2" }
-router = { plugin = "weighted", config = { weights = { a = 1, b = 1 } } }
-"#,
-    );
+    let setup = Setup::plugins(&["weighted"]);
+    let server = setup.start(AB);
     let request = iris_request(&[[5.1, 3.5, 1.4, 0.2]]);
     for _ in 0..5 {
         server.post_json("/v2/models/iris/infer", &request).ok();

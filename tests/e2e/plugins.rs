@@ -42,24 +42,30 @@ pub(crate) struct Setup {
 }
 
 impl Setup {
-    pub fn new(files: &[(&str, PathBuf)]) -> Setup {
+    pub fn new(files: &[(impl AsRef<str>, PathBuf)]) -> Setup {
         let setup = Setup {
             models: repository(&[]),
             plugins: tempfile::tempdir().unwrap(),
             cache: tempfile::tempdir().unwrap(),
         };
         for (name, from) in files {
-            drop_in(from, setup.plugins.path(), name);
+            drop_in(from, setup.plugins.path(), name.as_ref());
         }
         setup
     }
 
+    /// Standard plugins from `plugins/`, under their own names.
+    pub fn plugins(names: &[&str]) -> Setup {
+        let files: Vec<(String, PathBuf)> = names
+            .iter()
+            .map(|n| (format!("{n}.wasm"), component(n, None)))
+            .collect();
+        Setup::new(&files)
+    }
+
     /// The standard `weighted` and `iris-features` plugins, as `IRIS_AB` uses them.
     fn standard() -> Setup {
-        Setup::new(&[
-            ("weighted.wasm", component("weighted", None)),
-            ("iris-features.wasm", component("iris-features", None)),
-        ])
+        Setup::plugins(&["weighted", "iris-features"])
     }
 
     pub fn config(&self, endpoints: &str) -> String {
@@ -74,6 +80,13 @@ impl Setup {
         Server::start(self.models.path(), &self.config(endpoints))
     }
 }
+
+/// A 50/50 split between the two iris versions, no processors.
+pub(crate) const AB: &str = r#"
+[endpoints.ab]
+variants = { a = "iris@1", b = "iris@2" }
+router = { plugin = "weighted", config = { weights = { a = 1, b = 1 } } }
+"#;
 
 const IRIS_AB: &str = r#"
 [endpoints.iris-ab]
@@ -779,7 +792,7 @@ fn feedback_rewards_the_variant_that_answered() {
 
 #[test]
 fn bandits_learn_the_better_variant_from_feedback() {
-    let setup = Setup::new(&[("bandit.wasm", component("bandit", None))]);
+    let setup = Setup::plugins(&["bandit"]);
     // A fixed seed: the same rewards in the same order give the same decisions every run.
     let mut endpoints = String::from("[server]\nseed = 7\n");
     for (name, config) in [
@@ -890,7 +903,7 @@ latency_budget_ms = 5
 
 #[test]
 fn ab_experiments_report_arms_and_significance() {
-    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
+    let setup = Setup::plugins(&["weighted"]);
     let server = setup.start(
         r#"
 [server]

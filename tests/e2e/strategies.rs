@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::harness::{Server, iris_data, iris_request};
-use crate::plugins::{Setup, component};
+use crate::plugins::{AB, Setup};
 
 const ADMIN: (&str, &str) = ("authorization", "Bearer let-me-in");
 const SERVER: &str =
@@ -65,7 +65,7 @@ fn strategy(server: &Server, endpoint: &str) -> Value {
 
 #[test]
 fn canary_steps_up_rolls_back_on_failure_and_obeys_operators() {
-    let setup = Setup::new(&[("canary.wasm", component("canary", None))]);
+    let setup = Setup::plugins(&["canary"]);
     let broken = setup.models.path().join("broken/1");
     std::fs::create_dir_all(&broken).unwrap();
     std::fs::write(broken.join("model.onnx"), b"not a model").unwrap();
@@ -142,7 +142,7 @@ router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary",
 
 #[test]
 fn shadows_are_compared_and_never_delay_the_answer() {
-    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
+    let setup = Setup::plugins(&["weighted"]);
     crate::harness::copy_dir(
         &crate::harness::root().join("tests/fixtures/slow"),
         &setup.models.path().join("slow"),
@@ -219,7 +219,7 @@ router = { plugin = "weighted", config = { weights = { main = 1 }, shadows = ["o
 
 #[test]
 fn blue_green_switches_atomically_under_load() {
-    let setup = Setup::new(&[("blue-green.wasm", component("blue-green", None))]);
+    let setup = Setup::plugins(&["blue-green"]);
     let endpoints = |active: &str| {
         format!(
             r#"{SERVER}
@@ -276,10 +276,7 @@ router = {{ plugin = "blue-green", config = {{ active = "{active}" }} }}
 
 #[test]
 fn flagd_flags_route_bucket_expire_and_kill() {
-    let setup = Setup::new(&[
-        ("flagd.wasm", component("flagd", None)),
-        ("weighted.wasm", component("weighted", None)),
-    ]);
+    let setup = Setup::plugins(&["flagd", "weighted"]);
     let flags_dir = tempfile::tempdir().unwrap();
     let flags_file = flags_dir.path().join("flags.json");
     let flags = |state: &str| {
@@ -371,7 +368,7 @@ flag_routing = {{ flag = "rollout", variants = {{ v1 = "v1", v2 = "v2" }} }}
 
 #[test]
 fn ab_assignment_is_sticky_across_restarts_and_weights_change_live() {
-    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
+    let setup = Setup::plugins(&["weighted"]);
     let endpoints = format!(
         r#"{SERVER}
 [endpoints.ab]
@@ -439,14 +436,8 @@ router = {{ plugin = "weighted", config = {{ weights = {{ a = 1, b = 1 }} }} }}
 
 #[test]
 fn changing_endpoints_needs_a_configured_admin_token() {
-    let setup = Setup::new(&[("weighted.wasm", component("weighted", None))]);
-    let server = setup.start(
-        r#"
-[endpoints.ab]
-variants = { a = "iris@1", b = "iris@2" }
-router = { plugin = "weighted", config = { weights = { a = 1, b = 1 } } }
-"#,
-    );
+    let setup = Setup::plugins(&["weighted"]);
+    let server = setup.start(AB);
     let error = server
         .post(
             "/admin/endpoints/ab/weights",

@@ -612,6 +612,7 @@ mod tests {
     fn responses_mix_json_and_binary_outputs() {
         let response = InferResponse {
             model: "m".into(),
+            source_model: "m".into(),
             version: 3,
             id: Some("req-1".into()),
             variant: None,

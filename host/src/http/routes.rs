@@ -15,7 +15,7 @@ use serde_json::json;
 use super::codec::{self, HEADER_LENGTH};
 use super::{ApiError, HttpState, VARIANT_HEADER};
 use crate::config::Role;
-use crate::pipeline::{ActError, Endpoint, Feedback, compare};
+use crate::pipeline::{ActError, Endpoint, EndpointSet, Feedback, compare};
 use crate::registry::LoadedVersion;
 use crate::telemetry::RequestLabels;
 
@@ -172,9 +172,13 @@ async fn version_infer(
     measured(&state, &model, Some(&version), &headers, body).await
 }
 
-/// The version that answered, for the metrics.
-#[derive(Clone, Copy)]
-struct Served(u64);
+/// Who answered, for the metrics.
+#[derive(Clone)]
+struct Served {
+    variant: Option<String>,
+    model: String,
+    version: u64,
+}
 
 /// `infer`, counted: in flight while it runs, then by endpoint, variant, model, version and
 /// status, with its duration.
@@ -192,47 +196,48 @@ async fn measured(
     let started = std::time::Instant::now();
     let result = infer(state, name, version, headers, body).await;
     drop(in_flight);
-    let (status, variant, served) = match &result {
-        Ok(reply) => (
-            reply.status(),
-            reply
-                .headers()
-                .get(VARIANT_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            reply.extensions().get::<Served>().copied(),
-        ),
-        Err(error) => (error.status(), error.variant().map(str::to_string), None),
+    let labels = match &result {
+        Ok(reply) => {
+            let served = reply.extensions().get::<Served>();
+            RequestLabels {
+                endpoint: name.to_string(),
+                variant: served.and_then(|s| s.variant.clone()).unwrap_or_default(),
+                model: served.map(|s| s.model.clone()).unwrap_or_default(),
+                version: served.map(|s| s.version.to_string()).unwrap_or_default(),
+                status: reply.status().as_u16().to_string(),
+            }
+        }
+        Err(error) => failed_labels(state, name, error),
     };
-    // Label values come from the configuration and the repository only: a name that is
-    // neither is `unknown`, so clients cannot grow the number of series.
-    let endpoint = state.pipeline.endpoints().endpoints.get(name).cloned();
-    let model = match (&endpoint, &variant) {
-        (Some(e), Some(v)) => e
-            .variants
-            .iter()
-            .find(|x| x.name == *v)
+    metrics.answered(labels, started.elapsed());
+    result
+}
+
+/// The labels of a failed request. Label values come from the configuration and the
+/// repository only: a name that is neither is `unknown`, so clients cannot grow the number
+/// of series.
+fn failed_labels(state: &HttpState, name: &str, error: &ApiError) -> RequestLabels {
+    let variant = error.variant().map(str::to_string);
+    let model = match state.pipeline.endpoints().endpoints.get(name) {
+        Some(e) => variant
+            .as_ref()
+            .and_then(|v| e.variants.iter().find(|x| x.name == *v))
             .map(|x| x.model.clone()),
-        (Some(_), None) => None,
-        (None, _) => state
+        None => state
             .pipeline
             .repository()
             .snapshot()
             .ok()
             .and_then(|s| s.model(name).ok().map(|_| name.to_string())),
     };
-    let known = endpoint.is_some() || model.is_some();
-    metrics.answered(
-        RequestLabels {
-            endpoint: if known { name } else { "unknown" }.to_string(),
-            variant: variant.unwrap_or_default(),
-            model: model.unwrap_or_default(),
-            version: served.map(|s| s.0.to_string()).unwrap_or_default(),
-            status: status.as_u16().to_string(),
-        },
-        started.elapsed(),
-    );
-    result
+    let known = model.is_some() || state.pipeline.endpoints().endpoints.contains_key(name);
+    RequestLabels {
+        endpoint: if known { name } else { "unknown" }.to_string(),
+        variant: variant.unwrap_or_default(),
+        model: model.unwrap_or_default(),
+        version: String::new(),
+        status: error.status().as_u16().to_string(),
+    }
 }
 
 /// Every metric, in the OpenMetrics text format Prometheus scrapes.
@@ -309,7 +314,11 @@ async fn infer(
         )
     })?;
     let mut reply = Response::new(Body::from(bytes));
-    reply.extensions_mut().insert(Served(response.version));
+    reply.extensions_mut().insert(Served {
+        variant: response.variant.clone(),
+        model: response.source_model.clone(),
+        version: response.version,
+    });
     let headers = reply.headers_mut();
     if let Some(variant) = response
         .variant
@@ -447,11 +456,8 @@ async fn admin_endpoints(
     Ok(Json(json!({ "endpoints": endpoints })))
 }
 
-fn endpoint(state: &HttpState, name: &str) -> Result<Arc<Endpoint>, ApiError> {
-    state
-        .pipeline
-        .endpoints()
-        .endpoints
+fn endpoint(set: &EndpointSet, name: &str) -> Result<Arc<Endpoint>, ApiError> {
+    set.endpoints
         .get(name)
         .cloned()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint '{name}'")))
@@ -478,14 +484,15 @@ async fn admin_endpoint(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
-    let error = state.pipeline.endpoints().errors.get(&name).cloned();
-    let e = match (endpoint(&state, &name), error.as_ref()) {
+    let set = state.pipeline.endpoints();
+    let error = set.errors.get(&name);
+    let e = match (endpoint(&set, &name), error) {
         (Ok(e), _) => e,
         // Configured but never built: what went wrong is all there is to show.
         (Err(_), Some(error)) => return Ok(Json(json!({ "name": name, "error": error }))),
         (Err(missing), None) => return Err(missing),
     };
-    let mut body = endpoint_summary(&e, error.as_ref());
+    let mut body = endpoint_summary(&e, error);
     let (strategy, flags) = blocking("describing the endpoint", {
         let e = e.clone();
         move || (e.describe_strategy(), e.flag_infos())
@@ -541,7 +548,7 @@ async fn admin_act(
             format!("no action '{action}'; endpoints take weights, promote and rollback"),
         ));
     }
-    let e = endpoint(&state, &name)?;
+    let e = endpoint(&state.pipeline.endpoints(), &name)?;
     let args = String::from_utf8_lossy(&body).into_owned();
     let done = blocking("the admin action", {
         let action = action.clone();
@@ -628,15 +635,11 @@ async fn feedback(
 /// the default variant (the control) on mean reward.
 async fn admin_experiment(
     State(state): AppState,
-    Path(endpoint): Path<String>,
+    Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
-    let set = state.pipeline.endpoints();
-    let e = set
-        .endpoints
-        .get(&endpoint)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint '{endpoint}'")))?;
+    let e = endpoint(&state.pipeline.endpoints(), &name)?;
     let snapshots: Vec<_> = e.variants.iter().map(|v| v.stats.snapshot()).collect();
     let arms: Vec<serde_json::Value> = e
         .variants
@@ -667,7 +670,7 @@ async fn admin_experiment(
         })
         .collect();
     Ok(Json(json!({
-        "endpoint": endpoint, "arms": arms, "comparisons": comparisons,
-        "shadows": shadow_reports(e),
+        "endpoint": name, "arms": arms, "comparisons": comparisons,
+        "shadows": shadow_reports(&e),
     })))
 }

@@ -53,7 +53,10 @@ pub struct InferRequest {
 /// What the model answered, ready to encode.
 #[derive(Debug)]
 pub struct InferResponse {
+    /// The name the client called: the model's, or the endpoint's.
     pub model: String,
+    /// The model that ran: for an endpoint, the answering variant's.
+    pub source_model: String,
     pub version: u64,
     pub id: Option<String>,
     pub outputs: Vec<Tensor>,
@@ -219,6 +222,7 @@ impl Pipeline {
         let outputs = self.run(&target, request.inputs).await?;
         Ok(InferResponse {
             model: target.model.clone(),
+            source_model: target.model.clone(),
             version: target.version,
             id: request.id,
             outputs: select(outputs, wanted),
@@ -244,10 +248,9 @@ impl Pipeline {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .u64(..);
-        let ctx = context::build(&endpoint, id, seed, &request, headers);
-        let (answered, fallback) = self
-            .answer_or_fall_back(&endpoint, ctx.clone(), request)
-            .await;
+        let ctx = context::build(&endpoint, id.clone(), seed, &request, headers);
+        let at_ms = ctx.now_ms;
+        let (answered, fallback) = self.answer_or_fall_back(&endpoint, ctx, request).await;
         let result = answered.result;
         let variant = &endpoint.variants[answered.variant].name;
         let shadows: Vec<String> = answered
@@ -261,13 +264,13 @@ impl Pipeline {
         };
         tracing::info!(
             target: "modelyard::requests",
-            endpoint = %endpoint.name, id = %ctx.id, %variant, reason = %answered.reason,
+            endpoint = %endpoint.name, %id, %variant, reason = %answered.reason,
             fallback, ?shadows, status, latency_us = started.elapsed().as_micros() as u64,
             "routed"
         );
         endpoint.recent.push(DecisionRecord {
-            id: ctx.id,
-            at_ms: ctx.now_ms,
+            id,
+            at_ms,
             variant: variant.clone(),
             reason: answered.reason,
             shadows,
@@ -294,13 +297,16 @@ impl Pipeline {
         // The fallback may need the request again.
         let spare = (request.clone(), ctx.clone());
         let primary = self.answer(endpoint, None, ctx, request);
+        // `Err(budget)` when the primary had no answer within it.
         let outcome = match endpoint.latency_budget {
-            Some(budget) => tokio::time::timeout(budget, primary).await.ok(),
-            None => Some(primary.await),
+            Some(budget) => tokio::time::timeout(budget, primary)
+                .await
+                .map_err(|_| budget),
+            None => Ok(primary.await),
         };
         let (failed, why) = match outcome {
-            Some(answered) if answered.result.is_ok() => return (answered, false),
-            Some(answered) => {
+            Ok(answered) if answered.result.is_ok() => return (answered, false),
+            Ok(answered) => {
                 // What was routed and why stays in the record beside the fallback.
                 let why = format!(
                     "'{}' ({}) failed: {}",
@@ -315,12 +321,9 @@ impl Pipeline {
                 );
                 (Some(answered), why)
             }
-            None => (
+            Err(budget) => (
                 None,
-                format!(
-                    "no answer within the {} ms budget",
-                    endpoint.latency_budget.map_or(0, |b| b.as_millis())
-                ),
+                format!("no answer within the {} ms budget", budget.as_millis()),
             ),
         };
         if let Some(failed) = failed.filter(|f| f.variant == fallback) {
@@ -584,6 +587,7 @@ fn serve_variant(
         .transpose()?;
     Ok(InferResponse {
         model: endpoint.name.clone(),
+        source_model: target.model.clone(),
         version: target.version,
         id: Some(ctx.id.clone()),
         outputs: select(outputs, wanted),

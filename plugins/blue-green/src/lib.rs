@@ -62,10 +62,9 @@ impl Router for BlueGreen {
         variants: &[VariantStats],
         state: &mut State,
     ) -> Result<Decision, Error> {
-        let active = self.active(state);
-        if !variants.iter().any(|v| v.name == active) {
-            return fail!("the active variant '{active}' is not a variant of this endpoint");
-        }
+        let active = VariantStats::find(variants, self.active(state))?
+            .name
+            .as_str();
         let shadows = if self.config.shadow_idle {
             variants
                 .iter()
@@ -92,8 +91,7 @@ impl Router for BlueGreen {
         match action {
             Action::Promote { to } => {
                 let to = match to {
-                    Some(to) if variants.iter().any(|v| v.name == to) => to,
-                    Some(to) => return fail!("'{to}' is not a variant of this endpoint"),
+                    Some(to) => VariantStats::find(variants, &to)?.name.clone(),
                     None => {
                         let others: Vec<&VariantStats> =
                             variants.iter().filter(|v| v.name != active).collect();

@@ -110,13 +110,10 @@ impl Canary {
         &self,
         variants: &'a [VariantStats],
     ) -> Result<(&'a VariantStats, &'a VariantStats), Error> {
-        let find = |name: &str| {
-            variants
-                .iter()
-                .find(|v| v.name == name)
-                .ok_or_else(|| Error::new(format!("'{name}' is not a variant of this endpoint")))
-        };
-        Ok((find(&self.config.stable)?, find(&self.config.canary)?))
+        Ok((
+            VariantStats::find(variants, &self.config.stable)?,
+            VariantStats::find(variants, &self.config.canary)?,
+        ))
     }
 
     fn since(state: &State, stable: &VariantStats, canary: &VariantStats) -> Since {

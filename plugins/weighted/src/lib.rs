@@ -112,11 +112,8 @@ impl Router for Weighted {
             );
         };
         check(&weights)?;
-        if let Some(unknown) = weights
-            .keys()
-            .find(|w| !variants.iter().any(|v| &v.name == *w))
-        {
-            return fail!("'{unknown}' is not a variant of this endpoint");
+        for name in weights.keys() {
+            VariantStats::find(variants, name)?;
         }
         state.weights = Some(weights);
         Ok(())
