@@ -7,8 +7,13 @@ use only MatMul, Add, Relu and Softmax, which every backend (tract included) run
 scikit-learn ONNX converters would emit ONNX-ML ops (ZipMap, LinearClassifier) instead.
 
 Rerun with: python3 models/make_iris.py   (needs numpy, scikit-learn, onnx)
-It rewrites models/iris/{1,2}/model.onnx, models/iris/model.toml and models/iris/iris.csv.
+It rewrites models/iris/{1,2}/model.onnx, models/iris/model.toml and models/iris/iris.csv,
+and the drift reference of each version, models/iris/{1,2}/reference.json: the percentiles
+of every input feature over the training data. `--reference-only` rewrites just those.
 """
+
+import json
+import sys
 
 from pathlib import Path
 
@@ -66,9 +71,32 @@ def accuracy(layers, x, y):
     return float((softmax(h).argmax(axis=1) == y).mean())
 
 
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+def write_reference(x, out):
+    """The training inputs' distribution, as the server's drift detection reads it."""
+    reference = {
+        "input": "input",
+        "features": [
+            {
+                "name": name,
+                "quantiles": [round(float(q), 6) for q in np.quantile(x[:, i], np.linspace(0, 1, 101))],
+            }
+            for i, name in enumerate(FEATURES)
+        ],
+    }
+    (out / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
+
+
 def main():
     data = load_iris()
     x, y = data.data.astype(np.float32), data.target
+    for version in ("1", "2"):
+        (HERE / version).mkdir(parents=True, exist_ok=True)
+        write_reference(x.astype(np.float64), HERE / version)
+    if "--reference-only" in sys.argv:
+        return
 
     linear = LogisticRegression(C=0.01, max_iter=1000).fit(x, y)
     v1 = [(linear.coef_.T, linear.intercept_)]
@@ -99,6 +127,13 @@ intended_use = "Sample model for trying Modelyard's serving and routing; not for
 limitations = "Trained on 150 flowers of three species; inputs outside the measured ranges give meaningless probabilities."
 owner = "Modelyard maintainers"
 training_data = "Fisher's iris data set as shipped with scikit-learn (150 samples, 3 classes)."
+
+# Drift against each version's reference.json (the training data's percentiles).
+[drift]
+window = 500
+min_samples = 50
+ks_threshold = 0.2
+psi_threshold = 0.25
 
 [card.metrics."1"]
 model = "logistic regression, C=0.01"

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify_debouncer_mini::notify::RecursiveMode;
+use notify::RecursiveMode;
 
 use crate::config::{Config, EndpointConfig};
-use crate::pipeline::{Build, Pipeline};
+use crate::pipeline::{Build, EndpointSet, Pipeline};
 use crate::plugins::{Library, Limits, PluginEngine, PluginError};
+use crate::telemetry::{Change, audit};
 use crate::watch::{Watch, WatchError};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,11 @@ struct Control {
     endpoints: BTreeMap<String, EndpointConfig>,
     library: Library,
     pipeline: Arc<Pipeline>,
+    /// Each flag's state and default variant, `(endpoint, flag)` → summary, as of the last
+    /// refresh: what a flag flip is told by.
+    flags: BTreeMap<(String, String), String>,
+    /// Flags found by the first refresh are the starting point, not flips.
+    first_done: bool,
 }
 
 impl Control {
@@ -42,9 +48,23 @@ impl Control {
     fn refresh(&mut self) {
         if let Some(file) = &self.config_file {
             match Config::load(file) {
-                Ok(config) => self.endpoints = config.endpoints,
+                Ok(config) if config.endpoints != self.endpoints => {
+                    audit(Change {
+                        detail: Some(format!(
+                            "endpoints changed: {}",
+                            changed_endpoints(&self.endpoints, &config.endpoints)
+                        )),
+                        ..change("config.applied", file.display().to_string())
+                    });
+                    self.endpoints = config.endpoints;
+                }
+                Ok(_) => {}
                 Err(error) => {
-                    tracing::error!(%error, "configuration edit refused; the previous configuration stays in force")
+                    tracing::error!(%error, "configuration edit refused; the previous configuration stays in force");
+                    audit(Change {
+                        detail: Some(error.to_string()),
+                        ..change("config.refused", file.display().to_string())
+                    });
                 }
             }
         }
@@ -58,8 +78,78 @@ impl Control {
             stats: self.pipeline.stats(),
         }
         .run();
+        for (name, error) in &endpoints.errors {
+            if previous.errors.get(name) != Some(error) {
+                audit(Change {
+                    endpoint: Some(name.clone()),
+                    detail: Some(error.clone()),
+                    ..change("endpoint.refused", name.clone())
+                });
+            }
+        }
+        let flags = flag_states(&endpoints);
+        if self.first_done {
+            for ((endpoint, flag), now) in &flags {
+                let before = self.flags.get(&(endpoint.clone(), flag.clone()));
+                if before != Some(now) {
+                    audit(Change {
+                        endpoint: Some(endpoint.clone()),
+                        from: before.cloned(),
+                        to: Some(now.clone()),
+                        ..change("flag.changed", flag.clone())
+                    });
+                }
+            }
+        }
+        self.flags = flags;
+        self.first_done = true;
         self.pipeline.set_plugins(self.library.clone(), endpoints);
     }
+}
+
+fn change(kind: &'static str, subject: String) -> Change {
+    Change {
+        kind,
+        actor: "file".to_string(),
+        subject,
+        endpoint: None,
+        from: None,
+        to: None,
+        detail: None,
+    }
+}
+
+/// The endpoints added, removed or edited between two configurations.
+fn changed_endpoints(
+    before: &BTreeMap<String, EndpointConfig>,
+    after: &BTreeMap<String, EndpointConfig>,
+) -> String {
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let changed: Vec<&str> = names
+        .into_iter()
+        .filter(|n| before.get(*n) != after.get(*n))
+        .map(String::as_str)
+        .collect();
+    changed.join(", ")
+}
+
+/// Every flag of every endpoint as `state, default <variant>`: what a flip changes.
+fn flag_states(set: &EndpointSet) -> BTreeMap<(String, String), String> {
+    let mut states = BTreeMap::new();
+    for endpoint in set.endpoints.values() {
+        for (_, infos) in endpoint.flag_infos() {
+            for info in infos.into_iter().flatten() {
+                let summary = format!(
+                    "{}, default {}{}",
+                    info.state,
+                    info.default_variant,
+                    if info.expired { ", expired" } else { "" }
+                );
+                states.insert((endpoint.name.clone(), info.key), summary);
+            }
+        }
+    }
+    states
 }
 
 /// Loads the plugins and endpoints once, then follows changes until the returned task is
@@ -84,7 +174,12 @@ pub async fn start(
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("modelyard-cache"));
     let engine = PluginEngine::new(limits, Some(cache_dir), config.plugins.pooling_allocator)?;
-    let mut watched = vec![(plugin_dir.as_path(), RecursiveMode::NonRecursive)];
+    // Events name paths as the watch was given them: a canonical one is what they are
+    // compared with.
+    let plugins = plugin_dir
+        .canonicalize()
+        .unwrap_or_else(|_| plugin_dir.clone());
+    let mut watched = vec![(plugins.as_path(), RecursiveMode::NonRecursive)];
     let config_dir = config_file.as_ref().and_then(|f| f.parent()).map(|d| {
         if d.as_os_str().is_empty() {
             PathBuf::from(".")
@@ -108,7 +203,26 @@ pub async fn start(
             .iter()
             .map(|d| (d.as_path(), RecursiveMode::NonRecursive)),
     );
-    let watch = Watch::new(&watched)?;
+    // In the configuration's directory only the files the server reads count.
+    let mut files: Vec<PathBuf> = config_file.iter().cloned().collect();
+    files.extend(
+        config
+            .endpoints
+            .values()
+            .flat_map(|e| e.router.iter().chain(&e.processors).chain(&e.flags))
+            .filter_map(|p| p.config_file.clone()),
+    );
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(ToOwned::to_owned))
+        .collect();
+    let plugin_events = plugins.clone();
+    let watch = Watch::new(&watched, move |path| {
+        path.starts_with(&plugin_events)
+            || path
+                .file_name()
+                .is_some_and(|n| names.iter().any(|m| m == n))
+    })?;
     let mut control = Some(Control {
         engine,
         plugin_dir,
@@ -116,6 +230,8 @@ pub async fn start(
         endpoints: config.endpoints.clone(),
         library: Library::default(),
         pipeline,
+        flags: BTreeMap::new(),
+        first_done: false,
     });
     control = refresh(control).await;
     Ok(tokio::spawn(async move {

@@ -12,6 +12,7 @@ use crate::control;
 use crate::http::{self, HttpState};
 use crate::pipeline::{Options, Pipeline};
 use crate::registry::{ModelRepository, WatchError};
+use crate::telemetry::{self, drift};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -26,6 +27,8 @@ pub enum ServeError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Tokens(#[from] http::TokenError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
     #[error("the HTTP server stopped: {0}")]
     Http(std::io::Error),
 }
@@ -38,12 +41,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let tokens = http::Tokens::new(&config.server.tokens)?;
-    let listener = TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.server.listen.clone(),
-            source,
-        })?;
+    let listener = bind(&config.server.listen).await?;
+    let metrics_listener = match &config.monitoring.metrics_listen {
+        Some(addr) if config.server.metrics => Some(bind(addr).await?),
+        _ => None,
+    };
+    telemetry::install(&config.monitoring, config.server.metrics)?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let repository = Arc::new(ModelRepository::new(config.models.dir.clone()));
     let watcher = repository.watch()?;
@@ -57,16 +60,23 @@ pub async fn run(
         },
     ));
     let control = control::start(config, config_file, pipeline.clone()).await?;
+    let drift = tokio::spawn(judge_drift(
+        pipeline.repository().clone(),
+        Duration::from_millis(config.monitoring.drift_interval_ms.max(10)),
+    ));
     let state = Arc::new(HttpState {
         pipeline,
         max_body_bytes: config.server.max_body_bytes,
         tokens,
-        metrics: config
-            .server
-            .metrics
-            .then(crate::telemetry::Metrics::default),
+        metrics_here: metrics_listener.is_none(),
     });
     tracing::info!(%addr, "listening");
+    let metrics_server = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving /metrics");
+        }
+        tokio::spawn(http::serve_metrics(listener))
+    });
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -89,6 +99,39 @@ pub async fn run(
     };
     watcher.abort();
     control.abort();
+    drift.abort();
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     tracing::info!("stopped");
     result
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Recomputes every model version's drift on a timer, so that metrics stay current and
+/// flips are logged without anyone asking.
+async fn judge_drift(repository: Arc<ModelRepository>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(snapshot) = repository.snapshot() else {
+            continue;
+        };
+        for model in snapshot.models.values() {
+            for (version, entry) in &model.versions {
+                if let Some(monitor) = entry.loaded.as_ref().and_then(|l| l.drift.as_ref()) {
+                    drift::judge(&model.name, *version, monitor);
+                }
+            }
+        }
+    }
 }

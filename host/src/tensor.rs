@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use serde::{Serialize, Serializer};
+
 #[cfg(target_endian = "big")]
 compile_error!("tensor data is kept as little-endian bytes and handed to backends as is");
 
@@ -160,6 +162,66 @@ impl Tensor {
                 .collect(),
             _ => return None,
         })
+    }
+}
+
+/// A tensor's elements as the JSON array the Open Inference Protocol writes (BYTES as
+/// strings).
+pub struct TensorData<'a>(pub &'a Tensor);
+
+impl Serialize for TensorData<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let data = &self.0.data;
+        macro_rules! seq {
+            ($t:ty, $n:literal) => {
+                s.collect_seq(
+                    data.as_chunks::<$n>()
+                        .0
+                        .iter()
+                        .map(|c| <$t>::from_le_bytes(*c)),
+                )
+            };
+        }
+        match self.0.datatype {
+            DataType::Bool => s.collect_seq(data.iter().map(|&b| b != 0)),
+            DataType::Uint8 => s.collect_seq(data.iter()),
+            DataType::Int8 => seq!(i8, 1),
+            DataType::Uint16 => seq!(u16, 2),
+            DataType::Int16 => seq!(i16, 2),
+            DataType::Uint32 => seq!(u32, 4),
+            DataType::Int32 => seq!(i32, 4),
+            DataType::Uint64 => seq!(u64, 8),
+            DataType::Int64 => seq!(i64, 8),
+            DataType::Fp16 => s.collect_seq(
+                data.as_chunks::<2>()
+                    .0
+                    .iter()
+                    .map(|c| half::f16::from_le_bytes(*c).to_f32()),
+            ),
+            DataType::Fp32 => seq!(f32, 4),
+            DataType::Fp64 => seq!(f64, 8),
+            DataType::Bytes => s.collect_seq(
+                Tensor::byte_elements(data)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(String::from_utf8_lossy),
+            ),
+        }
+    }
+}
+
+/// A whole tensor as an OIP JSON tensor object (name, datatype, shape, data), for records.
+pub struct TensorJson<'a>(pub &'a Tensor);
+
+impl Serialize for TensorJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut object = s.serialize_struct("Tensor", 4)?;
+        object.serialize_field("name", &self.0.name)?;
+        object.serialize_field("datatype", &self.0.datatype)?;
+        object.serialize_field("shape", &self.0.shape)?;
+        object.serialize_field("data", &TensorData(self.0))?;
+        object.end()
     }
 }
 

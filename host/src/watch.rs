@@ -2,13 +2,16 @@
 //! the directories and files the server follows (models, plugins, its configuration).
 //! Consumers rescan what they own on each signal rather than trust single events, so a
 //! missed, merged or reordered event cannot leave them out of date.
+//!
+//! Only changes count: opening or reading a file is an event too (inotify reports it), and
+//! a rescan reads every file it follows, so counting reads would rescan forever.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use notify_debouncer_mini::notify::{self, RecommendedWatcher, RecursiveMode};
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
 /// Long enough for a file copy or a `mv` to settle into one burst.
@@ -23,43 +26,66 @@ pub struct WatchError {
 
 /// A running watch; dropping it stops the events.
 pub struct Watch {
-    _debouncer: Debouncer<RecommendedWatcher>,
-    changed: Arc<Notify>,
+    _watcher: RecommendedWatcher,
+    signal: Arc<Notify>,
+    dirty: Arc<AtomicBool>,
 }
 
 impl Watch {
-    /// Watches each path (directories recursively when asked).
-    pub fn new(paths: &[(&Path, RecursiveMode)]) -> Result<Watch, WatchError> {
-        let changed = Arc::new(Notify::new());
-        let signal = changed.clone();
-        let mut debouncer = new_debouncer(DEBOUNCE, move |result: DebounceEventResult| {
-            if let Err(error) = result {
-                tracing::warn!(%error, "file watch reported an error; rescanning");
-            }
-            signal.notify_one();
-        })
-        .map_err(|source| WatchError {
-            path: PathBuf::new(),
-            source,
-        })?;
+    /// Watches each path (directories recursively when asked); an event counts only when
+    /// one of its paths is `relevant` (a directory may hold files the server writes
+    /// itself, such as its database, which must not look like an edit).
+    pub fn new(
+        paths: &[(&Path, RecursiveMode)],
+        relevant: impl Fn(&Path) -> bool + Send + 'static,
+    ) -> Result<Watch, WatchError> {
+        let signal = Arc::new(Notify::new());
+        let dirty = Arc::new(AtomicBool::new(false));
+        let (notify, mark) = (signal.clone(), dirty.clone());
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let counts = match &event {
+                    Ok(event) => {
+                        !matches!(event.kind, EventKind::Access(_))
+                            && event.paths.iter().any(|p| relevant(p))
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "file watch reported an error; rescanning");
+                        true
+                    }
+                };
+                if counts {
+                    mark.store(true, Ordering::Release);
+                    notify.notify_one();
+                }
+            })
+            .map_err(|source| WatchError {
+                path: PathBuf::new(),
+                source,
+            })?;
         for (path, mode) in paths {
-            debouncer
-                .watcher()
-                .watch(path, *mode)
-                .map_err(|source| WatchError {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+            watcher.watch(path, *mode).map_err(|source| WatchError {
+                path: path.to_path_buf(),
+                source,
+            })?;
         }
         Ok(Watch {
-            _debouncer: debouncer,
-            changed,
+            _watcher: watcher,
+            signal,
+            dirty,
         })
     }
 
-    /// Resolves at the next burst of changes (at once if one came since the last call).
+    /// Resolves once a burst of changes has settled (at once, after the settling time, if
+    /// one came since the last call).
     pub async fn changed(&self) {
-        self.changed.notified().await;
+        loop {
+            self.signal.notified().await;
+            tokio::time::sleep(DEBOUNCE).await;
+            if self.dirty.swap(false, Ordering::AcqRel) {
+                return;
+            }
+        }
     }
 }
 

@@ -151,14 +151,17 @@ fn json_requests_echo_ids_accept_nesting_and_select_outputs() {
     assert_eq!(flat["model_name"], "iris");
     assert_eq!(flat["model_version"], "2");
     assert_eq!(predicted_classes(&flat["outputs"][0]), vec![0, 2]);
-    let nested = server
-        .post_json(
-            "/v2/models/iris/infer",
-            &iris_request(&[[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]),
-        )
-        .json();
+    let reply = server.post_json(
+        "/v2/models/iris/infer",
+        &iris_request(&[[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]),
+    );
+    let nested = reply.json();
     assert_eq!(nested["outputs"], flat["outputs"]);
-    assert!(nested.get("id").is_none());
+    // Without an id of its own, a request gets one of the server's, in body and header.
+    assert_eq!(
+        nested["id"],
+        reply.headers["x-request-id"].to_str().unwrap()
+    );
 
     // Every datatype the model takes, each through the model (plus one) and back.
     let inputs = json!([

@@ -124,7 +124,8 @@ fn corrupt_models_are_refused_and_the_old_one_keeps_serving() {
     let after = server
         .post_json("/v2/models/iris/infer", &iris_request(&[SETOSA]))
         .json();
-    assert_eq!(after, before);
+    assert_eq!(after["outputs"], before["outputs"]);
+    assert_eq!(after["model_version"], before["model_version"]);
 
     // Once a good file lands, version 4 loads and takes over.
     std::fs::copy(

@@ -134,8 +134,8 @@ router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary",
         state["reason"].as_str().unwrap().contains("error rate"),
         "{state}"
     );
-    server.wait_until("the rollback is logged", || {
-        server.logs().contains("routing state changed")
+    server.wait_until("the rollback is audited", || {
+        server.logs().contains(r#""kind":"endpoint.state""#)
             && server.logs().contains("rolled back automatically")
     });
 }

@@ -16,6 +16,8 @@ pub struct Config {
     pub models: ModelsConfig,
     #[serde(default)]
     pub plugins: PluginsConfig,
+    #[serde(default)]
+    pub monitoring: MonitoringConfig,
     /// Names clients call, each served by variants chosen by plugins.
     #[serde(default)]
     pub endpoints: BTreeMap<String, EndpointConfig>,
@@ -176,6 +178,45 @@ impl Default for ServerConfig {
     }
 }
 
+/// `[monitoring]`: where metrics are served, what is kept of requests and changes.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitoringConfig {
+    /// Serve `/metrics` on this address alone (`host:port`) instead of the main port, so
+    /// that scrapes stay off the network clients reach.
+    pub metrics_listen: Option<String>,
+    /// The SQLite file that keeps the audit trail and the sampled requests across
+    /// restarts; `""` keeps nothing (changes are still logged).
+    pub database: PathBuf,
+    /// The share of inference requests recorded in the store, 0 to 1.
+    pub request_sample: f64,
+    /// Record the sampled requests' input and output tensors too.
+    pub request_payloads: bool,
+    /// Sampled requests kept in the store; the oldest go first.
+    pub request_retention: u64,
+    /// Also send each sampled request as a CloudEvent (binary mode) to this HTTP URL.
+    pub cloudevents_sink: Option<String>,
+    /// Inputs per model version that drift is computed over.
+    pub drift_window: usize,
+    /// How often drift is recomputed, and threshold flips logged.
+    pub drift_interval_ms: u64,
+}
+
+impl Default for MonitoringConfig {
+    fn default() -> Self {
+        MonitoringConfig {
+            metrics_listen: None,
+            database: PathBuf::from("modelyard.db"),
+            request_sample: 0.01,
+            request_payloads: false,
+            request_retention: 100_000,
+            cloudevents_sink: None,
+            drift_window: 500,
+            drift_interval_ms: 1000,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelsConfig {
@@ -225,6 +266,9 @@ impl Config {
             config.models.dir = base.join(&config.models.dir);
             config.plugins.dir = base.join(&config.plugins.dir);
             config.plugins.cache_dir = config.plugins.cache_dir.map(|d| base.join(d));
+            if !config.monitoring.database.as_os_str().is_empty() {
+                config.monitoring.database = base.join(&config.monitoring.database);
+            }
             for endpoint in config.endpoints.values_mut() {
                 let refs = endpoint.router.iter_mut();
                 for plugin in refs

@@ -5,11 +5,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::pipeline::{InferRequest, InferResponse};
-use crate::tensor::{DataType, Tensor};
+use crate::tensor::{DataType, Tensor, TensorData};
 
 /// The header that marks a binary-extension body and gives its JSON part's length.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -195,6 +195,7 @@ pub fn decode_request(
             inputs,
             outputs,
             parameters,
+            trace_id: None,
         },
         encoding,
     ))
@@ -387,7 +388,7 @@ struct OutputJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     parameters: Option<BinarySize>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<JsonData<'a>>,
+    data: Option<TensorData<'a>>,
 }
 
 #[derive(Serialize)]
@@ -396,49 +397,6 @@ struct BinarySize {
 }
 
 /// A tensor's elements as a flat JSON array.
-struct JsonData<'a>(&'a Tensor);
-
-impl Serialize for JsonData<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let data = &self.0.data;
-        macro_rules! seq {
-            ($t:ty, $n:literal) => {
-                s.collect_seq(
-                    data.as_chunks::<$n>()
-                        .0
-                        .iter()
-                        .map(|c| <$t>::from_le_bytes(*c)),
-                )
-            };
-        }
-        match self.0.datatype {
-            DataType::Bool => s.collect_seq(data.iter().map(|&b| b != 0)),
-            DataType::Uint8 => s.collect_seq(data.iter()),
-            DataType::Int8 => seq!(i8, 1),
-            DataType::Uint16 => seq!(u16, 2),
-            DataType::Int16 => seq!(i16, 2),
-            DataType::Uint32 => seq!(u32, 4),
-            DataType::Int32 => seq!(i32, 4),
-            DataType::Uint64 => seq!(u64, 8),
-            DataType::Int64 => seq!(i64, 8),
-            DataType::Fp16 => s.collect_seq(
-                data.as_chunks::<2>()
-                    .0
-                    .iter()
-                    .map(|c| half::f16::from_le_bytes(*c).to_f32()),
-            ),
-            DataType::Fp32 => seq!(f32, 4),
-            DataType::Fp64 => seq!(f64, 8),
-            DataType::Bytes => s.collect_seq(
-                Tensor::byte_elements(data)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(String::from_utf8_lossy),
-            ),
-        }
-    }
-}
-
 /// Encodes a response: the body, and the JSON part's length when binary data follows it.
 pub fn encode_response(
     response: &InferResponse,
@@ -471,7 +429,7 @@ pub fn encode_response(
                 parameters: binary.then_some(BinarySize {
                     binary_data_size: t.data.len(),
                 }),
-                data: (!binary).then_some(JsonData(t)),
+                data: (!binary).then_some(TensorData(t)),
             })
             .collect(),
     };

@@ -28,6 +28,10 @@ impl ApiError {
         self.status
     }
 
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// The endpoint variant that failed, if one did.
     pub fn variant(&self) -> Option<&str> {
         self.variant.as_deref()

@@ -4,10 +4,13 @@
 //! Owns: everything about the wire. Must not touch: model files, backends, or what happens
 //! to a request between decoding and encoding (that is the pipeline's).
 
+mod admin;
 mod auth;
 mod codec;
 mod error;
+mod monitor;
 mod routes;
+mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,8 +35,9 @@ pub struct HttpState {
     pub max_body_bytes: usize,
     /// Who may read and change things under `/admin/`.
     pub tokens: Tokens,
-    /// `None` when `server.metrics` is off: nothing counted, no `/metrics`.
-    pub metrics: Option<crate::telemetry::Metrics>,
+    /// Whether `/metrics` is on this port (it is not when `monitoring.metrics_listen`
+    /// gives it one of its own).
+    pub metrics_here: bool,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
@@ -51,4 +55,10 @@ pub async fn serve(
     axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Serves `/metrics` alone on its own listener, until the task is aborted.
+pub async fn serve_metrics(listener: TcpListener) -> std::io::Result<()> {
+    let router = axum::Router::new().route("/metrics", axum::routing::get(routes::metrics));
+    axum::serve(listener, router).await
 }

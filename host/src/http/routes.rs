@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,16 +13,20 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
 use super::codec::{self, HEADER_LENGTH};
+use super::trace::Traced;
 use super::{ApiError, HttpState, VARIANT_HEADER};
-use crate::config::Role;
-use crate::pipeline::{ActError, Endpoint, EndpointSet, Feedback, compare};
+use crate::pipeline::Feedback;
 use crate::registry::LoadedVersion;
-use crate::telemetry::RequestLabels;
+use crate::telemetry::{self, RequestLabels};
 
 type AppState = State<Arc<HttpState>>;
 
 pub(super) fn router(state: Arc<HttpState>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    if state.metrics_here {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -42,12 +46,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
             post(version_infer),
         )
         .route("/v2/models/{model}/feedback", post(feedback))
-        .route("/metrics", get(metrics))
-        .route("/admin/experiments/{endpoint}", get(admin_experiment))
-        .route("/admin/plugins", get(admin_plugins))
-        .route("/admin/endpoints", get(admin_endpoints))
-        .route("/admin/endpoints/{endpoint}", get(admin_endpoint))
-        .route("/admin/endpoints/{endpoint}/{action}", post(admin_act))
+        .merge(super::admin::routes())
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -60,6 +59,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
                 "method not allowed on this endpoint",
             )
         })
+        .layer(axum::middleware::from_fn(super::trace::traced))
         .with_state(state)
 }
 
@@ -75,8 +75,15 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({ "live": true }))
 }
 
+/// Ready once the first scan is done and while at least one model can answer.
 async fn ready(State(state): AppState) -> Result<Json<serde_json::Value>, ApiError> {
-    state.pipeline.repository().snapshot()?;
+    let snapshot = state.pipeline.repository().snapshot()?;
+    if !snapshot.serving() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no model can serve: the repository has no loaded version (GET /admin/status says why)",
+        ));
+    }
     Ok(Json(json!({ "ready": true })))
 }
 
@@ -157,19 +164,21 @@ async fn version_ready(
 async fn model_infer(
     State(state): AppState,
     Path(model): Path<String>,
+    Extension(traced): Extension<Traced>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    measured(&state, &model, None, &headers, body).await
+    measured(&state, &model, None, &traced, &headers, body).await
 }
 
 async fn version_infer(
     State(state): AppState,
     Path((model, version)): Path<(String, String)>,
+    Extension(traced): Extension<Traced>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    measured(&state, &model, Some(&version), &headers, body).await
+    measured(&state, &model, Some(&version), &traced, &headers, body).await
 }
 
 /// Who answered, for the metrics.
@@ -186,15 +195,22 @@ async fn measured(
     state: &HttpState,
     name: &str,
     version: Option<&str>,
+    traced: &Traced,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let Some(metrics) = &state.metrics else {
-        return infer(state, name, version, headers, body).await;
+    let Some(metrics) = telemetry::metrics() else {
+        return noted(
+            name,
+            infer(state, name, version, traced, headers, body).await,
+        );
     };
     let in_flight = metrics.in_flight();
     let started = std::time::Instant::now();
-    let result = infer(state, name, version, headers, body).await;
+    let result = noted(
+        name,
+        infer(state, name, version, traced, headers, body).await,
+    );
     drop(in_flight);
     let labels = match &result {
         Ok(reply) => {
@@ -210,6 +226,16 @@ async fn measured(
         Err(error) => failed_labels(state, name, error),
     };
     metrics.answered(labels, started.elapsed());
+    result
+}
+
+/// Server-side failures go to `/admin/status`'s recent errors.
+fn noted(name: &str, result: Result<Response, ApiError>) -> Result<Response, ApiError> {
+    if let Err(error) = &result
+        && error.status().is_server_error()
+    {
+        telemetry::note_error("request", format!("'{name}': {}", error.message()));
+    }
     result
 }
 
@@ -241,8 +267,8 @@ fn failed_labels(state: &HttpState, name: &str, error: &ApiError) -> RequestLabe
 }
 
 /// Every metric, in the OpenMetrics text format Prometheus scrapes.
-async fn metrics(State(state): AppState) -> Result<Response, ApiError> {
-    let metrics = state.metrics.as_ref().ok_or_else(|| {
+pub(super) async fn metrics() -> Result<Response, ApiError> {
+    let metrics = telemetry::metrics().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "metrics are off: set server.metrics = true",
@@ -266,6 +292,7 @@ async fn infer(
     state: &HttpState,
     model: &str,
     version: Option<&str>,
+    traced: &Traced,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -295,8 +322,17 @@ async fn infer(
         ),
     };
     let body = read_body(body, headers, state.max_body_bytes).await?;
-    let (request, encoding) = codec::decode_request(&body, json_length)?;
+    let (mut request, encoding) = codec::decode_request(&body, json_length)?;
     drop(body);
+    // The client's id; else the caller's trace id; else one of the server's.
+    let id = match (&request.id, traced.trace.from_caller) {
+        (Some(id), _) => id.clone(),
+        (None, true) => traced.trace.trace_id.clone(),
+        (None, false) => state.pipeline.new_id(),
+    };
+    traced.set_id(&id);
+    request.id = Some(id);
+    request.trace_id = Some(traced.trace.trace_id.clone());
     let lookup = |name: &str| {
         headers
             .get(name)
@@ -371,209 +407,6 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-fn unix_seconds(time: Option<std::time::SystemTime>) -> serde_json::Value {
-    time.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(serde_json::Value::Null, |d| json!(d.as_secs_f64()))
-}
-
-async fn admin_plugins(
-    State(state): AppState,
-    headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    state.tokens.authorize(&headers, Role::Read)?;
-    let library = state.pipeline.plugins();
-    let plugins: Vec<serde_json::Value> = library
-        .files
-        .values()
-        .map(|f| {
-            let state = match (&f.prepared, &f.error) {
-                (Some(_), None) => "serving",
-                (Some(_), Some(_)) => "serving previous version; new file refused",
-                (None, _) => "refused",
-            };
-            json!({
-                "name": f.name,
-                "world": f.prepared.as_ref().map(|p| p.world.as_str()),
-                "hash": f.hash,
-                "loaded_at": unix_seconds(f.loaded_at),
-                "state": state,
-                "last_error": f.error,
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "plugins": plugins })))
-}
-
-/// An endpoint's configuration and live counters, as `/admin/endpoints` lists them.
-fn endpoint_summary(e: &Endpoint, error: Option<&String>) -> serde_json::Value {
-    let variants: Vec<serde_json::Value> = e
-        .variants
-        .iter()
-        .map(|v| {
-            let stats = v.stats.snapshot();
-            json!({
-                "name": v.name, "model": v.model, "version": v.version,
-                "requests": stats.requests, "errors": stats.errors,
-                "latency_p50_us": stats.latency_p50_us, "latency_p99_us": stats.latency_p99_us,
-                "reward_count": stats.reward_count, "reward_sum": stats.reward_sum,
-            })
-        })
-        .collect();
-    json!({
-        "name": e.name,
-        "variants": variants,
-        "default_variant": e.variants[e.default_variant].name,
-        "fallback_variant": e.fallback.map(|f| &e.variants[f].name),
-        "latency_budget_ms": e.latency_budget.map(|b| b.as_millis() as u64),
-        "router": e.router.as_ref().map(|r| json!({"plugin": r.plugin, "failures": r.pool.failures()})),
-        "processors": e.processors.iter().map(|p| json!({"plugin": p.plugin, "failures": p.pool.failures()})).collect::<Vec<_>>(),
-        "flags": e.flags.iter().map(|f| json!({"plugin": f.plugin, "failures": f.pool.failures()})).collect::<Vec<_>>(),
-        "flag_routing": e.flag_route.as_ref().map(|f| json!({
-            "flag": f.flag,
-            "variants": f.variants.iter().map(|(value, i)| (value.clone(), e.variants[*i].name.clone())).collect::<std::collections::BTreeMap<_, _>>(),
-        })),
-        "error": error,
-    })
-}
-
-async fn admin_endpoints(
-    State(state): AppState,
-    headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    state.tokens.authorize(&headers, Role::Read)?;
-    let set = state.pipeline.endpoints();
-    let mut endpoints: Vec<serde_json::Value> = set
-        .endpoints
-        .values()
-        .map(|e| endpoint_summary(e, set.errors.get(&e.name)))
-        .collect();
-    endpoints.extend(
-        set.errors
-            .iter()
-            .filter(|(name, _)| !set.endpoints.contains_key(*name))
-            .map(|(name, error)| json!({ "name": name, "error": error })),
-    );
-    Ok(Json(json!({ "endpoints": endpoints })))
-}
-
-fn endpoint(set: &EndpointSet, name: &str) -> Result<Arc<Endpoint>, ApiError> {
-    set.endpoints
-        .get(name)
-        .cloned()
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint '{name}'")))
-}
-
-/// Plugin calls may block (WASI), so they run on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(|join| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{what} crashed ({join})"),
-        )
-    })
-}
-
-/// One endpoint in full: its summary, the router's strategy state, its flags (with
-/// expired ones marked), the last routing decisions and what its shadows did.
-async fn admin_endpoint(
-    State(state): AppState,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    state.tokens.authorize(&headers, Role::Read)?;
-    let set = state.pipeline.endpoints();
-    let error = set.errors.get(&name);
-    let e = match (endpoint(&set, &name), error) {
-        (Ok(e), _) => e,
-        // Configured but never built: what went wrong is all there is to show.
-        (Err(_), Some(error)) => return Ok(Json(json!({ "name": name, "error": error }))),
-        (Err(missing), None) => return Err(missing),
-    };
-    let mut body = endpoint_summary(&e, error);
-    let (strategy, flags) = blocking("describing the endpoint", {
-        let e = e.clone();
-        move || (e.describe_strategy(), e.flag_infos())
-    })
-    .await?;
-    body["strategy"] = json!(strategy);
-    body["flag_definitions"] = flags
-        .into_iter()
-        .map(|(plugin, infos)| match infos {
-            Ok(infos) => json!({
-                "plugin": plugin,
-                "flags": infos.iter().map(|f| json!({
-                    "key": f.key, "state": f.state, "default_variant": f.default_variant,
-                    "variants": f.variants,
-                    "metadata": f.metadata.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-                    "expired": f.expired,
-                })).collect::<Vec<_>>(),
-            }),
-            Err(error) => json!({ "plugin": plugin, "error": error }),
-        })
-        .collect();
-    body["recent_decisions"] = json!(e.recent.list());
-    body["shadows"] = shadow_reports(&e);
-    Ok(Json(body))
-}
-
-fn shadow_reports(e: &Endpoint) -> serde_json::Value {
-    e.variants
-        .iter()
-        .map(|v| (v.name.clone(), v.shadow.report()))
-        .filter(|(_, r)| r.runs + r.dropped > 0)
-        .map(|(name, r)| (name, json!(r)))
-        .collect::<serde_json::Map<_, _>>()
-        .into()
-}
-
-/// `POST /admin/endpoints/{e}/weights|promote|rollback`: the router applies it to its
-/// state; answers with the router's account of the new state.
-async fn admin_act(
-    State(state): AppState,
-    Path((name, action)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let token = state
-        .tokens
-        .authorize(&headers, Role::Admin)?
-        .unwrap_or_default()
-        .to_string();
-    if !["weights", "promote", "rollback"].contains(&action.as_str()) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no action '{action}'; endpoints take weights, promote and rollback"),
-        ));
-    }
-    let e = endpoint(&state.pipeline.endpoints(), &name)?;
-    let args = String::from_utf8_lossy(&body).into_owned();
-    let done = blocking("the admin action", {
-        let action = action.clone();
-        move || e.act(&action, &args)
-    })
-    .await?;
-    match done {
-        Ok(strategy) => {
-            tracing::info!(target: "modelyard::audit", token = %token, endpoint = %name, %action, %strategy, "endpoint changed through the admin API");
-            Ok(Json(
-                json!({ "endpoint": name, "action": action, "strategy": strategy }),
-            ))
-        }
-        Err(error) => {
-            tracing::warn!(target: "modelyard::audit", token = %token, endpoint = %name, %action, %error, "admin action refused");
-            let status = match error {
-                ActError::Refused { .. } => StatusCode::BAD_REQUEST,
-                ActError::NoRouter(_) | ActError::Contended(_) => StatusCode::CONFLICT,
-                ActError::Plugin { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Err(ApiError::new(status, error.to_string()))
-        }
-    }
-}
-
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FeedbackRequest {
@@ -629,48 +462,4 @@ async fn feedback(
             ),
         )),
     }
-}
-
-/// Per arm of an endpoint: traffic, errors, latency and rewards; and each arm compared with
-/// the default variant (the control) on mean reward.
-async fn admin_experiment(
-    State(state): AppState,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    state.tokens.authorize(&headers, Role::Read)?;
-    let e = endpoint(&state.pipeline.endpoints(), &name)?;
-    let snapshots: Vec<_> = e.variants.iter().map(|v| v.stats.snapshot()).collect();
-    let arms: Vec<serde_json::Value> = e
-        .variants
-        .iter()
-        .zip(&snapshots)
-        .map(|(v, s)| {
-            json!({
-                "variant": v.name, "requests": s.requests, "errors": s.errors,
-                "latency_p50_us": s.latency_p50_us, "latency_p99_us": s.latency_p99_us,
-                "reward_count": s.reward_count,
-                "reward_mean": (s.reward_count > 0).then(|| s.reward_sum / s.reward_count as f64),
-            })
-        })
-        .collect();
-    let control = &snapshots[e.default_variant];
-    let comparisons: Vec<serde_json::Value> = e
-        .variants
-        .iter()
-        .zip(&snapshots)
-        .enumerate()
-        .filter(|(i, _)| *i != e.default_variant)
-        .map(|(_, (v, s))| {
-            json!({
-                "control": e.variants[e.default_variant].name,
-                "treatment": v.name,
-                "result": compare(control, s),
-            })
-        })
-        .collect();
-    Ok(Json(json!({
-        "endpoint": name, "arms": arms, "comparisons": comparisons,
-        "shadows": shadow_reports(&e),
-    })))
 }

@@ -13,13 +13,14 @@ mod context;
 mod endpoints;
 mod experiment;
 mod feedback;
+mod sampling;
 mod shadow;
 mod stats;
 mod strategy;
 mod validate;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
@@ -28,7 +29,9 @@ use crate::backend;
 use crate::config::ProcessorFailure;
 use crate::plugins::Library;
 use crate::registry::{LoadedVersion, LookupError, ModelRepository};
+use crate::telemetry::{self, Change};
 use crate::tensor::Tensor;
+use sampling::{Outcome, Sampled};
 
 pub use endpoints::{Build, Endpoint, EndpointSet, Variant};
 pub use experiment::{Comparison, compare};
@@ -48,6 +51,8 @@ pub struct InferRequest {
     /// The request's OIP `parameters` with scalar values, as text: plugins see them as
     /// attributes (`targeting_key` becomes the targeting key).
     pub parameters: Vec<(String, String)>,
+    /// The W3C trace the request belongs to, for the request log.
+    pub trace_id: Option<String>,
 }
 
 /// What the model answered, ready to encode.
@@ -120,11 +125,7 @@ pub struct Options {
 }
 
 /// Milliseconds since the Unix epoch: the time plugins are told.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use crate::telemetry::now_ms;
 
 /// Which variant answers a request, and why.
 struct Routing {
@@ -138,6 +139,8 @@ struct Answered {
     variant: usize,
     reason: String,
     shadows: Vec<usize>,
+    /// The flags evaluated for the request (`flag.<name>`, value).
+    flags: Vec<(String, String)>,
     result: Result<InferResponse, InferError>,
 }
 
@@ -169,6 +172,11 @@ impl Pipeline {
     /// Credits a client's reward to the variant that answered request `id` of `endpoint`.
     pub fn feedback(&self, endpoint: &str, id: &str, reward: f64) -> Feedback {
         self.feedback.reward(endpoint, id, reward)
+    }
+
+    /// A fresh request id, for requests that came without one.
+    pub fn new_id(&self) -> String {
+        self.feedback.host_id()
     }
 
     pub fn endpoints(&self) -> Arc<EndpointSet> {
@@ -209,6 +217,29 @@ impl Pipeline {
                 .into());
             }
         }
+        let sampled = Sampled::start(&request.inputs);
+        let (id, trace_id) = (request.id.clone(), request.trace_id.clone());
+        let result = self.infer_model(name, version, request).await;
+        if let Some(sampled) = sampled {
+            sampled.finish(Outcome {
+                id: id.unwrap_or_default(),
+                trace_id,
+                endpoint: name,
+                variant: None,
+                reason: None,
+                flags: &[],
+                result: &result,
+            });
+        }
+        result
+    }
+
+    async fn infer_model(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        request: InferRequest,
+    ) -> Result<InferResponse, InferError> {
         let target = self.repository.snapshot()?.resolve(name, version)?;
         validate::inputs(&target, &request.inputs)?;
         let wanted = request
@@ -238,6 +269,8 @@ impl Pipeline {
         headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
         let started = Instant::now();
+        let sampled = Sampled::start(&request.inputs);
+        let trace_id = request.trace_id.clone();
         // Every answer of an endpoint has an id, so that feedback can name it.
         let id = request
             .id
@@ -268,6 +301,17 @@ impl Pipeline {
             fallback, ?shadows, status, latency_us = started.elapsed().as_micros() as u64,
             "routed"
         );
+        if let Some(sampled) = sampled {
+            sampled.finish(Outcome {
+                id: id.clone(),
+                trace_id,
+                endpoint: &endpoint.name,
+                variant: Some(variant),
+                reason: Some(&answered.reason),
+                flags: &answered.flags,
+                result: &result,
+            });
+        }
         endpoint.recent.push(DecisionRecord {
             id,
             at_ms,
@@ -369,8 +413,10 @@ impl Pipeline {
             variant: variant.unwrap_or(default),
             reason,
             shadows: Vec::new(),
+            flags: Vec::new(),
             result: Err(result),
         };
+        let queued = Instant::now();
         let slot = match self.slot(&endpoint.name).await {
             Ok(slot) => slot,
             Err(error) => return failed("not served".to_string(), error),
@@ -378,13 +424,24 @@ impl Pipeline {
         let (serving, repository) = (endpoint.clone(), self.repository.clone());
         let shadows = self.shadows.clone();
         let id = ctx.id.clone();
+        let span = tracing::Span::current();
         // Plugins and model run together on the blocking pool: one hand-off per request,
         // and WASI's blocking host calls (a guest writing a panic message, say) may block
         // there, which they may not on the reactor.
         let answered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
+            let _span = span.enter();
+            if let Some(metrics) = telemetry::metrics() {
+                metrics.queued(&serving.name, queued.elapsed());
+            }
             let mut ctx = ctx;
             evaluate_flags(&serving, &mut ctx);
+            let flags: Vec<(String, String)> = ctx
+                .attributes
+                .iter()
+                .filter(|(k, _)| k.starts_with("flag."))
+                .cloned()
+                .collect();
             let routing = match variant {
                 Some(index) => Routing {
                     index,
@@ -406,6 +463,7 @@ impl Pipeline {
                         ctx: ctx.clone(),
                         inputs: inputs.clone(),
                         primary: primary.clone(),
+                        span: tracing::Span::current(),
                     });
                 }
             }
@@ -413,6 +471,7 @@ impl Pipeline {
                 variant: routing.index,
                 reason: routing.reason,
                 shadows: routing.shadows,
+                flags,
                 result,
             }
         })
@@ -450,21 +509,42 @@ impl Pipeline {
         target: &Arc<LoadedVersion>,
         inputs: Vec<Tensor>,
     ) -> Result<Vec<Tensor>, InferError> {
-        let failed = |reason: String| InferError::Backend {
-            model: target.model.clone(),
-            version: target.version,
-            reason,
-        };
+        let queued = Instant::now();
         let slot = self.slot(&target.model).await?;
         let running = target.clone();
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            backend::run(&running.graph, inputs)
+            let _span = span.enter();
+            if let Some(metrics) = telemetry::metrics() {
+                metrics.queued(&running.model, queued.elapsed());
+            }
+            run_model(&running, inputs)
         })
         .await
-        .map_err(|join| failed(format!("the backend crashed ({join})")))?
-        .map_err(|error| failed(error.to_string()))
+        .map_err(|join| InferError::Backend {
+            model: target.model.clone(),
+            version: target.version,
+            reason: format!("the backend crashed ({join})"),
+        })?
     }
+}
+
+/// The model itself, counted: its inputs join the drift window, its run is timed.
+fn run_model(target: &LoadedVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError> {
+    if let Some(drift) = &target.drift {
+        drift.observe(&inputs);
+    }
+    let started = Instant::now();
+    let result = backend::run(&target.graph, inputs);
+    if let Some(metrics) = telemetry::metrics() {
+        metrics.inferred(&target.model, target.version, started.elapsed());
+    }
+    result.map_err(|error| InferError::Backend {
+        model: target.model.clone(),
+        version: target.version,
+        reason: error.to_string(),
+    })
 }
 
 /// The `wanted` outputs, in that order; all of them when nothing was asked for.
@@ -486,11 +566,18 @@ fn select(mut outputs: Vec<Tensor>, wanted: Option<Vec<String>>) -> Vec<Tensor> 
 fn evaluate_flags(endpoint: &Endpoint, ctx: &mut crate::plugins::RequestContext) {
     for flags in &endpoint.flags {
         match flags.pool.evaluate(ctx) {
-            Ok(evaluations) => ctx.attributes.extend(
-                evaluations
-                    .into_iter()
-                    .map(|e| (format!("flag.{}", e.flag), e.variant)),
-            ),
+            Ok(evaluations) => {
+                if let Some(metrics) = telemetry::metrics() {
+                    for e in &evaluations {
+                        metrics.flag_evaluated(&endpoint.name, &e.flag, &e.variant);
+                    }
+                }
+                ctx.attributes.extend(
+                    evaluations
+                        .into_iter()
+                        .map(|e| (format!("flag.{}", e.flag), e.variant)),
+                )
+            }
             Err(error) => {
                 tracing::warn!(endpoint = %endpoint.name, %error, "flags plugin failed; its flags are unset")
             }
@@ -531,7 +618,15 @@ fn route(endpoint: &Endpoint, ctx: &crate::plugins::RequestContext) -> Routing {
     if let Some(new) = decision.state
         && endpoint.strategy.replace(&state, new)
     {
-        tracing::info!(endpoint = %endpoint.name, plugin = %router.plugin, reason = %decision.reason, state = %endpoint.strategy.load(), "routing state changed");
+        telemetry::audit(Change {
+            kind: "endpoint.state",
+            actor: format!("plugin:{}", router.plugin),
+            subject: endpoint.name.clone(),
+            endpoint: Some(endpoint.name.clone()),
+            from: Some(state.to_string()),
+            to: Some(endpoint.strategy.load().to_string()),
+            detail: Some(decision.reason.clone()),
+        });
     }
     let index_of = |name: &str| endpoint.variants.iter().position(|v| v.name == name);
     let Some(index) = index_of(&decision.primary) else {
@@ -570,11 +665,7 @@ fn serve_variant(
         .snapshot()?
         .resolve(&variant.model, version.as_deref())?;
     validate::inputs(&target, &inputs)?;
-    let mut outputs = backend::run(&target.graph, inputs).map_err(|error| InferError::Backend {
-        model: target.model.clone(),
-        version: target.version,
-        reason: error.to_string(),
-    })?;
+    let mut outputs = run_model(&target, inputs)?;
     for processor in endpoint.processors.iter().rev() {
         outputs = process(endpoint, outputs, |t| processor.pool.postprocess(ctx, t))?;
     }

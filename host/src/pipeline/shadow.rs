@@ -15,6 +15,7 @@ use super::stats::{StatsSnapshot, VariantCounters};
 use super::{InferRequest, serve_variant};
 use crate::plugins::RequestContext;
 use crate::registry::ModelRepository;
+use crate::telemetry::{self, Comparison};
 use crate::tensor::{DataType, Tensor};
 
 /// What one variant did in the shadow of an endpoint.
@@ -99,6 +100,8 @@ pub struct ShadowJob {
     pub inputs: Arc<Vec<Tensor>>,
     /// What the primary answered, to compare with.
     pub primary: Arc<Vec<Tensor>>,
+    /// The request's span, so the shadow's log lines carry its id.
+    pub span: tracing::Span,
 }
 
 /// The queue in front of the shadow thread.
@@ -125,16 +128,18 @@ impl ShadowQueue {
         if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) =
             self.jobs.try_send(job)
         {
-            job.endpoint.variants[job.variant]
-                .shadow
-                .dropped
-                .fetch_add(1, Ordering::Relaxed);
+            let variant = &job.endpoint.variants[job.variant];
+            variant.shadow.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Some(metrics) = telemetry::metrics() {
+                metrics.shadow_dropped(&job.endpoint.name, &variant.name);
+            }
         }
     }
 }
 
 fn work(queue: &Receiver<ShadowJob>, repository: &ModelRepository) {
     while let Ok(job) = queue.recv() {
+        let _span = job.span.enter();
         let started = Instant::now();
         let variant = &job.endpoint.variants[job.variant];
         let request = InferRequest {
@@ -149,12 +154,27 @@ fn work(queue: &Receiver<ShadowJob>, repository: &ModelRepository) {
         counters
             .runs
             .record(started.elapsed(), !matches!(result, Ok(Ok(_))));
+        let outcome = match &result {
+            Ok(Ok(answer)) => {
+                let agreement = compare(&job.primary, &answer.outputs);
+                counters
+                    .agreement
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .add(agreement);
+                if agreement.agreed < agreement.compared || agreement.mismatched > 0 {
+                    Comparison::Disagreed
+                } else {
+                    Comparison::Agreed
+                }
+            }
+            _ => Comparison::Failed,
+        };
+        if let Some(metrics) = telemetry::metrics() {
+            metrics.shadow_compared(&job.endpoint.name, &variant.name, outcome);
+        }
         match result {
-            Ok(Ok(answer)) => counters
-                .agreement
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .add(compare(&job.primary, &answer.outputs)),
+            Ok(Ok(_)) => {}
             Ok(Err(error)) => {
                 tracing::debug!(endpoint = %job.endpoint.name, shadow = %variant.name, %error, "shadow failed")
             }

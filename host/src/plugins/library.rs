@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{PluginEngine, Prepared, component_hash};
+use crate::telemetry::{self, Change, Load};
 use crate::watch::is_ignored;
 
 /// One `*.wasm` file of the plugin directory.
@@ -64,6 +65,10 @@ impl Library {
             };
             files.insert(name.to_string(), file);
         }
+        for gone in previous.files.keys().filter(|n| !files.contains_key(*n)) {
+            tracing::info!(plugin = %gone, "plugin file removed");
+            report(gone, Load::Unloaded, "plugin.removed", None, None);
+        }
         Library { files }
     }
 
@@ -81,6 +86,14 @@ impl Library {
         match engine.prepare(name, bytes) {
             Ok(prepared) => {
                 tracing::info!(plugin = name, world = prepared.world.as_str(), hash = %seen, "plugin loaded");
+                let from = before.and_then(|b| b.hash.clone());
+                let kind = if from.is_some() {
+                    "plugin.swapped"
+                } else {
+                    "plugin.loaded"
+                };
+                let to = format!("{} world, sha256 {seen}", prepared.world.as_str());
+                report(name, Load::Loaded, kind, from, Some((to, None)));
                 PluginFile {
                     name: name.to_string(),
                     hash: Some(seen.clone()),
@@ -92,6 +105,13 @@ impl Library {
             }
             Err(error) => {
                 tracing::error!(plugin = name, file = %path.display(), %error, "plugin file refused; the previous version keeps serving");
+                report(
+                    name,
+                    Load::Refused,
+                    "plugin.refused",
+                    before.and_then(|b| b.hash.clone()),
+                    Some((format!("sha256 {seen}"), Some(error.to_string()))),
+                );
                 PluginFile {
                     name: name.to_string(),
                     hash: before.and_then(|b| b.hash.clone()),
@@ -103,4 +123,27 @@ impl Library {
             }
         }
     }
+}
+
+/// Counts a plugin file's load outcome and records it in the audit trail.
+fn report(
+    name: &str,
+    outcome: Load,
+    kind: &'static str,
+    from: Option<String>,
+    to_and_detail: Option<(String, Option<String>)>,
+) {
+    if let Some(metrics) = telemetry::metrics() {
+        metrics.plugin_load(name, outcome);
+    }
+    let (to, detail) = to_and_detail.map_or((None, None), |(to, detail)| (Some(to), detail));
+    telemetry::audit(Change {
+        kind,
+        actor: "file".to_string(),
+        subject: name.to_string(),
+        endpoint: None,
+        from,
+        to,
+        detail,
+    });
 }

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
@@ -14,6 +15,7 @@ use super::bindings::{
 };
 use super::sandbox::Sandbox;
 use super::{Limits, PluginError};
+use crate::telemetry::{PluginFailure, PluginMeter};
 
 /// What differs between the worlds when instantiating and configuring.
 pub trait World: Sized + 'static {
@@ -84,6 +86,7 @@ pub struct Pool<W: World> {
     engine: wasmtime::Engine,
     idle: Mutex<Vec<Live<W>>>,
     failures: AtomicU64,
+    meter: Option<PluginMeter>,
 }
 
 impl<W: World> Pool<W> {
@@ -104,13 +107,14 @@ impl<W: World> Pool<W> {
             ),
         })?;
         let pool = Pool {
-            name,
+            name: name.clone(),
             pre,
             config,
             limits,
             engine: engine.clone(),
             idle: Mutex::new(Vec::new()),
             failures: AtomicU64::new(0),
+            meter: crate::telemetry::metrics().map(|m| m.plugin_meter(&name, W::NAME)),
         };
         let first = pool.fresh()?;
         pool.give_back(first);
@@ -154,6 +158,18 @@ impl<W: World> Pool<W> {
         &self,
         call: impl FnOnce(&W::Bindings, &mut Store<Sandbox>) -> wasmtime::Result<Result<R, String>>,
     ) -> Result<R, PluginError> {
+        let started = Instant::now();
+        let result = self.call_once(call);
+        if let Some(meter) = &self.meter {
+            meter.call(started.elapsed(), result.as_ref().err().map(|(f, _)| *f));
+        }
+        result.map_err(|(_, error)| error)
+    }
+
+    fn call_once<R>(
+        &self,
+        call: impl FnOnce(&W::Bindings, &mut Store<Sandbox>) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, (PluginFailure, PluginError)> {
         let idle = self
             .idle
             .lock()
@@ -161,8 +177,9 @@ impl<W: World> Pool<W> {
             .pop();
         let mut live = match idle {
             Some(live) => live,
-            None => self.fresh().inspect_err(|_| {
+            None => self.fresh().map_err(|error| {
                 self.failures.fetch_add(1, Ordering::Relaxed);
+                (PluginFailure::Trap, error)
             })?,
         };
         live.store.set_epoch_deadline(self.limits.deadline_ticks());
@@ -175,14 +192,23 @@ impl<W: World> Pool<W> {
                 self.give_back(live);
                 Ok(value)
             }
-            Ok(Err(message)) => Err(PluginError::Failed {
-                plugin: self.name.to_string(),
-                message,
-            }),
-            Err(trap) => Err(PluginError::Trapped {
-                plugin: self.name.to_string(),
-                reason: trap_reason(&trap),
-            }),
+            Ok(Err(message)) => Err((
+                PluginFailure::Error,
+                PluginError::Failed {
+                    plugin: self.name.to_string(),
+                    message,
+                },
+            )),
+            Err(trap) => {
+                let (failure, reason) = trap_reason(&trap);
+                Err((
+                    failure,
+                    PluginError::Trapped {
+                        plugin: self.name.to_string(),
+                        reason,
+                    },
+                ))
+            }
         }
     }
 
@@ -196,7 +222,7 @@ impl<W: World> Pool<W> {
         call(&live.bindings, &mut live.store)
             .map_err(|trap| PluginError::Trapped {
                 plugin: self.name.to_string(),
-                reason: trap_reason(&trap),
+                reason: trap_reason(&trap).1,
             })?
             .map_err(|message| PluginError::Failed {
                 plugin: self.name.to_string(),
@@ -205,15 +231,19 @@ impl<W: World> Pool<W> {
     }
 }
 
-fn trap_reason(error: &wasmtime::Error) -> String {
+fn trap_reason(error: &wasmtime::Error) -> (PluginFailure, String) {
     match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => "ran past its CPU deadline".to_string(),
-        Some(trap) => format!("trapped: {trap}"),
+        Some(wasmtime::Trap::Interrupt) => (
+            PluginFailure::Timeout,
+            "ran past its CPU deadline".to_string(),
+        ),
+        Some(trap) => (PluginFailure::Trap, format!("trapped: {trap}")),
         // The store limiter's refusal to grow memory (trap_on_grow_failure).
-        None if format!("{error:#}").contains("forcing trap when growing memory") => {
-            "ran out of its memory limit".to_string()
-        }
-        None => format!("failed: {error:#}"),
+        None if format!("{error:#}").contains("forcing trap when growing memory") => (
+            PluginFailure::Memory,
+            "ran out of its memory limit".to_string(),
+        ),
+        None => (PluginFailure::Trap, format!("failed: {error:#}")),
     }
 }
 

@@ -9,6 +9,7 @@
 //! Owns: which models and versions exist, loading them through the backend, and answering
 //! "which graph serves model M (version V)?". Must not touch: HTTP, request validation.
 
+mod changes;
 mod model_config;
 mod scan;
 mod watch;
@@ -33,6 +34,9 @@ pub struct LoadedVersion {
     pub graph: Graph,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Follows the inputs against the training data's distribution, when the version
+    /// directory has a `reference.json`.
+    pub drift: Option<Arc<crate::telemetry::drift::DriftMonitor>>,
 }
 
 /// A version directory as the last scan found it.
@@ -95,6 +99,11 @@ pub enum LookupError {
 }
 
 impl Snapshot {
+    /// Whether any model has a version that can answer.
+    pub fn serving(&self) -> bool {
+        self.models.values().any(|m| m.default_version().is_some())
+    }
+
     pub fn model(&self, name: &str) -> Result<&Arc<Model>, LookupError> {
         self.models.get(name).ok_or_else(|| {
             LookupError::NotFound(format!(
@@ -190,6 +199,7 @@ impl ModelRepository {
         .await;
         match scanned {
             Ok(next) => {
+                changes::report(&self.current.load(), &next);
                 self.current.store(Arc::new(next));
                 self.ready.store(true, Ordering::Release);
             }

@@ -17,6 +17,9 @@ pub struct ModelConfig {
     #[serde(default)]
     pub outputs: Vec<TensorOverride>,
     pub card: Option<ModelCard>,
+    /// How drift against the versions' `reference.json` is judged.
+    #[serde(default)]
+    pub drift: crate::telemetry::drift::DriftConfig,
 }
 
 /// Which version directories are served: `"all"`, `{ latest = N }` or `{ specific = [..] }`.

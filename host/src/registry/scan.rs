@@ -10,10 +10,13 @@ use std::time::SystemTime;
 
 use super::{LoadedVersion, Model, ModelConfig, Snapshot, VersionEntry};
 use crate::backend::TractBackend;
+use crate::telemetry::drift::{DriftMonitor, Reference};
 use crate::watch::is_ignored;
 
 const MODEL_FILE: &str = "model.onnx";
 const CONFIG_FILE: &str = "model.toml";
+/// Beside a version's model file: its training inputs' distribution, for drift detection.
+const REFERENCE_FILE: &str = "reference.json";
 
 /// Enough of a file's metadata to tell that it changed since it was last read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +140,7 @@ fn scan_version(
                     graph: graph.graph,
                     inputs: graph.inputs,
                     outputs: graph.outputs,
+                    drift: drift_monitor(dir, name, version, config),
                 })),
                 refused: None,
                 stamp,
@@ -156,6 +160,35 @@ fn scan_version(
                 refused: Some(Arc::from(format!("{} refused: {reason}", path.display()))),
                 stamp,
             }
+        }
+    }
+}
+
+/// The drift monitor of a version whose directory holds a reference distribution; a
+/// reference that cannot be used is logged and the version served without one.
+fn drift_monitor(
+    dir: &Path,
+    name: &str,
+    version: u64,
+    config: &ModelConfig,
+) -> Option<Arc<DriftMonitor>> {
+    let path = dir.join(version.to_string()).join(REFERENCE_FILE);
+    if !path.is_file() {
+        return None;
+    }
+    let reference = fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice::<Reference>(&bytes).map_err(|e| e.to_string()))
+        .and_then(|r| r.check().map(|()| r).map_err(|e| e.to_string()));
+    match reference {
+        Ok(reference) => Some(Arc::new(DriftMonitor::new(reference, config.drift))),
+        Err(reason) => {
+            tracing::error!(model = name, version, file = %path.display(), %reason, "drift reference refused; the version serves without drift detection");
+            crate::telemetry::note_error(
+                "drift.reference",
+                format!("{}: {reason}", path.display()),
+            );
+            None
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use notify_debouncer_mini::notify::RecursiveMode;
+use notify::RecursiveMode;
 
 use super::ModelRepository;
 use crate::watch::Watch;
@@ -28,7 +28,7 @@ impl ModelRepository {
         if !self.dir.is_dir() {
             return Err(WatchError::Missing(self.dir.clone()));
         }
-        let watch = Watch::new(&[(&self.dir, RecursiveMode::Recursive)])?;
+        let watch = Watch::new(&[(&self.dir, RecursiveMode::Recursive)], |_| true)?;
         let repository = self.clone();
         Ok(tokio::spawn(async move {
             repository.rescan().await;

@@ -1,9 +1,9 @@
 //! The metrics Prometheus scrapes at `/metrics`, in the OpenMetrics text format. Every
-//! label value comes from the configuration or the model repository (endpoint, variant,
-//! model, version) or a small fixed set (status), never from a request as sent, so the
+//! label value comes from the configuration, the model repository, the plugin directory or
+//! a small fixed set (status, outcome, reason), never from a request as sent, so the
 //! number of series stays bounded whatever clients send.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -31,18 +31,143 @@ struct EndpointLabel {
     endpoint: String,
 }
 
-type Seconds = Family<EndpointLabel, Histogram, fn() -> Histogram>;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+    world: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginFailureLabels {
+    plugin: String,
+    world: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoadLabels {
+    /// A plugin file's name or a model's.
+    name: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowLabels {
+    endpoint: String,
+    variant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ComparisonLabels {
+    endpoint: String,
+    variant: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlagLabels {
+    endpoint: String,
+    flag: String,
+    variant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabels {
+    model: String,
+    version: String,
+    feature: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+type Ratio = Gauge<f64, AtomicU64>;
 
 fn seconds() -> Histogram {
     // 50 µs to ~1.6 s, doubling: the range between a tiny model and a slow one.
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
+fn plugin_seconds() -> Histogram {
+    // 1 µs to ~0.5 s: a plugin call is usually a few microseconds, a stuck one its deadline.
+    Histogram::new(exponential_buckets(0.000_001, 2.0, 20))
+}
+
+/// Why a plugin call failed, as the `reason` label says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginFailure {
+    /// The plugin returned an error.
+    Error,
+    /// It ran past its CPU deadline.
+    Timeout,
+    /// It ran out of its memory limit.
+    Memory,
+    /// Any other trap, or an instance that could not be made.
+    Trap,
+}
+
+impl PluginFailure {
+    fn label(self) -> &'static str {
+        match self {
+            PluginFailure::Error => "error",
+            PluginFailure::Timeout => "timeout",
+            PluginFailure::Memory => "memory",
+            PluginFailure::Trap => "trap",
+        }
+    }
+}
+
+/// What became of a plugin file or a model version on a rescan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    Loaded,
+    Refused,
+    Unloaded,
+}
+
+impl Load {
+    fn label(self) -> &'static str {
+        match self {
+            Load::Loaded => "loaded",
+            Load::Refused => "refused",
+            Load::Unloaded => "unloaded",
+        }
+    }
+}
+
+/// How a shadow's answer compared with the primary's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Comparison {
+    /// Every compared row or label matched (or only numbers were compared).
+    Agreed,
+    Disagreed,
+    /// The shadow failed, so there was nothing to compare.
+    Failed,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    request_seconds: Seconds,
-    in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    request_seconds: Histograms<EndpointLabel>,
+    queue_seconds: Histograms<EndpointLabel>,
+    inference_seconds: Histograms<ModelLabels>,
+    in_flight: Gauge<i64, AtomicI64>,
+    plugin_calls: Family<PluginLabels, Counter>,
+    plugin_failures: Family<PluginFailureLabels, Counter>,
+    plugin_seconds: Histograms<PluginLabels>,
+    plugin_loads: Family<LoadLabels, Counter>,
+    model_loads: Family<LoadLabels, Counter>,
+    shadow_comparisons: Family<ComparisonLabels, Counter>,
+    shadow_dropped: Family<ShadowLabels, Counter>,
+    flag_evaluations: Family<FlagLabels, Counter>,
+    drift_ks: Family<FeatureLabels, Ratio>,
+    drift_psi: Family<FeatureLabels, Ratio>,
+    drifted: Family<FeatureLabels, Gauge>,
+    request_log_dropped: Counter,
 }
 
 /// Counts a request as in flight until dropped.
@@ -54,32 +179,168 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// One plugin's call counters, looked up once when its instances are prepared so that a
+/// call costs two atomic adds and no label hashing.
+#[derive(Clone)]
+pub struct PluginMeter {
+    labels: PluginLabels,
+    calls: Counter,
+    seconds: Histogram,
+}
+
+impl PluginMeter {
+    pub fn call(&self, took: Duration, failure: Option<PluginFailure>) {
+        self.calls.inc();
+        self.seconds.observe(took.as_secs_f64());
+        if let Some(failure) = failure
+            && let Some(metrics) = super::metrics()
+        {
+            metrics
+                .plugin_failures
+                .get_or_create(&PluginFailureLabels {
+                    plugin: self.labels.plugin.clone(),
+                    world: self.labels.world.clone(),
+                    reason: failure.label(),
+                })
+                .inc();
+        }
+    }
+}
+
+fn register<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Metrics {
-        let mut registry = Registry::with_prefix("modelyard");
-        let requests = Family::<RequestLabels, Counter<u64, AtomicU64>>::default();
-        registry.register(
+        let mut r = Registry::with_prefix("modelyard");
+        let requests = register(
+            &mut r,
             "requests",
             "Inference requests answered, by endpoint, variant, model, version and HTTP status",
-            requests.clone(),
+            Family::default(),
         );
-        let request_seconds = Seconds::new_with_constructor(seconds);
-        registry.register(
+        let request_seconds = register(
+            &mut r,
             "request_duration_seconds",
             "Time from a decoded inference request to its encoded answer, by endpoint",
-            request_seconds.clone(),
+            Histograms::new_with_constructor(seconds),
         );
-        let in_flight = Gauge::default();
-        registry.register(
+        let queue_seconds = register(
+            &mut r,
+            "queue_duration_seconds",
+            "Time a request waited for an inference slot and a thread, by endpoint or model",
+            Histograms::new_with_constructor(seconds),
+        );
+        let inference_seconds = register(
+            &mut r,
+            "inference_duration_seconds",
+            "Time the backend took to run a model, by model and version",
+            Histograms::new_with_constructor(seconds),
+        );
+        let in_flight = register(
+            &mut r,
             "requests_in_flight",
             "Inference requests being served",
-            in_flight.clone(),
+            Gauge::default(),
+        );
+        let plugin_calls = register(
+            &mut r,
+            "plugin_calls",
+            "Plugin calls, by plugin file and world",
+            Family::default(),
+        );
+        let plugin_failures = register(
+            &mut r,
+            "plugin_failures",
+            "Failed plugin calls, by plugin, world and reason (error, timeout, memory, trap)",
+            Family::default(),
+        );
+        let plugin_seconds = register(
+            &mut r,
+            "plugin_call_duration_seconds",
+            "Time one plugin call took, by plugin and world",
+            Histograms::new_with_constructor(plugin_seconds),
+        );
+        let plugin_loads = register(
+            &mut r,
+            "plugin_loads",
+            "Plugin files loaded, refused or unloaded, by file name and outcome",
+            Family::default(),
+        );
+        let model_loads = register(
+            &mut r,
+            "model_loads",
+            "Model versions loaded, refused or unloaded, by model and outcome",
+            Family::default(),
+        );
+        let shadow_comparisons = register(
+            &mut r,
+            "shadow_comparisons",
+            "Shadow answers compared with the primary's, by endpoint, shadow variant and result (agreed, disagreed, failed)",
+            Family::default(),
+        );
+        let shadow_dropped = register(
+            &mut r,
+            "shadow_dropped",
+            "Shadow copies dropped because the shadow queue was full, by endpoint and shadow variant",
+            Family::default(),
+        );
+        let flag_evaluations = register(
+            &mut r,
+            "flag_evaluations",
+            "Feature flag evaluations, by endpoint, flag and the variant it evaluated to",
+            Family::default(),
+        );
+        let drift_ks = register(
+            &mut r,
+            "drift_ks",
+            "Kolmogorov-Smirnov statistic of a feature's recent inputs against its reference",
+            Family::default(),
+        );
+        let drift_psi = register(
+            &mut r,
+            "drift_psi",
+            "Population stability index of a feature's recent inputs against its reference",
+            Family::default(),
+        );
+        let drifted = register(
+            &mut r,
+            "drift_drifted",
+            "1 while a feature's drift is over its model's threshold, else 0",
+            Family::default(),
+        );
+        let request_log_dropped = register(
+            &mut r,
+            "request_log_dropped",
+            "Sampled request records dropped because the store or the CloudEvents sink fell behind",
+            Counter::default(),
         );
         Metrics {
-            registry,
+            registry: r,
             requests,
             request_seconds,
+            queue_seconds,
+            inference_seconds,
             in_flight,
+            plugin_calls,
+            plugin_failures,
+            plugin_seconds,
+            plugin_loads,
+            model_loads,
+            shadow_comparisons,
+            shadow_dropped,
+            flag_evaluations,
+            drift_ks,
+            drift_psi,
+            drifted,
+            request_log_dropped,
         }
     }
 }
@@ -97,6 +358,102 @@ impl Metrics {
             })
             .observe(took.as_secs_f64());
         self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn queued(&self, endpoint: &str, took: Duration) {
+        self.queue_seconds
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn inferred(&self, model: &str, version: u64, took: Duration) {
+        self.inference_seconds
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+                version: version.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn plugin_meter(&self, plugin: &str, world: &str) -> PluginMeter {
+        let labels = PluginLabels {
+            plugin: plugin.to_string(),
+            world: world.to_string(),
+        };
+        PluginMeter {
+            calls: self.plugin_calls.get_or_create(&labels).clone(),
+            seconds: self.plugin_seconds.get_or_create(&labels).clone(),
+            labels,
+        }
+    }
+
+    pub fn plugin_load(&self, plugin: &str, outcome: Load) {
+        self.plugin_loads
+            .get_or_create(&LoadLabels {
+                name: plugin.to_string(),
+                outcome: outcome.label(),
+            })
+            .inc();
+    }
+
+    pub fn model_load(&self, model: &str, outcome: Load) {
+        self.model_loads
+            .get_or_create(&LoadLabels {
+                name: model.to_string(),
+                outcome: outcome.label(),
+            })
+            .inc();
+    }
+
+    pub fn shadow_compared(&self, endpoint: &str, variant: &str, result: Comparison) {
+        self.shadow_comparisons
+            .get_or_create(&ComparisonLabels {
+                endpoint: endpoint.to_string(),
+                variant: variant.to_string(),
+                result: match result {
+                    Comparison::Agreed => "agreed",
+                    Comparison::Disagreed => "disagreed",
+                    Comparison::Failed => "failed",
+                },
+            })
+            .inc();
+    }
+
+    pub fn shadow_dropped(&self, endpoint: &str, variant: &str) {
+        self.shadow_dropped
+            .get_or_create(&ShadowLabels {
+                endpoint: endpoint.to_string(),
+                variant: variant.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn flag_evaluated(&self, endpoint: &str, flag: &str, variant: &str) {
+        self.flag_evaluations
+            .get_or_create(&FlagLabels {
+                endpoint: endpoint.to_string(),
+                flag: flag.to_string(),
+                variant: variant.to_string(),
+            })
+            .inc();
+    }
+
+    /// A feature's latest drift figures.
+    pub fn drift(&self, model: &str, version: u64, feature: &str, ks: f64, psi: f64, over: bool) {
+        let labels = FeatureLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+            feature: feature.to_string(),
+        };
+        self.drift_ks.get_or_create(&labels).set(ks);
+        self.drift_psi.get_or_create(&labels).set(psi);
+        self.drifted.get_or_create(&labels).set(i64::from(over));
+    }
+
+    pub fn request_log_dropped(&self) {
+        self.request_log_dropped.inc();
     }
 
     /// Every metric in the OpenMetrics text format.

@@ -1,0 +1,296 @@
+//! The operator API under `/admin/`: plugins, endpoints and their strategies, experiments,
+//! the audit trail and request log, drift, model cards and a status summary. Reads need a
+//! read token once any exist; changes need an admin token.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use super::{ApiError, HttpState};
+use crate::config::Role;
+use crate::pipeline::{ActError, Endpoint, EndpointSet, compare};
+use crate::telemetry::{self, Change};
+
+type AppState = State<Arc<HttpState>>;
+
+pub(super) fn routes() -> Router<Arc<HttpState>> {
+    Router::new()
+        .route("/admin/experiments/{endpoint}", get(admin_experiment))
+        .route("/admin/plugins", get(admin_plugins))
+        .route("/admin/endpoints", get(admin_endpoints))
+        .route("/admin/endpoints/{endpoint}", get(admin_endpoint))
+        .route("/admin/endpoints/{endpoint}/{action}", post(admin_act))
+        .route("/admin/audit", get(super::monitor::audit))
+        .route("/admin/requests", get(super::monitor::requests))
+        .route("/admin/drift/{model}", get(super::monitor::drift))
+        .route("/admin/models/{model}/card", get(super::monitor::card))
+        .route("/admin/status", get(super::monitor::status))
+}
+
+fn unix_seconds(time: Option<std::time::SystemTime>) -> serde_json::Value {
+    time.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(serde_json::Value::Null, |d| json!(d.as_secs_f64()))
+}
+
+async fn admin_plugins(
+    State(state): AppState,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.tokens.authorize(&headers, Role::Read)?;
+    let library = state.pipeline.plugins();
+    let plugins: Vec<serde_json::Value> = library
+        .files
+        .values()
+        .map(|f| {
+            let state = match (&f.prepared, &f.error) {
+                (Some(_), None) => "serving",
+                (Some(_), Some(_)) => "serving previous version; new file refused",
+                (None, _) => "refused",
+            };
+            json!({
+                "name": f.name,
+                "world": f.prepared.as_ref().map(|p| p.world.as_str()),
+                "hash": f.hash,
+                "loaded_at": unix_seconds(f.loaded_at),
+                "state": state,
+                "last_error": f.error,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "plugins": plugins })))
+}
+
+/// An endpoint's configuration and live counters, as `/admin/endpoints` lists them.
+fn endpoint_summary(e: &Endpoint, error: Option<&String>) -> serde_json::Value {
+    let variants: Vec<serde_json::Value> = e
+        .variants
+        .iter()
+        .map(|v| {
+            let stats = v.stats.snapshot();
+            json!({
+                "name": v.name, "model": v.model, "version": v.version,
+                "requests": stats.requests, "errors": stats.errors,
+                "latency_p50_us": stats.latency_p50_us, "latency_p99_us": stats.latency_p99_us,
+                "reward_count": stats.reward_count, "reward_sum": stats.reward_sum,
+            })
+        })
+        .collect();
+    json!({
+        "name": e.name,
+        "variants": variants,
+        "default_variant": e.variants[e.default_variant].name,
+        "fallback_variant": e.fallback.map(|f| &e.variants[f].name),
+        "latency_budget_ms": e.latency_budget.map(|b| b.as_millis() as u64),
+        "router": e.router.as_ref().map(|r| json!({"plugin": r.plugin, "failures": r.pool.failures()})),
+        "processors": e.processors.iter().map(|p| json!({"plugin": p.plugin, "failures": p.pool.failures()})).collect::<Vec<_>>(),
+        "flags": e.flags.iter().map(|f| json!({"plugin": f.plugin, "failures": f.pool.failures()})).collect::<Vec<_>>(),
+        "flag_routing": e.flag_route.as_ref().map(|f| json!({
+            "flag": f.flag,
+            "variants": f.variants.iter().map(|(value, i)| (value.clone(), e.variants[*i].name.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        })),
+        "error": error,
+    })
+}
+
+async fn admin_endpoints(
+    State(state): AppState,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.tokens.authorize(&headers, Role::Read)?;
+    let set = state.pipeline.endpoints();
+    let mut endpoints: Vec<serde_json::Value> = set
+        .endpoints
+        .values()
+        .map(|e| endpoint_summary(e, set.errors.get(&e.name)))
+        .collect();
+    endpoints.extend(
+        set.errors
+            .iter()
+            .filter(|(name, _)| !set.endpoints.contains_key(*name))
+            .map(|(name, error)| json!({ "name": name, "error": error })),
+    );
+    Ok(Json(json!({ "endpoints": endpoints })))
+}
+
+fn endpoint(set: &EndpointSet, name: &str) -> Result<Arc<Endpoint>, ApiError> {
+    set.endpoints
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint '{name}'")))
+}
+
+/// Plugin calls may block (WASI), so they run on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|join| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} crashed ({join})"),
+        )
+    })
+}
+
+/// One endpoint in full: its summary, the router's strategy state, its flags (with
+/// expired ones marked), the last routing decisions and what its shadows did.
+async fn admin_endpoint(
+    State(state): AppState,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.tokens.authorize(&headers, Role::Read)?;
+    let set = state.pipeline.endpoints();
+    let error = set.errors.get(&name);
+    let e = match (endpoint(&set, &name), error) {
+        (Ok(e), _) => e,
+        // Configured but never built: what went wrong is all there is to show.
+        (Err(_), Some(error)) => return Ok(Json(json!({ "name": name, "error": error }))),
+        (Err(missing), None) => return Err(missing),
+    };
+    let mut body = endpoint_summary(&e, error);
+    let (strategy, flags) = blocking("describing the endpoint", {
+        let e = e.clone();
+        move || (e.describe_strategy(), e.flag_infos())
+    })
+    .await?;
+    body["strategy"] = json!(strategy);
+    body["flag_definitions"] = flags
+        .into_iter()
+        .map(|(plugin, infos)| match infos {
+            Ok(infos) => json!({
+                "plugin": plugin,
+                "flags": infos.iter().map(|f| json!({
+                    "key": f.key, "state": f.state, "default_variant": f.default_variant,
+                    "variants": f.variants,
+                    "metadata": f.metadata.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                    "expired": f.expired,
+                })).collect::<Vec<_>>(),
+            }),
+            Err(error) => json!({ "plugin": plugin, "error": error }),
+        })
+        .collect();
+    body["recent_decisions"] = json!(e.recent.list());
+    body["shadows"] = shadow_reports(&e);
+    Ok(Json(body))
+}
+
+fn shadow_reports(e: &Endpoint) -> serde_json::Value {
+    e.variants
+        .iter()
+        .map(|v| (v.name.clone(), v.shadow.report()))
+        .filter(|(_, r)| r.runs + r.dropped > 0)
+        .map(|(name, r)| (name, json!(r)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// `POST /admin/endpoints/{e}/weights|promote|rollback`: the router applies it to its
+/// state; answers with the router's account of the new state.
+async fn admin_act(
+    State(state): AppState,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let token = state
+        .tokens
+        .authorize(&headers, Role::Admin)?
+        .unwrap_or_default()
+        .to_string();
+    if !["weights", "promote", "rollback"].contains(&action.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no action '{action}'; endpoints take weights, promote and rollback"),
+        ));
+    }
+    let e = endpoint(&state.pipeline.endpoints(), &name)?;
+    let args = String::from_utf8_lossy(&body).into_owned();
+    let before = e.strategy.load();
+    let done = blocking("the admin action", {
+        let (action, args, e) = (action.clone(), args.clone(), e.clone());
+        move || e.act(&action, &args)
+    })
+    .await?;
+    let change = |kind: &'static str, detail: String| Change {
+        kind,
+        actor: token.clone(),
+        subject: name.clone(),
+        endpoint: Some(name.clone()),
+        from: Some(before.to_string()),
+        to: Some(e.strategy.load().to_string()),
+        detail: Some(detail),
+    };
+    match done {
+        Ok(strategy) => {
+            let kind = match action.as_str() {
+                "weights" => "endpoint.weights",
+                "promote" => "endpoint.promote",
+                _ => "endpoint.rollback",
+            };
+            telemetry::audit(change(kind, format!("{action} {args}")));
+            Ok(Json(
+                json!({ "endpoint": name, "action": action, "strategy": strategy }),
+            ))
+        }
+        Err(error) => {
+            telemetry::audit(change("admin.refused", format!("{action} {args}: {error}")));
+            let status = match error {
+                ActError::Refused { .. } => StatusCode::BAD_REQUEST,
+                ActError::NoRouter(_) | ActError::Contended(_) => StatusCode::CONFLICT,
+                ActError::Plugin { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(ApiError::new(status, error.to_string()))
+        }
+    }
+}
+
+/// Per arm of an endpoint: traffic, errors, latency and rewards; and each arm compared with
+/// the default variant (the control) on mean reward.
+async fn admin_experiment(
+    State(state): AppState,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.tokens.authorize(&headers, Role::Read)?;
+    let e = endpoint(&state.pipeline.endpoints(), &name)?;
+    let snapshots: Vec<_> = e.variants.iter().map(|v| v.stats.snapshot()).collect();
+    let arms: Vec<serde_json::Value> = e
+        .variants
+        .iter()
+        .zip(&snapshots)
+        .map(|(v, s)| {
+            json!({
+                "variant": v.name, "requests": s.requests, "errors": s.errors,
+                "latency_p50_us": s.latency_p50_us, "latency_p99_us": s.latency_p99_us,
+                "reward_count": s.reward_count,
+                "reward_mean": (s.reward_count > 0).then(|| s.reward_sum / s.reward_count as f64),
+            })
+        })
+        .collect();
+    let control = &snapshots[e.default_variant];
+    let comparisons: Vec<serde_json::Value> = e
+        .variants
+        .iter()
+        .zip(&snapshots)
+        .enumerate()
+        .filter(|(i, _)| *i != e.default_variant)
+        .map(|(_, (v, s))| {
+            json!({
+                "control": e.variants[e.default_variant].name,
+                "treatment": v.name,
+                "result": compare(control, s),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "endpoint": name, "arms": arms, "comparisons": comparisons,
+        "shadows": shadow_reports(&e),
+    })))
+}
