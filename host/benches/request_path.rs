@@ -92,6 +92,7 @@ fn benches(c: &mut Criterion) {
         Options {
             parallelism: 2,
             feedback_memory: 1024,
+            performance_bucket: std::time::Duration::from_secs(60),
             shadow_queue: 1024,
             seed: Some(7),
         },

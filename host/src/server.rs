@@ -55,6 +55,9 @@ pub async fn run(
         Options {
             parallelism: config.inference_threads(),
             feedback_memory: config.server.feedback_memory,
+            performance_bucket: Duration::from_secs(
+                config.server.performance_bucket_seconds.max(1),
+            ),
             shadow_queue: config.server.shadow_queue,
             seed: config.server.seed,
         },

@@ -57,7 +57,10 @@ fn sigint_exits_zero() {
 
 #[test]
 fn a_missing_model_directory_is_a_clear_startup_error() {
+    // With no configuration file, the server keeps its database in the working directory.
+    let cwd = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(crate::harness::BIN)
+        .current_dir(cwd.path())
         .args([
             "serve",
             "--listen",

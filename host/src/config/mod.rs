@@ -78,6 +78,9 @@ pub struct EndpointConfig {
     pub attribute_headers: Vec<String>,
     /// A flag whose value picks the variant, overriding the router.
     pub flag_routing: Option<FlagRouting>,
+    /// The request attribute (a parameter, or one of `attribute_headers`) whose values
+    /// split accuracy and reward into segments: `region`, `x-device`…
+    pub segment_by: Option<String>,
 }
 
 /// `flag_routing = { flag = "new-model", variants = { on = "candidate", off = "stable" } }`:
@@ -142,6 +145,8 @@ pub struct ServerConfig {
     pub seed: Option<u64>,
     /// Count requests for Prometheus and serve them at `/metrics`.
     pub metrics: bool,
+    /// The width of the time buckets accuracy and reward are reported in.
+    pub performance_bucket_seconds: u64,
 }
 
 /// A bearer token for the admin API and what it may do.
@@ -174,6 +179,7 @@ impl Default for ServerConfig {
             shadow_queue: 1024,
             seed: None,
             metrics: true,
+            performance_bucket_seconds: 60,
         }
     }
 }

@@ -289,8 +289,15 @@ async fn admin_experiment(
             })
         })
         .collect();
+    let performance: serde_json::Map<String, serde_json::Value> = e
+        .variants
+        .iter()
+        .map(|v| (v.name.clone(), json!(v.stats.performance.report())))
+        .collect();
     Ok(Json(json!({
         "endpoint": name, "arms": arms, "comparisons": comparisons,
         "shadows": shadow_reports(&e),
+        "segment_by": e.segment_by,
+        "performance": performance,
     })))
 }

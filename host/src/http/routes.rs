@@ -412,7 +412,22 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
 struct FeedbackRequest {
     /// The `id` of the endpoint's response being rewarded.
     id: String,
-    reward: f64,
+    reward: Option<f64>,
+    /// The true label of each row (or of the one row), as the answer's `label` output or
+    /// class index would have it.
+    label: Option<serde_json::Value>,
+}
+
+/// A label as text: strings as they are, numbers and booleans as JSON writes them.
+fn label_text(value: &serde_json::Value) -> Result<String, ApiError> {
+    match value {
+        serde_json::Value::String(s) => Ok(s.clone()),
+        serde_json::Value::Number(_) | serde_json::Value::Bool(_) => Ok(value.to_string()),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("a label is a string, number or boolean, not {value}"),
+        )),
+    }
 }
 
 /// `POST /v2/models/{endpoint}/feedback` with `{"id": "...", "reward": 1.0}`: credits the
@@ -425,10 +440,23 @@ async fn feedback(
     let request: FeedbackRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("feedback must be {{\"id\": \"<response id>\", \"reward\": <number>}}: {e}"),
+            format!("feedback must be {{\"id\": \"<response id>\", \"reward\": <number>, \"label\": <label or [labels]>}}: {e}"),
         )
     })?;
-    if !request.reward.is_finite() {
+    if request.reward.is_none() && request.label.is_none() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "feedback needs a \"reward\", a \"label\", or both",
+        ));
+    }
+    let labels = match &request.label {
+        None => None,
+        Some(serde_json::Value::Array(rows)) => {
+            Some(rows.iter().map(label_text).collect::<Result<Vec<_>, _>>()?)
+        }
+        Some(one) => Some(vec![label_text(one)?]),
+    };
+    if request.reward.is_some_and(|r| !r.is_finite()) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "the reward must be a finite number",
@@ -442,11 +470,27 @@ async fn feedback(
     }
     match state
         .pipeline
-        .feedback(&endpoint, &request.id, request.reward)
+        .feedback(&endpoint, &request.id, request.reward, labels.as_deref())
     {
-        Feedback::Recorded { variant } => Ok(Json(json!({
+        Feedback::Recorded { variant, labels } => Ok(Json(json!({
             "endpoint": endpoint, "id": request.id, "variant": variant,
+            "labelled": labels.map(|(rows, _)| rows),
+            "correct": labels.map(|(_, correct)| correct),
         }))),
+        Feedback::NoPrediction => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the answer '{}' has no `label` output or class scores to compare a label with; send a reward instead",
+                request.id
+            ),
+        )),
+        Feedback::Rows { expected, got } => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the answer '{}' had {expected} rows; send one label per row, not {got}",
+                request.id
+            ),
+        )),
         Feedback::Unknown => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(

@@ -54,6 +54,8 @@ pub struct Endpoint {
     pub targeting_key_header: Option<String>,
     pub attribute_headers: Vec<String>,
     pub flag_route: Option<FlagRoute>,
+    /// The attribute whose values segment accuracy and reward.
+    pub segment_by: Option<String>,
     pub strategy: Arc<StrategyState>,
     pub recent: Arc<Recent>,
 }
@@ -224,6 +226,7 @@ impl Build<'_> {
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
             flag_route,
+            segment_by: config.segment_by.clone(),
             strategy,
             recent: before.map(|b| b.recent.clone()).unwrap_or_default(),
         })

@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::performance::Score;
 use super::stats::VariantCounters;
 
 const HOST_ID_PREFIX: &str = "my-";
@@ -16,6 +17,17 @@ struct Answered {
     endpoint: String,
     variant: String,
     counters: Arc<VariantCounters>,
+    memo: Memo,
+}
+
+/// What is kept of an answer to judge it by later feedback.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Memo {
+    /// The value of the endpoint's `segment_by` attribute.
+    pub segment: Option<String>,
+    /// What it predicted, row by row.
+    pub predictions: Vec<String>,
+    pub at_ms: u64,
 }
 
 #[derive(Default)]
@@ -26,6 +38,8 @@ struct Memory {
 
 pub struct FeedbackBook {
     capacity: usize,
+    /// The width of a performance time bucket.
+    bucket_ms: u64,
     next_host_id: AtomicU64,
     /// Host ids below this were forgotten (or never handed out).
     oldest_host_id: AtomicU64,
@@ -35,8 +49,15 @@ pub struct FeedbackBook {
 /// What became of a reward.
 #[derive(Debug, PartialEq)]
 pub enum Feedback {
-    /// Counted for this variant.
-    Recorded { variant: String },
+    /// Counted for this variant; with the rows labelled and those predicted right.
+    Recorded {
+        variant: String,
+        labels: Option<(u64, u64)>,
+    },
+    /// Labels came, but the answer predicted no label or class to compare them with.
+    NoPrediction,
+    /// Labels came for another number of rows than the answer had.
+    Rows { expected: usize, got: usize },
     /// The id was never seen, already rewarded, or from another endpoint.
     Unknown,
     /// The id was the host's and has been forgotten to bound memory.
@@ -44,9 +65,10 @@ pub enum Feedback {
 }
 
 impl FeedbackBook {
-    pub fn new(capacity: usize) -> FeedbackBook {
+    pub fn new(capacity: usize, bucket_ms: u64) -> FeedbackBook {
         FeedbackBook {
             capacity: capacity.max(1),
+            bucket_ms: bucket_ms.max(1),
             next_host_id: AtomicU64::new(0),
             oldest_host_id: AtomicU64::new(0),
             memory: Mutex::new(Memory::default()),
@@ -68,12 +90,14 @@ impl FeedbackBook {
         endpoint: &str,
         variant: &str,
         counters: Arc<VariantCounters>,
+        memo: Memo,
     ) {
         let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
         let answered = Answered {
             endpoint: endpoint.to_string(),
             variant: variant.to_string(),
             counters,
+            memo,
         };
         if memory.by_id.insert(id.to_string(), answered).is_none() {
             memory.order.push_back(id.to_string());
@@ -89,11 +113,17 @@ impl FeedbackBook {
         }
     }
 
-    /// Credits `reward` to the variant that answered `id` on `endpoint`, once.
-    pub fn reward(&self, endpoint: &str, id: &str, reward: f64) -> Feedback {
+    /// Credits `reward` and judges `labels` (one per row) against the answer of the
+    /// variant that answered `id` on `endpoint`, once.
+    pub fn score(
+        &self,
+        endpoint: &str,
+        id: &str,
+        reward: Option<f64>,
+        labels: Option<&[String]>,
+    ) -> Feedback {
         let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
-        let known = memory.by_id.get(id).is_some_and(|a| a.endpoint == endpoint);
-        if !known {
+        let Some(answered) = memory.by_id.get(id).filter(|a| a.endpoint == endpoint) else {
             let forgotten =
                 host_seq(id).is_some_and(|seq| seq < self.oldest_host_id.load(Ordering::Relaxed));
             return if forgotten {
@@ -101,15 +131,42 @@ impl FeedbackBook {
             } else {
                 Feedback::Unknown
             };
-        }
+        };
+        let labels = match labels {
+            None => None,
+            Some(_) if answered.memo.predictions.is_empty() => return Feedback::NoPrediction,
+            Some(labels) if labels.len() != answered.memo.predictions.len() => {
+                return Feedback::Rows {
+                    expected: answered.memo.predictions.len(),
+                    got: labels.len(),
+                };
+            }
+            Some(labels) => {
+                let correct = labels
+                    .iter()
+                    .zip(&answered.memo.predictions)
+                    .filter(|(l, p)| l == p)
+                    .count();
+                Some((labels.len() as u64, correct as u64))
+            }
+        };
         let Some(answered) = memory.by_id.remove(id) else {
             return Feedback::Unknown;
         };
         memory.order.retain(|o| o != id);
         drop(memory);
-        answered.counters.reward(reward);
+        if let Some(reward) = reward {
+            answered.counters.reward(reward);
+        }
+        answered.counters.performance.record(
+            &Score { reward, labels },
+            answered.memo.segment.as_deref(),
+            answered.memo.at_ms,
+            self.bucket_ms,
+        );
         Feedback::Recorded {
             variant: answered.variant,
+            labels,
         }
     }
 }
@@ -123,32 +180,67 @@ mod tests {
     use super::*;
     use crate::pipeline::stats::StatsBook;
 
+    fn recorded(variant: &str, labels: Option<(u64, u64)>) -> Feedback {
+        Feedback::Recorded {
+            variant: variant.into(),
+            labels,
+        }
+    }
+
     #[test]
     fn rewards_reach_the_variant_once_and_old_ids_expire() {
         let stats = StatsBook::default();
-        let book = FeedbackBook::new(2);
+        let book = FeedbackBook::new(2, 60_000);
         let ids: Vec<String> = (0..3).map(|_| book.host_id()).collect();
         for id in &ids {
-            book.remember(id, "e", "a", stats.variant("e", "a"));
+            book.remember(id, "e", "a", stats.variant("e", "a"), Memo::default());
         }
-        assert_eq!(book.reward("e", &ids[0], 1.0), Feedback::Expired);
-        assert_eq!(book.reward("other", &ids[1], 1.0), Feedback::Unknown);
-        assert_eq!(
-            book.reward("e", &ids[1], 1.0),
-            Feedback::Recorded {
-                variant: "a".into()
-            }
+        let reward = |endpoint: &str, id: &str, r: f64| book.score(endpoint, id, Some(r), None);
+        assert_eq!(reward("e", &ids[0], 1.0), Feedback::Expired);
+        assert_eq!(reward("other", &ids[1], 1.0), Feedback::Unknown);
+        assert_eq!(reward("e", &ids[1], 1.0), recorded("a", None));
+        assert_eq!(reward("e", &ids[1], 1.0), Feedback::Unknown);
+        assert_eq!(reward("e", "client-id", 1.0), Feedback::Unknown);
+        book.remember(
+            "client-id",
+            "e",
+            "a",
+            stats.variant("e", "a"),
+            Memo::default(),
         );
-        assert_eq!(book.reward("e", &ids[1], 1.0), Feedback::Unknown);
-        assert_eq!(book.reward("e", "client-id", 1.0), Feedback::Unknown);
-        book.remember("client-id", "e", "a", stats.variant("e", "a"));
-        assert_eq!(
-            book.reward("e", "client-id", 0.5),
-            Feedback::Recorded {
-                variant: "a".into()
-            }
-        );
+        assert_eq!(reward("e", "client-id", 0.5), recorded("a", None));
         let snapshot = stats.variant("e", "a").snapshot();
         assert_eq!((snapshot.reward_count, snapshot.reward_sum), (2, 1.5));
+    }
+
+    #[test]
+    fn labels_are_judged_against_the_prediction_by_segment() {
+        let stats = StatsBook::default();
+        let book = FeedbackBook::new(10, 60_000);
+        let memo = Memo {
+            segment: Some("eu".into()),
+            predictions: vec!["0".into(), "2".into()],
+            at_ms: 0,
+        };
+        book.remember("r", "e", "a", stats.variant("e", "a"), memo);
+        let labels = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            book.score("e", "r", None, Some(&labels(&["0"]))),
+            Feedback::Rows {
+                expected: 2,
+                got: 1
+            }
+        );
+        assert_eq!(
+            book.score("e", "r", None, Some(&labels(&["0", "1"]))),
+            recorded("a", Some((2, 1)))
+        );
+        let report = stats.variant("e", "a").performance.report();
+        assert_eq!(report.segments["eu"].accuracy.mean, Some(0.5));
+        book.remember("s", "e", "a", stats.variant("e", "a"), Memo::default());
+        assert_eq!(
+            book.score("e", "s", None, Some(&labels(&["0"]))),
+            Feedback::NoPrediction
+        );
     }
 }

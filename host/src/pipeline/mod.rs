@@ -13,6 +13,7 @@ mod context;
 mod endpoints;
 mod experiment;
 mod feedback;
+mod performance;
 mod sampling;
 mod shadow;
 mod stats;
@@ -36,7 +37,7 @@ use sampling::{Outcome, Sampled};
 pub use endpoints::{Build, Endpoint, EndpointSet, Variant};
 pub use experiment::{Comparison, compare};
 pub use feedback::Feedback;
-use feedback::FeedbackBook;
+use feedback::{FeedbackBook, Memo};
 use shadow::{ShadowJob, ShadowQueue};
 pub use stats::{StatsBook, StatsSnapshot};
 pub use strategy::{ActError, DecisionRecord};
@@ -118,6 +119,8 @@ pub struct Options {
     pub parallelism: usize,
     /// Endpoint answers remembered for the feedback API.
     pub feedback_memory: usize,
+    /// The width of the time buckets accuracy and reward are reported in.
+    pub performance_bucket: std::time::Duration,
     /// Shadow requests waiting at most.
     pub shadow_queue: usize,
     /// Seeds every request's randomness; `None` draws a fresh sequence per run.
@@ -156,7 +159,10 @@ impl Pipeline {
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             plugins: ArcSwap::from_pointee(Library::default()),
             stats: StatsBook::default(),
-            feedback: Arc::new(FeedbackBook::new(options.feedback_memory)),
+            feedback: Arc::new(FeedbackBook::new(
+                options.feedback_memory,
+                u64::try_from(options.performance_bucket.as_millis()).unwrap_or(u64::MAX),
+            )),
             slots: Arc::new(Semaphore::new(options.parallelism.max(1))),
         }
     }
@@ -169,9 +175,16 @@ impl Pipeline {
         &self.stats
     }
 
-    /// Credits a client's reward to the variant that answered request `id` of `endpoint`.
-    pub fn feedback(&self, endpoint: &str, id: &str, reward: f64) -> Feedback {
-        self.feedback.reward(endpoint, id, reward)
+    /// Credits a client's reward, and judges the true labels it sends, to the variant that
+    /// answered request `id` of `endpoint`.
+    pub fn feedback(
+        &self,
+        endpoint: &str,
+        id: &str,
+        reward: Option<f64>,
+        labels: Option<&[String]>,
+    ) -> Feedback {
+        self.feedback.score(endpoint, id, reward, labels)
     }
 
     /// A fresh request id, for requests that came without one.
@@ -424,6 +437,13 @@ impl Pipeline {
         let (serving, repository) = (endpoint.clone(), self.repository.clone());
         let shadows = self.shadows.clone();
         let id = ctx.id.clone();
+        let segment = endpoint.segment_by.as_ref().and_then(|attribute| {
+            ctx.attributes
+                .iter()
+                .find(|(k, _)| k == attribute)
+                .map(|(_, v)| v.clone())
+        });
+        let at_ms = ctx.now_ms;
         let span = tracing::Span::current();
         // Plugins and model run together on the blocking pool: one hand-off per request,
         // and WASI's blocking host calls (a guest writing a panic message, say) may block
@@ -488,10 +508,20 @@ impl Pipeline {
         };
         // Only an answer the client gets is remembered for feedback: when a latency budget
         // gives up on this one, this future is dropped before it gets here.
-        if answered.result.is_ok() {
+        if let Ok(response) = &answered.result {
             let chosen = &endpoint.variants[answered.variant];
-            self.feedback
-                .remember(&id, &endpoint.name, &chosen.name, chosen.stats.clone());
+            let memo = Memo {
+                segment,
+                predictions: performance::predictions(&response.outputs),
+                at_ms,
+            };
+            self.feedback.remember(
+                &id,
+                &endpoint.name,
+                &chosen.name,
+                chosen.stats.clone(),
+                memo,
+            );
         }
         answered
     }

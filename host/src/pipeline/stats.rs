@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+use super::performance::Performance;
 use super::shadow::ShadowCounters;
 
 /// Counters of one variant.
@@ -18,6 +19,8 @@ pub struct VariantCounters {
     latency_us: Mutex<Option<Histogram<u64>>>,
     /// Count, sum and sum of squares of the rewards clients sent for this variant's answers.
     rewards: Mutex<(u64, f64, f64)>,
+    /// Accuracy and reward by segment and over time.
+    pub performance: Performance,
 }
 
 /// A copy of the counters at one moment.
@@ -40,6 +43,7 @@ impl Default for VariantCounters {
             // Microseconds up to an hour, to three significant digits.
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
             rewards: Mutex::new((0, 0.0, 0.0)),
+            performance: Performance::default(),
         }
     }
 }
