@@ -9,6 +9,7 @@ with it turned off (RUST_LOG=info,modelyard::requests=off). Needs the plugins bu
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -120,12 +121,87 @@ def strategies(args, script, features_script):
               f"{off['p50']:.0f} | {on['errors'] + off['errors']:.0f} |")
 
 
+MONITORED_ENDPOINTS = ["iris", "iris-canary"]
+
+
+def monitoring_config(tmp: Path, on: bool, drift: bool = True) -> Path:
+    """A configuration with the sample endpoints and metrics and logging at their defaults
+    (`on`), or off: no metrics, no request store, no sampled requests. `drift = False`
+    serves models without their drift references."""
+    name = f"{'on' if on else 'off'}{'' if drift else '-nodrift'}"
+    models = tmp / f"models-{name}"
+    shutil.copytree(ROOT / "models", models)
+    if not drift:
+        for reference in models.glob("*/*/reference.json"):
+            reference.unlink()
+    text = (ROOT / "modelyard.toml").read_text()
+    text = text.replace('dir = "models"', f'dir = "{models}"', 1)
+    text = text.replace('dir = "plugins"', f'dir = "{ROOT / "plugins"}"', 1)
+    text = text.replace('config_file = "plugins/', f'config_file = "{ROOT / "plugins"}/')
+    if on:
+        text += f'\n[monitoring]\ndatabase = "{tmp / name}.db"\n'
+    else:
+        text = text.replace("[server]\n", "[server]\nmetrics = false\n", 1)
+        text += '\n[monitoring]\ndatabase = ""\nrequest_sample = 0.0\n'
+    path = tmp / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def monitoring(args, script):
+    """Metrics and logging at their defaults against both off (drift on in both), and drift
+    against none (metrics and logging on), at concurrency 8, alternating servers run by
+    run; a table of medians."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = {
+            "on": monitoring_config(Path(tmp), True),
+            "off": monitoring_config(Path(tmp), False),
+            "no drift": monitoring_config(Path(tmp), True, drift=False),
+        }
+        for run in range(args.runs):
+            for mode, config in configs.items():
+                # Logging off: only warnings and errors, so no request span either.
+                env = dict(os.environ, RUST_LOG="warn" if mode == "off" else "info")
+                proc = subprocess.Popen([ROOT / "target/release/modelyard", "serve", "--listen",
+                                         "127.0.0.1:18080", "--config", config],
+                                        stderr=subprocess.DEVNULL, env=env)
+                base = "http://127.0.0.1:18080"
+                try:
+                    wait_ready(f"{base}/v2/models/iris/ready", proc)
+                    for endpoint in MONITORED_ENDPOINTS:
+                        r = wrk(f"{base}/v2/models/{endpoint}/infer", 8, args.duration, script)
+                        results.setdefault((endpoint, mode), []).append(r)
+                        print(f"run {run + 1} {endpoint} monitoring {mode}: {r['rps']:.0f} req/s, "
+                              f"p50 {r['p50']:.0f} us, {r['errors']} errors", file=sys.stderr)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+    med = medians(results)
+    print(f"median of {args.runs} runs of {args.duration} s each, concurrency 8, wrk on the same machine\n")
+    print("| endpoint | req/s, defaults | req/s, metrics and logging off | their cost | req/s, no drift reference | drift's cost | p50 (µs): defaults, off, no drift | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for endpoint in MONITORED_ENDPOINTS:
+        on, off, bare = (med[(endpoint, mode)] for mode in ("on", "off", "no drift"))
+        print(f"| {endpoint} | {on['rps']:.0f} | {off['rps']:.0f} | {100 * (1 - on['rps'] / off['rps']):.1f} % | "
+              f"{bare['rps']:.0f} | {100 * (1 - on['rps'] / bare['rps']):.1f} % | "
+              f"{on['p50']:.0f}, {off['p50']:.0f}, {bare['p50']:.0f} | "
+              f"{on['errors'] + off['errors'] + bare['errors']:.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--strategies", action="store_true", help="modelyard alone: each sample endpoint")
+    ap.add_argument("--monitoring", action="store_true", help="modelyard alone: monitoring at defaults vs off")
     args = ap.parse_args()
+    if args.monitoring:
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "infer.lua"
+            script.write_text(WRK_SCRIPT % json.dumps(BODY))
+            monitoring(args, str(script))
+        return
     if args.strategies:
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "infer.lua"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Load benchmark: modelyard against MLServer (a Python KServe v2 server) on the same task,
 # iris with one row per request, measured with `wrk` in the same run.
-#   host/benches/load.sh [--runs N] [--duration SECONDS] [--strategies]
+#   host/benches/load.sh [--runs N] [--duration SECONDS] [--strategies | --monitoring]
 # --strategies measures modelyard's sample endpoints instead, one per deployment strategy
-# (run plugins/build first).
+# (run plugins/build first). --monitoring measures the monitoring at its default settings
+# (metrics, request log, audit store, drift) against all of it off.
 # Installs what it needs: wrk (Debian package), and MLServer with its scikit-learn runtime
 # in a virtualenv under target/. Prints a markdown table for BENCHMARKS.md.
 set -euo pipefail

@@ -89,6 +89,12 @@ impl Server {
         let config_path = config_dir.path().join("modelyard.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut child = Command::new(BIN)
+            // Tests read every routing decision from the log.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG")
+                    .unwrap_or_else(|_| "info,modelyard::requests=debug".into()),
+            )
             .args([
                 "--log-format",
                 "json",

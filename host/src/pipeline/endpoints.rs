@@ -56,6 +56,8 @@ pub struct Endpoint {
     pub flag_route: Option<FlagRoute>,
     /// The attribute whose values segment accuracy and reward.
     pub segment_by: Option<String>,
+    /// Its series of the queue-time metric, when metrics are on.
+    pub queue_seconds: Option<crate::telemetry::Seconds>,
     pub strategy: Arc<StrategyState>,
     pub recent: Arc<Recent>,
 }
@@ -227,6 +229,7 @@ impl Build<'_> {
                 .collect(),
             flag_route,
             segment_by: config.segment_by.clone(),
+            queue_seconds: crate::telemetry::metrics().map(|m| m.queue_seconds(name)),
             strategy,
             recent: before.map(|b| b.recent.clone()).unwrap_or_default(),
         })

@@ -308,7 +308,9 @@ impl Pipeline {
             Ok(_) => "ok",
             Err(_) => "error",
         };
-        tracing::info!(
+        // Every decision at debug level (`RUST_LOG=modelyard::requests=debug`); the request
+        // log proper is the sampled record, which costs nothing for the requests it skips.
+        tracing::debug!(
             target: "modelyard::requests",
             endpoint = %endpoint.name, %id, %variant, reason = %answered.reason,
             fallback, ?shadows, status, latency_us = started.elapsed().as_micros() as u64,
@@ -451,8 +453,8 @@ impl Pipeline {
         let answered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let _span = span.enter();
-            if let Some(metrics) = telemetry::metrics() {
-                metrics.queued(&serving.name, queued.elapsed());
+            if let Some(seconds) = &serving.queue_seconds {
+                seconds.observe(queued.elapsed());
             }
             let mut ctx = ctx;
             evaluate_flags(&serving, &mut ctx);
@@ -546,8 +548,8 @@ impl Pipeline {
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let _span = span.enter();
-            if let Some(metrics) = telemetry::metrics() {
-                metrics.queued(&running.model, queued.elapsed());
+            if let Some(meters) = &running.meters {
+                meters.queue.observe(queued.elapsed());
             }
             run_model(&running, inputs)
         })
@@ -567,8 +569,8 @@ fn run_model(target: &LoadedVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>,
     }
     let started = Instant::now();
     let result = backend::run(&target.graph, inputs);
-    if let Some(metrics) = telemetry::metrics() {
-        metrics.inferred(&target.model, target.version, started.elapsed());
+    if let Some(meters) = &target.meters {
+        meters.inference.observe(started.elapsed());
     }
     result.map_err(|error| InferError::Backend {
         model: target.model.clone(),

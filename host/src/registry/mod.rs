@@ -37,6 +37,13 @@ pub struct LoadedVersion {
     /// Follows the inputs against the training data's distribution, when the version
     /// directory has a `reference.json`.
     pub drift: Option<Arc<crate::telemetry::drift::DriftMonitor>>,
+    /// Its series of the queue-time (called by name) and run-time metrics, when on.
+    pub meters: Option<ModelMeters>,
+}
+
+pub struct ModelMeters {
+    pub queue: crate::telemetry::Seconds,
+    pub inference: crate::telemetry::Seconds,
 }
 
 /// A version directory as the last scan found it.

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{LoadedVersion, Model, ModelConfig, Snapshot, VersionEntry};
+use super::{LoadedVersion, Model, ModelConfig, ModelMeters, Snapshot, VersionEntry};
 use crate::backend::TractBackend;
 use crate::telemetry::drift::{DriftMonitor, Reference};
 use crate::watch::is_ignored;
@@ -141,6 +141,10 @@ fn scan_version(
                     inputs: graph.inputs,
                     outputs: graph.outputs,
                     drift: drift_monitor(dir, name, version, config),
+                    meters: crate::telemetry::metrics().map(|m| ModelMeters {
+                        queue: m.queue_seconds(name),
+                        inference: m.inference_seconds(name, version),
+                    }),
                 })),
                 refused: None,
                 stamp,

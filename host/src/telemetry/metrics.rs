@@ -179,6 +179,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// One series of a duration histogram, looked up once (when a model loads or an endpoint
+/// is built) so that observing it costs no label hashing or allocation.
+#[derive(Clone, Debug)]
+pub struct Seconds(Histogram);
+
+impl Seconds {
+    pub fn observe(&self, took: Duration) {
+        self.0.observe(took.as_secs_f64());
+    }
+}
+
 /// One plugin's call counters, looked up once when its instances are prepared so that a
 /// call costs two atomic adds and no label hashing.
 #[derive(Clone)]
@@ -360,21 +371,27 @@ impl Metrics {
         self.requests.get_or_create(&labels).inc();
     }
 
-    pub fn queued(&self, endpoint: &str, took: Duration) {
-        self.queue_seconds
-            .get_or_create(&EndpointLabel {
-                endpoint: endpoint.to_string(),
-            })
-            .observe(took.as_secs_f64());
+    /// The queue-time series of an endpoint (or of a model called by name).
+    pub fn queue_seconds(&self, endpoint: &str) -> Seconds {
+        Seconds(
+            self.queue_seconds
+                .get_or_create(&EndpointLabel {
+                    endpoint: endpoint.to_string(),
+                })
+                .clone(),
+        )
     }
 
-    pub fn inferred(&self, model: &str, version: u64, took: Duration) {
-        self.inference_seconds
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-                version: version.to_string(),
-            })
-            .observe(took.as_secs_f64());
+    /// The run-time series of a model version.
+    pub fn inference_seconds(&self, model: &str, version: u64) -> Seconds {
+        Seconds(
+            self.inference_seconds
+                .get_or_create(&ModelLabels {
+                    model: model.to_string(),
+                    version: version.to_string(),
+                })
+                .clone(),
+        )
     }
 
     pub fn plugin_meter(&self, plugin: &str, world: &str) -> PluginMeter {

@@ -18,6 +18,11 @@ const PENDING_REQUESTS: usize = 10_000;
 /// Rows written in one transaction at most.
 const BATCH: usize = 512;
 
+/// How long the writer gathers sampled requests before writing them in one transaction:
+/// one wake-up and one commit per window rather than per request. Changes and flushes
+/// are written at once.
+const GATHER: Duration = Duration::from_millis(50);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -345,6 +350,9 @@ pub fn rfc3339(at_ms: i64) -> String {
 fn write(mut db: Connection, queue: &Receiver<Write>, pending: &AtomicUsize, retention: u64) {
     let mut since_prune = 0u64;
     while let Ok(first) = queue.recv() {
+        if matches!(first, Write::Request(_)) {
+            std::thread::sleep(GATHER);
+        }
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match queue.try_recv() {
@@ -359,22 +367,22 @@ fn write(mut db: Connection, queue: &Receiver<Write>, pending: &AtomicUsize, ret
             for write in batch {
                 match write {
                     Write::Change { at_ms, change } => {
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT INTO changes (at_ms, kind, actor, subject, endpoint, from_value, to_value, detail)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                            rusqlite::params![
+                        )?
+                        .execute(rusqlite::params![
                                 at_ms as i64, change.kind, change.actor, change.subject,
                                 change.endpoint, change.from, change.to, change.detail
-                            ],
-                        )?;
+                            ])?;
                     }
                     Write::Request(record) => {
                         requests += 1;
                         let text = serde_json::to_string(&record).unwrap_or_default();
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT INTO requests (at_ms, endpoint, request_id, record) VALUES (?1, ?2, ?3, ?4)",
-                            rusqlite::params![record.at_ms as i64, record.endpoint, record.id, text],
-                        )?;
+                        )?
+                        .execute(rusqlite::params![record.at_ms as i64, record.endpoint, record.id, text])?;
                     }
                     Write::Flush(done) => flushed.push(done),
                 }
