@@ -131,7 +131,7 @@ training_data = "Fisher's iris data set as shipped with scikit-learn (150 sample
 # Drift against each version's reference.json (the training data's percentiles).
 [drift]
 window = 500
-min_samples = 50
+min_samples = 200
 ks_threshold = 0.2
 psi_threshold = 0.25
 

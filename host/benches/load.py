@@ -7,6 +7,7 @@ with it turned off (RUST_LOG=info,modelyard::requests=off). Needs the plugins bu
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +37,21 @@ def wait_ready(url, proc, timeout=60):
             pass
         time.sleep(0.2)
     sys.exit(f"{url} never became ready")
+
+
+@contextlib.contextmanager
+def modelyard(config, rust_log):
+    """A modelyard server on port 18080 with `config`, ready; stopped on leaving."""
+    proc = subprocess.Popen([ROOT / "target/release/modelyard", "serve", "--listen", "127.0.0.1:18080",
+                             "--config", config], stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, RUST_LOG=rust_log))
+    base = "http://127.0.0.1:18080"
+    try:
+        wait_ready(f"{base}/v2/models/iris/ready", proc)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def mlserver_model(workdir: Path):
@@ -94,12 +110,8 @@ def strategies(args, script, features_script):
     """Each sample endpoint at concurrency 8, request log on and off; a table of medians."""
     results = {}
     for log in ("on", "off"):
-        env = dict(os.environ, RUST_LOG="info" if log == "on" else "info,modelyard::requests=off")
-        proc = subprocess.Popen([ROOT / "target/release/modelyard", "serve", "--listen", "127.0.0.1:18080",
-                                 "--config", ROOT / "modelyard.toml"], stderr=subprocess.DEVNULL, env=env)
-        base = "http://127.0.0.1:18080"
-        try:
-            wait_ready(f"{base}/v2/models/iris/ready", proc)
+        rust_log = "info,modelyard::requests=debug" if log == "on" else "info"
+        with modelyard(ROOT / "modelyard.toml", rust_log) as base:
             for run in range(args.runs):
                 for endpoint in STRATEGY_ENDPOINTS:
                     # iris-ab's processor takes the flower as the tensor `features`.
@@ -108,9 +120,6 @@ def strategies(args, script, features_script):
                     results.setdefault((endpoint, log), []).append(r)
                     print(f"run {run + 1} {endpoint} log {log}: {r['rps']:.0f} req/s, p50 {r['p50']:.0f} us, "
                           f"{r['errors']} errors", file=sys.stderr)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
     med = medians(results)
     print(f"median of {args.runs} runs of {args.duration} s each, concurrency 8, wrk on the same machine\n")
     print("| endpoint | req/s | p50 (µs) | p99 (µs) | req/s, request log off | p50 (µs), log off | errors |")
@@ -162,21 +171,12 @@ def monitoring(args, script):
         for run in range(args.runs):
             for mode, config in configs.items():
                 # Logging off: only warnings and errors, so no request span either.
-                env = dict(os.environ, RUST_LOG="warn" if mode == "off" else "info")
-                proc = subprocess.Popen([ROOT / "target/release/modelyard", "serve", "--listen",
-                                         "127.0.0.1:18080", "--config", config],
-                                        stderr=subprocess.DEVNULL, env=env)
-                base = "http://127.0.0.1:18080"
-                try:
-                    wait_ready(f"{base}/v2/models/iris/ready", proc)
+                with modelyard(config, "warn" if mode == "off" else "info") as base:
                     for endpoint in MONITORED_ENDPOINTS:
                         r = wrk(f"{base}/v2/models/{endpoint}/infer", 8, args.duration, script)
                         results.setdefault((endpoint, mode), []).append(r)
                         print(f"run {run + 1} {endpoint} monitoring {mode}: {r['rps']:.0f} req/s, "
                               f"p50 {r['p50']:.0f} us, {r['errors']} errors", file=sys.stderr)
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=30)
     med = medians(results)
     print(f"median of {args.runs} runs of {args.duration} s each, concurrency 8, wrk on the same machine\n")
     print("| endpoint | req/s, defaults | req/s, metrics and logging off | their cost | req/s, no drift reference | drift's cost | p50 (µs): defaults, off, no drift | errors |")

@@ -174,12 +174,7 @@ pub async fn start(
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("modelyard-cache"));
     let engine = PluginEngine::new(limits, Some(cache_dir), config.plugins.pooling_allocator)?;
-    // Events name paths as the watch was given them: a canonical one is what they are
-    // compared with.
-    let plugins = plugin_dir
-        .canonicalize()
-        .unwrap_or_else(|_| plugin_dir.clone());
-    let mut watched = vec![(plugins.as_path(), RecursiveMode::NonRecursive)];
+    let mut watched = vec![(plugin_dir.as_path(), RecursiveMode::NonRecursive)];
     let config_dir = config_file.as_ref().and_then(|f| f.parent()).map(|d| {
         if d.as_os_str().is_empty() {
             PathBuf::from(".")
@@ -203,25 +198,17 @@ pub async fn start(
             .iter()
             .map(|d| (d.as_path(), RecursiveMode::NonRecursive)),
     );
-    // In the configuration's directory only the files the server reads count.
-    let mut files: Vec<PathBuf> = config_file.iter().cloned().collect();
-    files.extend(
-        config
-            .endpoints
-            .values()
-            .flat_map(|e| e.router.iter().chain(&e.processors).chain(&e.flags))
-            .filter_map(|p| p.config_file.clone()),
-    );
-    let names: Vec<std::ffi::OsString> = files
-        .iter()
-        .filter_map(|f| f.file_name().map(ToOwned::to_owned))
-        .collect();
-    let plugin_events = plugins.clone();
+    // The server's own database (and its -wal, -shm, -journal files) may share a watched
+    // directory; its writes are not edits.
+    let database = config
+        .monitoring
+        .database
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty());
     let watch = Watch::new(&watched, move |path| {
-        path.starts_with(&plugin_events)
-            || path
-                .file_name()
-                .is_some_and(|n| names.iter().any(|m| m == n))
+        let name = path.file_name().map(|n| n.to_string_lossy());
+        !matches!((&database, name), (Some(db), Some(name)) if name.starts_with(db.as_str()))
     })?;
     let mut control = Some(Control {
         engine,

@@ -103,6 +103,7 @@ pub async fn run(
     watcher.abort();
     control.abort();
     drift.abort();
+    telemetry::shutdown();
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }

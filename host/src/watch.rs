@@ -4,13 +4,15 @@
 //! missed, merged or reordered event cannot leave them out of date.
 //!
 //! Only changes count: opening or reading a file is an event too (inotify reports it), and
-//! a rescan reads every file it follows, so counting reads would rescan forever.
+//! a rescan reads every file it follows, so counting reads would rescan forever. Closing a
+//! file written to does count: it is how a write says it is finished.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
@@ -46,8 +48,9 @@ impl Watch {
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let counts = match &event {
                     Ok(event) => {
-                        !matches!(event.kind, EventKind::Access(_))
-                            && event.paths.iter().any(|p| relevant(p))
+                        let written = AccessKind::Close(AccessMode::Write);
+                        let read = matches!(event.kind, EventKind::Access(a) if a != written);
+                        !read && event.paths.iter().any(|p| relevant(p))
                     }
                     Err(error) => {
                         tracing::warn!(%error, "file watch reported an error; rescanning");

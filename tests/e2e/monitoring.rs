@@ -368,7 +368,9 @@ processors = [{ plugin = "iris-features" }]
         bad.to_string().as_bytes(),
     );
     assert!(reply.status >= 400);
-    assert_eq!(reply.headers["x-request-id"], trace);
+    // The server names the request; the trace stays the caller's.
+    let id = reply.headers["x-request-id"].to_str().unwrap().to_string();
+    assert!(!id.is_empty() && id != trace);
     let echoed = reply.headers["traceparent"].to_str().unwrap();
     assert!(echoed.starts_with(&format!("00-{trace}-")), "{echoed}");
     assert!(
@@ -385,7 +387,10 @@ processors = [{ plugin = "iris-features" }]
         .filter(|e| e["span"]["trace_id"] == trace)
         .collect();
     assert!(about.len() >= 2, "{about:?}");
-    assert!(about.iter().all(|e| e["span"]["id"] == trace), "{about:?}");
+    assert!(
+        about.iter().all(|e| e["span"]["id"] == id.as_str()),
+        "{about:?}"
+    );
     assert!(about.iter().any(|e| e["fields"]["message"] == "routed"));
 
     // A client's own id is kept; without one the server makes one up; both come back.
@@ -709,7 +714,8 @@ fn drift_stays_low_for_iris_and_flags_shifted_inputs() {
         "{TOKENS}\n[monitoring]\ndrift_interval_ms = 100\n"
     ));
     let (rows, _) = crate::harness::iris_data();
-    for chunk in rows.chunks(10) {
+    // Twice over: a feature is judged from 200 inputs on.
+    for chunk in rows.chunks(10).chain(rows.chunks(10)) {
         server
             .post_json("/v2/models/iris/infer", &iris_request(chunk))
             .ok();
@@ -729,7 +735,7 @@ fn drift_stays_low_for_iris_and_flags_shifted_inputs() {
             feature["ks"].as_f64().unwrap(),
             feature["psi"].as_f64().unwrap()
         );
-        assert_eq!(feature["samples"], 150);
+        assert_eq!(feature["samples"], 300);
         assert_eq!(feature["drifted"], false, "{feature}");
         assert!(feature["ks"].as_f64().unwrap() < 0.2);
     }
@@ -798,6 +804,28 @@ fn drift_stays_low_for_iris_and_flags_shifted_inputs() {
             .get_with("/admin/drift/nope", &[OPS])
             .error(404)
             .contains("unknown model")
+    );
+
+    // A new reference is read when it changes; one about an input the model lacks is
+    // refused with the reason, and the version serves on without drift detection.
+    let reference = setup.models.path().join("iris/1/reference.json");
+    let text = std::fs::read_to_string(&reference)
+        .unwrap()
+        .replace("\"input\": \"input\"", "\"input\": \"pixels\"");
+    let temp = setup.models.path().join("iris/1/.reference.json.tmp");
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, &reference).unwrap();
+    server.wait_until("the reference is refused", || {
+        let status = server.get_with("/admin/status", &[OPS]).ok();
+        status["recent_errors"]
+            .to_string()
+            .contains("input 'pixels'")
+    });
+    let version1 = &server.get_with("/admin/drift/iris", &[OPS]).ok()["versions"][0];
+    assert_eq!(version1["reference"], Value::Null, "{version1}");
+    assert_eq!(
+        server.get("/v2/models/iris/versions/1/ready").ok()["ready"],
+        true
     );
 }
 

@@ -60,7 +60,10 @@ fn admin(server: &Server, endpoint: &str, action: &str, body: &Value) -> Value {
 }
 
 fn strategy(server: &Server, endpoint: &str) -> Value {
-    server.get(&format!("/admin/endpoints/{endpoint}")).ok()["strategy"].clone()
+    server
+        .get_with(&format!("/admin/endpoints/{endpoint}"), &[ADMIN])
+        .ok()["strategy"]
+        .clone()
 }
 
 #[test]
@@ -168,7 +171,10 @@ router = { plugin = "weighted", config = { weights = { main = 1 }, shadows = ["o
         assert_eq!(reply.headers["x-modelyard-variant"], "main");
     }
     let shadow = |endpoint: &str, variant: &str| {
-        server.get(&format!("/admin/experiments/{endpoint}")).ok()["shadows"][variant].clone()
+        server
+            .get_with(&format!("/admin/experiments/{endpoint}"), &[ADMIN])
+            .ok()["shadows"][variant]
+            .clone()
     };
     server.wait_until("every shadow request ran", || {
         shadow("compared", "other")["runs"] == rows.len()
@@ -321,7 +327,7 @@ flag_routing = {{ flag = "rollout", variants = {{ v1 = "v1", v2 = "v2" }} }}
     spoofed["parameters"] = json!({"flag.new-model": "on"});
     let reply = server.post_json("/v2/models/flagged/infer", &spoofed);
     assert_eq!(reply.headers["x-modelyard-variant"], "stable");
-    let view = server.get("/admin/endpoints/flagged").ok();
+    let view = server.get_with("/admin/endpoints/flagged", &[ADMIN]).ok();
     let reasons: Vec<&str> = view["recent_decisions"]
         .as_array()
         .unwrap()
@@ -345,7 +351,7 @@ flag_routing = {{ flag = "rollout", variants = {{ v1 = "v1", v2 = "v2" }} }}
     );
 
     // Expired flags show in the admin API and the log.
-    let view = server.get("/admin/endpoints/rollout").ok();
+    let view = server.get_with("/admin/endpoints/rollout", &[ADMIN]).ok();
     let defined = &view["flag_definitions"][0]["flags"];
     let rollout = defined
         .as_array()
@@ -389,7 +395,7 @@ router = {{ plugin = "weighted", config = {{ weights = {{ a = 1, b = 1 }} }} }}
     let server = setup.start(&endpoints);
     assert_eq!(assign(&server), before, "a restart moved users");
 
-    let view = server.get("/admin/endpoints/ab").ok();
+    let view = server.get_with("/admin/endpoints/ab", &[ADMIN]).ok();
     assert_eq!(view["strategy"]["weights_from"], "configuration");
     let last = view["recent_decisions"]
         .as_array()
@@ -446,7 +452,7 @@ fn changing_endpoints_needs_a_configured_admin_token() {
         )
         .error(403);
     assert!(error.contains("[server.tokens"), "{error}");
-    // Reading stays open while no read tokens exist.
+    // Reading stays open while no token is configured.
     assert_eq!(server.get("/admin/endpoints/ab").status, 200);
 }
 
@@ -463,7 +469,7 @@ fn the_sample_configuration_serves_every_endpoint() {
         )
         .replace("\"plugins/flags.json\"", &absolute("plugins/flags.json"));
     let server = Server::start(&root.join("models"), &config);
-    let endpoints = server.get("/admin/endpoints").ok();
+    let endpoints = server.get_with("/admin/endpoints", &[ADMIN]).ok();
     let names: Vec<&str> = endpoints["endpoints"]
         .as_array()
         .unwrap()

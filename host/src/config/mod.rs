@@ -202,8 +202,6 @@ pub struct MonitoringConfig {
     pub request_retention: u64,
     /// Also send each sampled request as a CloudEvent (binary mode) to this HTTP URL.
     pub cloudevents_sink: Option<String>,
-    /// Inputs per model version that drift is computed over.
-    pub drift_window: usize,
     /// How often drift is recomputed, and threshold flips logged.
     pub drift_interval_ms: u64,
 }
@@ -217,7 +215,6 @@ impl Default for MonitoringConfig {
             request_payloads: false,
             request_retention: 100_000,
             cloudevents_sink: None,
-            drift_window: 500,
             drift_interval_ms: 1000,
         }
     }

@@ -83,8 +83,12 @@ impl Tokens {
     /// The name of the token that allows `need`, `None` when reading is open, or the
     /// refusal to send back.
     pub fn authorize(&self, headers: &HeaderMap, need: Role) -> Result<Option<&str>, ApiError> {
-        // Reading is guarded once read tokens exist; changing, once admin tokens do.
-        let guarded = self.tokens.iter().any(|t| t.role == need);
+        // Reading is guarded once any token exists (what the admin API shows includes
+        // sampled requests and the audit trail); changing, once admin tokens do.
+        let guarded = match need {
+            Role::Read => !self.tokens.is_empty(),
+            Role::Admin => self.tokens.iter().any(|t| t.role == Role::Admin),
+        };
         if !guarded {
             return match need {
                 Role::Read => Ok(None),
@@ -178,10 +182,15 @@ mod tests {
             Some(StatusCode::FORBIDDEN)
         );
 
+        // Once any token exists, reading needs one too; an admin token may read.
         let admin_only = tokens(&[("ops", "s3cret", Role::Admin)]);
         assert_eq!(
-            admin_only.authorize(&HeaderMap::new(), Role::Read).unwrap(),
-            None
+            status(admin_only.authorize(&HeaderMap::new(), Role::Read)),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            admin_only.authorize(&bearer("s3cret"), Role::Read).unwrap(),
+            Some("ops")
         );
         assert_eq!(
             admin_only

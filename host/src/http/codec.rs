@@ -396,7 +396,6 @@ struct BinarySize {
     binary_data_size: usize,
 }
 
-/// A tensor's elements as a flat JSON array.
 /// Encodes a response: the body, and the JSON part's length when binary data follows it.
 pub fn encode_response(
     response: &InferResponse,

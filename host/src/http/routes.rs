@@ -324,12 +324,12 @@ async fn infer(
     let body = read_body(body, headers, state.max_body_bytes).await?;
     let (mut request, encoding) = codec::decode_request(&body, json_length)?;
     drop(body);
-    // The client's id; else the caller's trace id; else one of the server's.
-    let id = match (&request.id, traced.trace.from_caller) {
-        (Some(id), _) => id.clone(),
-        (None, true) => traced.trace.trace_id.clone(),
-        (None, false) => state.pipeline.new_id(),
-    };
+    // The client's id, else one of the server's: a trace spans many requests, so its id
+    // (in every log line beside this one) cannot name one.
+    let id = request
+        .id
+        .clone()
+        .unwrap_or_else(|| state.pipeline.new_id());
     traced.set_id(&id);
     request.id = Some(id);
     request.trace_id = Some(traced.trace.trace_id.clone());
@@ -480,8 +480,9 @@ async fn feedback(
         Feedback::NoPrediction => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!(
-                "the answer '{}' has no `label` output or class scores to compare a label with; send a reward instead",
-                request.id
+                "the answer '{}' has no `label` output or class scores to compare a label with, or more than {} rows; send a reward instead",
+                request.id,
+                crate::pipeline::LABELLED_ROWS
             ),
         )),
         Feedback::Rows { expected, got } => Err(ApiError::new(

@@ -56,6 +56,9 @@ pub struct Endpoint {
     pub flag_route: Option<FlagRoute>,
     /// The attribute whose values segment accuracy and reward.
     pub segment_by: Option<String>,
+    /// Each flag the flags plugins declare, with its variants: what the flag-evaluation
+    /// metric may name (anything else a plugin returns is counted as `other`).
+    pub declared_flags: BTreeMap<String, Vec<String>>,
     /// Its series of the queue-time metric, when metrics are on.
     pub queue_seconds: Option<crate::telemetry::Seconds>,
     pub strategy: Arc<StrategyState>,
@@ -188,7 +191,7 @@ impl Build<'_> {
             .enumerate()
             .map(|(i, f)| self.bind(f, before.and_then(|b| b.flags.get(i)), as_flags))
             .collect::<Result<_, _>>()?;
-        warn_expired(name, &flags);
+        let declared_flags = declared_flags(name, &flags);
         // The router's state carries over only while its plugin and configuration stay.
         let same_router = |b: &&Endpoint| match (&b.router, &router) {
             (Some(old), Some(new)) => old.plugin == new.plugin && old.config == new.config,
@@ -229,6 +232,7 @@ impl Build<'_> {
                 .collect(),
             flag_route,
             segment_by: config.segment_by.clone(),
+            declared_flags,
             queue_seconds: crate::telemetry::metrics().map(|m| m.queue_seconds(name)),
             strategy,
             recent: before.map(|b| b.recent.clone()).unwrap_or_default(),
@@ -333,9 +337,11 @@ fn as_flags(plugin: Plugin) -> Result<Pool<FlagsWorld>, &'static str> {
     }
 }
 
-/// Logs every flag past its expiry date: on each rebuild, so the warning keeps coming back
-/// until someone cleans the flag up.
-fn warn_expired(endpoint: &str, flags: &[Bound<FlagsWorld>]) {
+/// The flags the endpoint's flags plugins declare, with their variants. Logs every flag
+/// past its expiry date: on each rebuild, so the warning keeps coming back until someone
+/// cleans the flag up.
+fn declared_flags(endpoint: &str, flags: &[Bound<FlagsWorld>]) -> BTreeMap<String, Vec<String>> {
+    let mut declared = BTreeMap::new();
     for bound in flags {
         match bound.pool.describe(super::now_ms()) {
             Ok(infos) => {
@@ -347,10 +353,12 @@ fn warn_expired(endpoint: &str, flags: &[Bound<FlagsWorld>]) {
                         .map_or("", |(_, v)| v.as_str());
                     tracing::warn!(endpoint, plugin = %bound.plugin, flag = %info.key, expiry, "flag is past its expiry date; remove it or extend it");
                 }
+                declared.extend(infos.into_iter().map(|f| (f.key, f.variants)));
             }
             Err(error) => {
                 tracing::warn!(endpoint, plugin = %bound.plugin, %error, "cannot list the flags")
             }
         }
     }
+    declared
 }

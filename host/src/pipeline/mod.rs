@@ -38,6 +38,7 @@ pub use endpoints::{Build, Endpoint, EndpointSet, Variant};
 pub use experiment::{Comparison, compare};
 pub use feedback::Feedback;
 use feedback::{FeedbackBook, Memo};
+pub use performance::LABELLED_ROWS;
 use shadow::{ShadowJob, ShadowQueue};
 pub use stats::{StatsBook, StatsSnapshot};
 pub use strategy::{ActError, DecisionRecord};
@@ -601,7 +602,15 @@ fn evaluate_flags(endpoint: &Endpoint, ctx: &mut crate::plugins::RequestContext)
             Ok(evaluations) => {
                 if let Some(metrics) = telemetry::metrics() {
                     for e in &evaluations {
-                        metrics.flag_evaluated(&endpoint.name, &e.flag, &e.variant);
+                        // Label values only from what the plugin declared, however it answers.
+                        let (flag, variant) = match endpoint.declared_flags.get(&e.flag) {
+                            Some(variants) if variants.contains(&e.variant) => {
+                                (e.flag.as_str(), e.variant.as_str())
+                            }
+                            Some(_) => (e.flag.as_str(), "other"),
+                            None => ("other", "other"),
+                        };
+                        metrics.flag_evaluated(&endpoint.name, flag, variant);
                     }
                 }
                 ctx.attributes.extend(

@@ -3,7 +3,7 @@
 //! attribute (region, device…) and per time bucket, with the gap between a variant's best
 //! and worst segment — the fairness check a team reviews before promoting a model.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
 use crate::telemetry::rfc3339;
@@ -15,7 +15,12 @@ const SEGMENTS_KEPT: usize = 100;
 pub const OTHER: &str = "(other)";
 
 /// Time buckets kept per variant: the most recent.
-const BUCKETS_KEPT: usize = 60;
+const BUCKETS_KEPT: u64 = 60;
+
+/// Rows of one answer whose predictions are kept for labels to come: up to `feedback_memory`
+/// answers are remembered, and a client must not be able to make that memory huge by
+/// sending big batches. Larger answers can still be rewarded, not labelled.
+pub const LABELLED_ROWS: usize = 64;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct Tally {
@@ -71,8 +76,9 @@ pub struct Score {
 struct Tallies {
     overall: Scores,
     segments: BTreeMap<String, Scores>,
-    /// (bucket start in Unix ms, scores), oldest first.
-    buckets: VecDeque<(u64, Scores)>,
+    /// Bucket start in Unix ms → scores. Feedback comes late and in any order, so a score
+    /// goes to the bucket of the answer's time, not the last bucket.
+    buckets: BTreeMap<u64, Scores>,
 }
 
 /// One variant's scores.
@@ -152,18 +158,17 @@ impl Performance {
             };
             t.segments.entry(key.to_string()).or_default().add(score);
         }
-        let start = at_ms - at_ms % bucket_ms.max(1);
-        match t.buckets.back_mut() {
-            Some((last, scores)) if *last == start => scores.add(score),
-            _ => {
-                let mut scores = Scores::default();
-                scores.add(score);
-                t.buckets.push_back((start, scores));
-                if t.buckets.len() > BUCKETS_KEPT {
-                    t.buckets.pop_front();
-                }
-            }
+        let width = bucket_ms.max(1);
+        let start = at_ms - at_ms % width;
+        let newest = t
+            .buckets
+            .last_key_value()
+            .map_or(start, |(s, _)| start.max(*s));
+        let oldest_kept = newest.saturating_sub(width.saturating_mul(BUCKETS_KEPT - 1));
+        if start >= oldest_kept {
+            t.buckets.entry(start).or_default().add(score);
         }
+        t.buckets.retain(|s, _| *s >= oldest_kept);
     }
 
     pub fn report(&self) -> PerformanceReport {
@@ -192,8 +197,16 @@ impl Performance {
 
 /// What an answer predicted, row by row, for comparing with labels sent back later: the
 /// elements of an output named `label`, else the top class of each row of the first
-/// `[rows, classes]` floating-point output.
+/// `[rows, classes]` floating-point output; nothing past [`LABELLED_ROWS`] rows.
 pub fn predictions(outputs: &[Tensor]) -> Vec<String> {
+    let rows = outputs
+        .first()
+        .and_then(|t| t.shape.first())
+        .copied()
+        .unwrap_or(0);
+    if rows > LABELLED_ROWS {
+        return Vec::new();
+    }
     if let Some(label) = outputs.iter().find(|t| t.name == "label") {
         return match label.datatype {
             DataType::Bytes => Tensor::byte_elements(&label.data)
@@ -278,6 +291,16 @@ mod tests {
         assert_eq!(r.over_time.len(), 2);
         assert_eq!(r.over_time[1].start, "1970-01-01T00:01:00Z");
         assert_eq!(r.over_time[1].scores.reward.count, 1);
+        // Late feedback on an early answer lands in its own bucket.
+        p.record(&labelled(1, 1), None, 2_000, 60_000);
+        let r = p.report();
+        assert_eq!(r.over_time.len(), 2);
+        assert_eq!(r.over_time[0].scores.accuracy.count, 5);
+        // Buckets older than the last 60 are dropped.
+        p.record(&labelled(1, 1), None, 60 * 60_000, 60_000);
+        let r = p.report();
+        let starts: Vec<&str> = r.over_time.iter().map(|b| b.start.as_str()).collect();
+        assert_eq!(starts, ["1970-01-01T00:01:00Z", "1970-01-01T01:00:00Z"]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::Snapshot;
+use super::{LoadedVersion, Snapshot};
 use crate::telemetry::{self, Change, Load};
 
 fn change(kind: &'static str, model: &str) -> Change {
@@ -24,6 +24,14 @@ fn count(model: &str, outcome: Load) {
     }
 }
 
+/// A version that stops serving (or is replaced) takes its drift series with it.
+fn forget_drift(gone: &LoadedVersion) {
+    if let (Some(metrics), Some(drift)) = (telemetry::metrics(), &gone.drift) {
+        let features = drift.reference.features.iter().map(|f| f.name.as_str());
+        metrics.forget_drift(&gone.model, gone.version, features);
+    }
+}
+
 pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
     for (name, model) in &next.models {
         let before = previous.models.get(name);
@@ -34,6 +42,9 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
                 && !old_loaded.is_some_and(|o| Arc::ptr_eq(o, loaded))
             {
                 count(name, Load::Loaded);
+                if let Some(old) = old_loaded {
+                    forget_drift(old);
+                }
                 telemetry::audit(Change {
                     from: old_loaded.map(|_| format!("version {version} (previous file)")),
                     to: Some(format!("version {version}")),
@@ -71,7 +82,8 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
                 .get(name)
                 .and_then(|m| m.versions.get(version))
                 .is_some_and(|e| e.loaded.is_some());
-            if entry.loaded.is_some() && !still {
+            if let Some(gone) = entry.loaded.as_ref().filter(|_| !still) {
+                forget_drift(gone);
                 count(name, Load::Unloaded);
                 telemetry::audit(Change {
                     from: Some(format!("version {version}")),

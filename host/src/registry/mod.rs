@@ -55,6 +55,8 @@ pub struct VersionEntry {
     pub refused: Option<Arc<str>>,
     /// The file the last load attempt read, so unchanged files are not loaded again.
     stamp: Option<scan::FileStamp>,
+    /// The drift reference the last load read, so that a new one is picked up.
+    reference_stamp: Option<scan::FileStamp>,
 }
 
 /// A model directory as the last scan found it.

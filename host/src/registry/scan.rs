@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use super::{LoadedVersion, Model, ModelConfig, ModelMeters, Snapshot, VersionEntry};
 use crate::backend::TractBackend;
 use crate::telemetry::drift::{DriftMonitor, Reference};
+use crate::tensor::TensorSpec;
 use crate::watch::is_ignored;
 
 const MODEL_FILE: &str = "model.onnx";
@@ -113,7 +114,11 @@ fn scan_version(
 ) -> VersionEntry {
     let path = dir.join(version.to_string()).join(MODEL_FILE);
     let stamp = FileStamp::of(&path);
-    if let Some(before) = before.filter(|b| b.stamp == stamp && !config_changed) {
+    let reference = dir.join(version.to_string()).join(REFERENCE_FILE);
+    let reference_stamp = FileStamp::of(&reference);
+    if let Some(before) = before
+        .filter(|b| b.stamp == stamp && b.reference_stamp == reference_stamp && !config_changed)
+    {
         return before.clone();
     }
     let kept = before.and_then(|b| b.loaded.clone());
@@ -122,6 +127,7 @@ fn scan_version(
             loaded: kept,
             refused: Some(Arc::from(format!("{} does not exist yet", path.display()))),
             stamp,
+            reference_stamp,
         };
     };
     let loaded = fs::read(&path)
@@ -133,6 +139,9 @@ fn scan_version(
     match loaded {
         Ok(graph) => {
             tracing::info!(model = name, version, file = %path.display(), "model version loaded");
+            let drift = reference_stamp
+                .as_ref()
+                .and_then(|_| drift_monitor(&reference, name, version, config, &graph.inputs));
             VersionEntry {
                 loaded: Some(Arc::new(LoadedVersion {
                     model: name.to_string(),
@@ -140,7 +149,7 @@ fn scan_version(
                     graph: graph.graph,
                     inputs: graph.inputs,
                     outputs: graph.outputs,
-                    drift: drift_monitor(dir, name, version, config),
+                    drift,
                     meters: crate::telemetry::metrics().map(|m| ModelMeters {
                         queue: m.queue_seconds(name),
                         inference: m.inference_seconds(name, version),
@@ -148,6 +157,7 @@ fn scan_version(
                 })),
                 refused: None,
                 stamp,
+                reference_stamp,
             }
         }
         Err(reason) => {
@@ -163,29 +173,28 @@ fn scan_version(
                 loaded: kept,
                 refused: Some(Arc::from(format!("{} refused: {reason}", path.display()))),
                 stamp,
+                reference_stamp,
             }
         }
     }
 }
 
 /// The drift monitor of a version whose directory holds a reference distribution; a
-/// reference that cannot be used is logged and the version served without one.
+/// reference that cannot be used (unreadable, or not about one of the model's float
+/// `[batch, features]` inputs) is logged and the version served without one.
 fn drift_monitor(
-    dir: &Path,
+    path: &Path,
     name: &str,
     version: u64,
     config: &ModelConfig,
+    inputs: &[TensorSpec],
 ) -> Option<Arc<DriftMonitor>> {
-    let path = dir.join(version.to_string()).join(REFERENCE_FILE);
-    if !path.is_file() {
-        return None;
-    }
-    let reference = fs::read(&path)
+    let monitor = fs::read(path)
         .map_err(|e| e.to_string())
         .and_then(|bytes| serde_json::from_slice::<Reference>(&bytes).map_err(|e| e.to_string()))
-        .and_then(|r| r.check().map(|()| r).map_err(|e| e.to_string()));
-    match reference {
-        Ok(reference) => Some(Arc::new(DriftMonitor::new(reference, config.drift))),
+        .and_then(|r| DriftMonitor::new(r, config.drift, inputs).map_err(|e| e.to_string()));
+    match monitor {
+        Ok(monitor) => Some(Arc::new(monitor)),
         Err(reason) => {
             tracing::error!(model = name, version, file = %path.display(), %reason, "drift reference refused; the version serves without drift detection");
             crate::telemetry::note_error(

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
-use crate::tensor::Tensor;
+use crate::tensor::{DataType, Tensor, TensorSpec};
 
 /// What the training script wrote: the quantiles of each feature of one input tensor.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -34,7 +34,8 @@ pub struct ReferenceFeature {
 pub struct DriftConfig {
     /// Latest inputs per feature compared with the reference.
     pub window: usize,
-    /// Inputs needed before a feature is judged at all.
+    /// Inputs needed before a feature is judged at all: with fewer, chance alone puts PSI
+    /// near its usual thresholds (its expected value without drift is about 9/n).
     pub min_samples: usize,
     pub ks_threshold: f64,
     pub psi_threshold: f64,
@@ -44,7 +45,7 @@ impl Default for DriftConfig {
     fn default() -> Self {
         DriftConfig {
             window: 500,
-            min_samples: 50,
+            min_samples: 200,
             ks_threshold: 0.2,
             psi_threshold: 0.25,
         }
@@ -55,25 +56,26 @@ impl Default for DriftConfig {
 pub enum ReferenceError {
     #[error("the reference has no features")]
     Empty,
-    #[error("feature '{0}' needs at least two quantiles, ascending and finite")]
+    #[error("feature '{0}' needs at least two quantiles, ascending and finite as FP32")]
     Quantiles(String),
+    #[error(
+        "the reference is about input '{input}', but the model's inputs are: {inputs}; name one of them"
+    )]
+    NoSuchInput { input: String, inputs: String },
+    #[error(
+        "input '{input}' is {datatype} {shape:?}; drift is followed on a floating-point [batch, {features}] input"
+    )]
+    Shape {
+        input: String,
+        datatype: DataType,
+        shape: Vec<i64>,
+        features: usize,
+    },
 }
 
-impl Reference {
-    pub fn check(&self) -> Result<(), ReferenceError> {
-        if self.features.is_empty() {
-            return Err(ReferenceError::Empty);
-        }
-        for feature in &self.features {
-            let q = &feature.quantiles;
-            if q.len() < 2 || q.iter().any(|v| !v.is_finite()) || q.windows(2).any(|w| w[0] > w[1])
-            {
-                return Err(ReferenceError::Quantiles(feature.name.clone()));
-            }
-        }
-        Ok(())
-    }
-}
+/// Clears a drifted feature only once both figures are below this share of their
+/// thresholds, so that a window hovering at the threshold does not flip every second.
+const CLEAR_BELOW: f64 = 0.8;
 
 /// One feature's figures, as `/admin/drift/{model}` shows them.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -104,7 +106,42 @@ pub struct DriftMonitor {
 }
 
 impl DriftMonitor {
-    pub fn new(mut reference: Reference, config: DriftConfig) -> DriftMonitor {
+    /// A monitor for `reference`, checked against the model's `inputs`.
+    pub fn new(
+        mut reference: Reference,
+        config: DriftConfig,
+        inputs: &[TensorSpec],
+    ) -> Result<DriftMonitor, ReferenceError> {
+        if reference.features.is_empty() {
+            return Err(ReferenceError::Empty);
+        }
+        let Some(input) = inputs.iter().find(|i| i.name == reference.input) else {
+            return Err(ReferenceError::NoSuchInput {
+                input: reference.input,
+                inputs: inputs
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let features = reference.features.len();
+        let float = matches!(
+            input.datatype,
+            DataType::Fp16 | DataType::Fp32 | DataType::Fp64
+        );
+        let columns = match input.shape.as_slice() {
+            [_, columns] => *columns == -1 || usize::try_from(*columns) == Ok(features),
+            _ => false,
+        };
+        if !float || !columns {
+            return Err(ReferenceError::Shape {
+                input: input.name.clone(),
+                datatype: input.datatype,
+                shape: input.shape.clone(),
+                features,
+            });
+        }
         // Inputs arrive as FP32 mostly, the reference as decimal text: a training value
         // of 2.8 arrives as 2.7999999523, below the quantile 2.8 it should equal. Both sides
         // are compared at f32 precision so that ties stay ties.
@@ -112,14 +149,18 @@ impl DriftMonitor {
             for q in &mut feature.quantiles {
                 *q = f64::from(*q as f32);
             }
+            let q = &feature.quantiles;
+            if q.len() < 2 || q.iter().any(|v| !v.is_finite()) || q.windows(2).any(|w| w[0] > w[1])
+            {
+                return Err(ReferenceError::Quantiles(feature.name.clone()));
+            }
         }
-        let features = reference.features.len();
-        DriftMonitor {
+        Ok(DriftMonitor {
             reference,
             config,
             windows: Mutex::new(vec![VecDeque::new(); features]),
             verdicts: Mutex::new(vec![false; features]),
-        }
+        })
     }
 
     /// Adds the rows of the reference's input tensor among `inputs` to the window.
@@ -137,7 +178,9 @@ impl DriftMonitor {
         let window = self.config.window.max(1);
         let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         for row in values.chunks_exact(features) {
-            for (recent, &value) in windows.iter_mut().zip(row) {
+            // A NaN or an infinity is no evidence about the distribution (and would not
+            // sort); it is left out.
+            for (recent, &value) in windows.iter_mut().zip(row).filter(|(_, v)| v.is_finite()) {
                 if recent.len() == window {
                     recent.pop_front();
                 }
@@ -176,8 +219,12 @@ impl DriftMonitor {
             } else {
                 (None, None)
             };
+            let (ks_limit, psi_limit) = (self.config.ks_threshold, self.config.psi_threshold);
             let drifted = match (ks, psi) {
-                (Some(k), Some(p)) => k > self.config.ks_threshold || p > self.config.psi_threshold,
+                (Some(k), Some(p)) if *verdict => {
+                    k > ks_limit * CLEAR_BELOW || p > psi_limit * CLEAR_BELOW
+                }
+                (Some(k), Some(p)) => k > ks_limit || p > psi_limit,
                 // Too few inputs: the previous verdict stands.
                 _ => *verdict,
             };
@@ -400,7 +447,25 @@ mod tests {
             min_samples: 10,
             ..DriftConfig::default()
         };
-        let monitor = DriftMonitor::new(reference, config);
+        let input = TensorSpec {
+            name: "x".to_string(),
+            datatype: DataType::Fp32,
+            shape: vec![-1, 1],
+        };
+        let monitor =
+            DriftMonitor::new(reference.clone(), config, std::slice::from_ref(&input)).unwrap();
+        let wrong = TensorSpec {
+            shape: vec![-1, 3],
+            ..input
+        };
+        assert!(matches!(
+            DriftMonitor::new(reference.clone(), config, &[wrong]),
+            Err(ReferenceError::Shape { .. })
+        ));
+        assert!(matches!(
+            DriftMonitor::new(reference, config, &[]),
+            Err(ReferenceError::NoSuchInput { .. })
+        ));
         let rows = |offset: f64| Tensor {
             name: "x".to_string(),
             datatype: crate::tensor::DataType::Fp32,

@@ -469,6 +469,26 @@ impl Metrics {
         self.drifted.get_or_create(&labels).set(i64::from(over));
     }
 
+    /// Drops a version's drift series when it stops serving (or is replaced), so that a
+    /// drifted gauge does not stay up for a model that is gone.
+    pub fn forget_drift<'a>(
+        &self,
+        model: &str,
+        version: u64,
+        features: impl Iterator<Item = &'a str>,
+    ) {
+        for feature in features {
+            let labels = FeatureLabels {
+                model: model.to_string(),
+                version: version.to_string(),
+                feature: feature.to_string(),
+            };
+            self.drift_ks.remove(&labels);
+            self.drift_psi.remove(&labels);
+            self.drifted.remove(&labels);
+        }
+    }
+
     pub fn request_log_dropped(&self) {
         self.request_log_dropped.inc();
     }

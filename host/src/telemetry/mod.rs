@@ -138,6 +138,13 @@ pub fn audit(change: Change) {
     }
 }
 
+/// Writes out what the store still holds in memory; the server calls it on the way out.
+pub fn shutdown() {
+    if let Some(store) = HUB.get().and_then(|h| h.store.as_ref()) {
+        store.flush();
+    }
+}
+
 /// Whether this request is one of the sampled; and whether its tensors are wanted.
 pub fn sample() -> Option<bool> {
     let hub = HUB.get()?;

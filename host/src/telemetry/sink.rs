@@ -65,6 +65,11 @@ fn post(url: &str, queue: &Receiver<RequestRecord>) {
             )
             .header("content-type", "application/json")
             .send(&body[..]);
+        if sent.is_err()
+            && let Some(metrics) = super::metrics()
+        {
+            metrics.request_log_dropped();
+        }
         match sent {
             Ok(_) if failing => {
                 failing = false;

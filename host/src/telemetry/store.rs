@@ -19,8 +19,8 @@ const PENDING_REQUESTS: usize = 10_000;
 const BATCH: usize = 512;
 
 /// How long the writer gathers sampled requests before writing them in one transaction:
-/// one wake-up and one commit per window rather than per request. Changes and flushes
-/// are written at once.
+/// one wake-up and one commit per window rather than per request. A change or a flush that
+/// comes first is written at once; when a batch is already waiting, nothing is gathered.
 const GATHER: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +38,12 @@ pub enum StoreError {
     Query(#[from] rusqlite::Error),
 }
 
-/// One change to what serves, or to how it is chosen.
+/// One change to what serves, or to how it is chosen. Made with a fixed `kind`; read back
+/// from the store with a `String` one.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct Change {
+pub struct Change<Kind = &'static str> {
     /// `<what>.<how>`: `plugin.loaded`, `model.unloaded`, `endpoint.promote`, `flag.changed`…
-    pub kind: &'static str,
+    pub kind: Kind,
     /// The admin token's name, `file` for a change on disk, `plugin:<name>` for a router's
     /// own decision, `host` for what the server concluded itself (drift).
     pub actor: String,
@@ -62,18 +63,7 @@ pub struct StoredChange {
     pub at: String,
     pub at_ms: i64,
     #[serde(flatten)]
-    pub change: StoredFields,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct StoredFields {
-    pub kind: String,
-    pub actor: String,
-    pub subject: String,
-    pub endpoint: Option<String>,
-    pub from: Option<String>,
-    pub to: Option<String>,
-    pub detail: Option<String>,
+    pub change: Change<String>,
 }
 
 /// One sampled inference request.
@@ -177,7 +167,12 @@ impl Store {
             })?;
         let reads = open(OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         // The writer holds the lock only briefly; a read waits for it rather than fail.
-        reads.busy_timeout(Duration::from_secs(2))?;
+        reads
+            .busy_timeout(Duration::from_secs(2))
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let (writes, queue) = std::sync::mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let counted = pending.clone();
@@ -244,7 +239,7 @@ impl Store {
                 id: row.get(0)?,
                 at: rfc3339(at_ms),
                 at_ms,
-                change: StoredFields {
+                change: Change {
                     kind: row.get(2)?,
                     actor: row.get(3)?,
                     subject: row.get(4)?,
@@ -350,7 +345,7 @@ pub fn rfc3339(at_ms: i64) -> String {
 fn write(mut db: Connection, queue: &Receiver<Write>, pending: &AtomicUsize, retention: u64) {
     let mut since_prune = 0u64;
     while let Ok(first) = queue.recv() {
-        if matches!(first, Write::Request(_)) {
+        if matches!(first, Write::Request(_)) && pending.load(Ordering::Relaxed) < BATCH {
             std::thread::sleep(GATHER);
         }
         let mut batch = vec![first];

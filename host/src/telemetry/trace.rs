@@ -8,8 +8,6 @@ pub const TRACEPARENT: &str = "traceparent";
 pub struct Trace {
     /// 32 lowercase hex digits, never all zero.
     pub trace_id: String,
-    /// Whether the caller gave it (`false`: the server started the trace).
-    pub from_caller: bool,
     flags: String,
 }
 
@@ -43,13 +41,11 @@ impl Trace {
                 && (version != "00" || parts.next().is_none());
             valid.then(|| Trace {
                 trace_id: trace.to_string(),
-                from_caller: true,
                 flags: flags.to_ascii_lowercase(),
             })
         });
         parsed.unwrap_or_else(|| Trace {
             trace_id: format!("{:032x}", fastrand::u128(1..)),
-            from_caller: false,
             flags: "01".to_string(),
         })
     }
@@ -74,7 +70,6 @@ mod tests {
         let header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let trace = Trace::from_header(Some(header));
         assert_eq!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert!(trace.from_caller);
         let child = trace.child();
         assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(child.ends_with("-01"));
@@ -87,7 +82,7 @@ mod tests {
             "garbage",
         ] {
             let trace = Trace::from_header(Some(bad));
-            assert!(!trace.from_caller, "{bad}");
+            assert!(!bad.contains(&trace.trace_id), "{bad}");
             assert_eq!(trace.trace_id.len(), 32);
         }
     }
