@@ -48,7 +48,7 @@ def modelyard(config, rust_log):
     base = "http://127.0.0.1:18080"
     try:
         wait_ready(f"{base}/v2/models/iris/ready", proc)
-        yield base
+        yield base, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -94,7 +94,14 @@ def wrk(url, concurrency, duration, script):
     ).stdout
     line = next(l for l in out.splitlines() if l.startswith("RESULT "))
     requests, seconds, p50, p99, errors = line.split()[1:]
-    return {"rps": int(requests) / float(seconds), "p50": float(p50), "p99": float(p99), "errors": int(errors)}
+    return {"rps": int(requests) / float(seconds), "p50": float(p50), "p99": float(p99), "errors": int(errors),
+            "requests": int(requests)}
+
+
+def cpu_seconds(pid):
+    """User and system CPU time the process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def medians(results):
@@ -111,7 +118,7 @@ def strategies(args, script, features_script):
     results = {}
     for log in ("on", "off"):
         rust_log = "info,modelyard::requests=debug" if log == "on" else "info"
-        with modelyard(ROOT / "modelyard.toml", rust_log) as base:
+        with modelyard(ROOT / "modelyard.toml", rust_log) as (base, _):
             for run in range(args.runs):
                 for endpoint in STRATEGY_ENDPOINTS:
                     # iris-ab's processor takes the flower as the tensor `features`.
@@ -171,14 +178,27 @@ def monitoring(args, script):
         for run in range(args.runs):
             for mode, config in configs.items():
                 # Logging off: only warnings and errors, so no request span either.
-                with modelyard(config, "warn" if mode == "off" else "info") as base:
+                with modelyard(config, "warn" if mode == "off" else "info") as (base, pid):
                     for endpoint in MONITORED_ENDPOINTS:
+                        cpu = cpu_seconds(pid)
                         r = wrk(f"{base}/v2/models/{endpoint}/infer", 8, args.duration, script)
+                        # The server's own CPU per request: what a neighbour taking the
+                        # machine's time changes far less than throughput.
+                        r["cpu_us"] = 1e6 * (cpu_seconds(pid) - cpu) / max(r["requests"], 1)
                         results.setdefault((endpoint, mode), []).append(r)
                         print(f"run {run + 1} {endpoint} monitoring {mode}: {r['rps']:.0f} req/s, "
-                              f"p50 {r['p50']:.0f} us, {r['errors']} errors", file=sys.stderr)
+                              f"p50 {r['p50']:.0f} us, {r['cpu_us']:.1f} us CPU per request, "
+                              f"{r['errors']} errors", file=sys.stderr)
     med = medians(results)
+    cpu = {k: statistics.median(r["cpu_us"] for r in v) for k, v in results.items()}
     print(f"median of {args.runs} runs of {args.duration} s each, concurrency 8, wrk on the same machine\n")
+    print("| endpoint | server CPU per request (µs): defaults | metrics and logging off | their cost | no drift reference | drift's cost |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for endpoint in MONITORED_ENDPOINTS:
+        on, off, bare = (cpu[(endpoint, mode)] for mode in ("on", "off", "no drift"))
+        print(f"| {endpoint} | {on:.1f} | {off:.1f} | {100 * (on / off - 1):.1f} % | {bare:.1f} | "
+              f"{100 * (on / bare - 1):.1f} % |")
+    print()
     print("| endpoint | req/s, defaults | req/s, metrics and logging off | their cost | req/s, no drift reference | drift's cost | p50 (µs): defaults, off, no drift | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for endpoint in MONITORED_ENDPOINTS:

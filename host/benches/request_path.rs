@@ -81,6 +81,53 @@ fn benches(c: &mut Criterion) {
         })
     });
 
+    // The rest of what monitoring adds to one request at the default settings, each part
+    // alone (the global subscriber is not installed in benchmarks, so it is set here).
+    let inference = metrics.inference_seconds("iris", 2);
+    let queue = metrics.queue_seconds("iris");
+    c.bench_function("monitoring: queue and inference histograms", |b| {
+        b.iter(|| {
+            queue.observe(black_box(std::time::Duration::from_micros(20)));
+            inference.observe(black_box(std::time::Duration::from_micros(3)));
+        })
+    });
+    let meter = metrics.plugin_meter("canary", "router");
+    c.bench_function("monitoring: one plugin call counted", |b| {
+        b.iter(|| meter.call(black_box(std::time::Duration::from_micros(2)), None))
+    });
+    let reference = serde_json::from_slice(
+        &std::fs::read(models().join("iris/2/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let drift = modelyard::telemetry::drift::DriftMonitor::new(
+        reference,
+        Default::default(),
+        &loaded.inputs,
+    )
+    .unwrap();
+    c.bench_function("monitoring: drift window, one row", |b| {
+        b.iter(|| drift.observe(black_box(&template.inputs)))
+    });
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::sink)
+        .with_env_filter("info")
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        // As `http::trace` and the pipeline do it: made with the trace id, the id recorded
+        // once the body is read, entered on the reactor and on the blocking thread.
+        c.bench_function("monitoring: request span (info level)", |b| {
+            b.iter(|| {
+                let trace = modelyard::telemetry::Trace::from_header(None);
+                let span = tracing::info_span!("request", trace_id = %trace.trace_id, id = tracing::field::Empty);
+                span.record("id", "my-42");
+                for _ in 0..3 {
+                    let _entered = span.enter();
+                }
+                black_box(trace.child())
+            })
+        });
+    });
+
     c.bench_function("http: decode JSON request", |b| {
         b.iter(|| decode_request(black_box(BODY.as_bytes()), None).unwrap())
     });
