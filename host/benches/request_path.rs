@@ -95,10 +95,9 @@ fn benches(c: &mut Criterion) {
     c.bench_function("monitoring: one plugin call counted", |b| {
         b.iter(|| meter.call(black_box(std::time::Duration::from_micros(2)), None))
     });
-    let reference = serde_json::from_slice(
-        &std::fs::read(models().join("iris/2/reference.json")).unwrap(),
-    )
-    .unwrap();
+    let reference =
+        serde_json::from_slice(&std::fs::read(models().join("iris/2/reference.json")).unwrap())
+            .unwrap();
     let drift = modelyard::telemetry::drift::DriftMonitor::new(
         reference,
         Default::default(),

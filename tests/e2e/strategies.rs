@@ -166,19 +166,24 @@ router = { plugin = "weighted", config = { weights = { main = 1 }, shadows = ["o
     );
     // iris v1 in the shadow of v2: the report says how often they pick the same class.
     let (rows, _) = iris_data();
-    for row in &rows {
-        let reply = server.post_json("/v2/models/compared/infer", &iris_request(&[*row]));
-        assert_eq!(reply.headers["x-modelyard-variant"], "main");
-    }
     let shadow = |endpoint: &str, variant: &str| {
         server
             .get_with(&format!("/admin/experiments/{endpoint}"), &[ADMIN])
             .ok()["shadows"][variant]
             .clone()
     };
-    server.wait_until("every shadow request ran", || {
-        shadow("compared", "other")["runs"] == rows.len()
-    });
+    // In batches well inside the queue, so that every row gets its shadow run even when
+    // other tests keep the shadow thread off the cores for a while.
+    for (batch, chunk) in rows.chunks(16).enumerate() {
+        for row in chunk {
+            let reply = server.post_json("/v2/models/compared/infer", &iris_request(&[*row]));
+            assert_eq!(reply.headers["x-modelyard-variant"], "main");
+        }
+        let sent = (batch * 16 + chunk.len()) as u64;
+        server.wait_until("the batch's shadow requests ran", || {
+            shadow("compared", "other")["runs"] == sent
+        });
+    }
     let other = shadow("compared", "other");
     let agreement = other["agreement"].as_f64().unwrap();
     assert!((0.8..1.0).contains(&agreement), "{other}");

@@ -94,6 +94,15 @@ fn unreadable(error: ReadError) -> ApiError {
     ApiError::new(status, error.to_string())
 }
 
+/// One page from the store, read off the reactor.
+async fn read<T: Send + 'static>(
+    what: &str,
+    query: telemetry::Query,
+    read: fn(&telemetry::Query) -> Result<telemetry::Page<T>, ReadError>,
+) -> Result<Result<telemetry::Page<T>, ReadError>, ApiError> {
+    blocking(what, move || read(&query)).await
+}
+
 /// `GET /admin/audit`: every recorded change, newest first.
 pub(super) async fn audit(
     State(state): AppState,
@@ -102,11 +111,9 @@ pub(super) async fn audit(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
     let query = filters(params)?;
-    let page = blocking("reading the audit trail", move || {
-        telemetry::changes(&query)
-    })
-    .await?
-    .map_err(unreadable)?;
+    let page = read("reading the audit trail", query, telemetry::changes)
+        .await?
+        .map_err(unreadable)?;
     Ok(Json(json!({ "changes": page.items, "next": page.next })))
 }
 
@@ -123,11 +130,9 @@ pub(super) async fn requests(
             "requests are filtered by endpoint, since, until, limit and before",
         ));
     }
-    let page = blocking("reading the request log", move || {
-        telemetry::requests(&query)
-    })
-    .await?
-    .map_err(unreadable)?;
+    let page = read("reading the request log", query, telemetry::requests)
+        .await?
+        .map_err(unreadable)?;
     let items: Vec<_> = page.items.into_iter().map(|(_, record)| record).collect();
     Ok(Json(json!({ "requests": items, "next": page.next })))
 }
@@ -189,11 +194,7 @@ pub(super) async fn card(
         limit: MAX_LIMIT,
         ..telemetry::Query::default()
     };
-    let history = match blocking("reading the model's history", move || {
-        telemetry::changes(&query)
-    })
-    .await?
-    {
+    let history = match read("reading the model's history", query, telemetry::changes).await? {
         Ok(page) => json!(page.items),
         Err(ReadError::Off) => json!(null),
         Err(error) => return Err(unreadable(error)),
