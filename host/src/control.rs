@@ -37,10 +37,9 @@ struct Control {
     library: Library,
     pipeline: Arc<Pipeline>,
     /// Each flag's state and default variant, `(endpoint, flag)` → summary, as of the last
-    /// refresh: what a flag flip is told by.
-    flags: BTreeMap<(String, String), String>,
-    /// Flags found by the first refresh are the starting point, not flips.
-    first_done: bool,
+    /// refresh: what a flag flip is told by. `None` before the first refresh, whose flags
+    /// are the starting point, not flips.
+    flags: Option<BTreeMap<(String, String), String>>,
 }
 
 impl Control {
@@ -88,9 +87,9 @@ impl Control {
             }
         }
         let flags = flag_states(&endpoints);
-        if self.first_done {
+        if let Some(previous) = &self.flags {
             for ((endpoint, flag), now) in &flags {
-                let before = self.flags.get(&(endpoint.clone(), flag.clone()));
+                let before = previous.get(&(endpoint.clone(), flag.clone()));
                 if before != Some(now) {
                     audit(Change {
                         endpoint: Some(endpoint.clone()),
@@ -101,8 +100,7 @@ impl Control {
                 }
             }
         }
-        self.flags = flags;
-        self.first_done = true;
+        self.flags = Some(flags);
         self.pipeline.set_plugins(self.library.clone(), endpoints);
     }
 }
@@ -135,21 +133,20 @@ fn changed_endpoints(
 
 /// Every flag of every endpoint as `state, default <variant>`: what a flip changes.
 fn flag_states(set: &EndpointSet) -> BTreeMap<(String, String), String> {
-    let mut states = BTreeMap::new();
-    for endpoint in set.endpoints.values() {
-        for (_, infos) in endpoint.flag_infos() {
-            for info in infos.into_iter().flatten() {
+    set.endpoints
+        .values()
+        .flat_map(|endpoint| {
+            endpoint.flag_definitions.values().map(|info| {
                 let summary = format!(
                     "{}, default {}{}",
                     info.state,
                     info.default_variant,
                     if info.expired { ", expired" } else { "" }
                 );
-                states.insert((endpoint.name.clone(), info.key), summary);
-            }
-        }
-    }
-    states
+                ((endpoint.name.clone(), info.key.clone()), summary)
+            })
+        })
+        .collect()
 }
 
 /// Loads the plugins and endpoints once, then follows changes until the returned task is
@@ -217,8 +214,7 @@ pub async fn start(
         endpoints: config.endpoints.clone(),
         library: Library::default(),
         pipeline,
-        flags: BTreeMap::new(),
-        first_done: false,
+        flags: None,
     });
     control = refresh(control).await;
     Ok(tokio::spawn(async move {

@@ -29,6 +29,13 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Adds a model `broken` whose only version's file is not ONNX, so it is refused.
+pub fn broken_model(models: &Path) {
+    let version = models.join("broken/1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::fs::write(version.join("model.onnx"), [0xffu8; 64]).unwrap();
+}
+
 /// A model repository holding `iris` and the named fixtures.
 pub fn repository(fixtures: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -210,6 +217,16 @@ impl Server {
     /// Every log line so far, one JSON object each.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Every log line so far, parsed (the server logs JSON).
+    pub fn log_events(&self) -> Vec<Value> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Polls `condition` for up to 20 s.

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use serde_json::{Value, json};
 
 use crate::harness::{Server, iris_request, root};
-use crate::plugins::{AB, Setup, component};
+use crate::plugins::{AB, Setup, component, drop_in};
 
 /// Every sample `/metrics` serves, parsed by `prometheus_client`'s OpenMetrics parser.
 fn samples(server: &Server) -> Vec<Value> {
@@ -132,27 +132,17 @@ fn metrics_count_requests_with_bounded_labels() {
     assert!(quiet.get("/metrics").error(404).contains("server.metrics"));
 }
 
-/// The fixture router as `name`, beside standard plugins.
-fn setup_with_fixture(standard: &[&str]) -> Setup {
-    let mut files: Vec<(String, std::path::PathBuf)> = standard
-        .iter()
-        .map(|n| (format!("{n}.wasm"), component(n, None)))
-        .collect();
-    files.push((
-        "fixture-router.wasm".to_string(),
-        component("fixture-router", Some("a")),
-    ));
-    Setup::new(&files)
-}
-
 #[test]
 fn metrics_cover_plugins_models_shadows_flags_and_stages() {
-    let setup = setup_with_fixture(&["weighted", "flagd"]);
+    let setup = Setup::plugins(&["weighted", "flagd"]);
+    drop_in(
+        &component("fixture-router", Some("a")),
+        setup.plugins.path(),
+        "fixture-router.wasm",
+    );
     // A plugin file that is not a component, and a model version that is not ONNX.
     std::fs::write(setup.plugins.path().join("broken.wasm"), b"not wasm").unwrap();
-    let broken = setup.models.path().join("broken/1");
-    std::fs::create_dir_all(&broken).unwrap();
-    std::fs::write(broken.join("model.onnx"), [0xffu8; 64]).unwrap();
+    crate::harness::broken_model(setup.models.path());
     let server = setup.start(
         r#"
 [server]
@@ -311,11 +301,8 @@ fn metrics_can_have_a_port_of_their_own() {
             &iris_request(&[[5.1, 3.5, 1.4, 0.2]]),
         )
         .ok();
-    let logs = server.logs();
-    let addr = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|e| e["fields"]["message"] == "serving /metrics")
+    let addr = log_lines(&server, "serving /metrics")
+        .first()
         .and_then(|e| e["fields"]["addr"].as_str().map(str::to_string))
         .expect("the metrics listener's address is logged");
     assert_ne!(addr, server.addr);
@@ -333,13 +320,11 @@ fn metrics_can_have_a_port_of_their_own() {
     assert_eq!(server.get("/metrics").status, 404);
 }
 
-/// `(name, value)` of the span fields of the log line whose message is `message` and whose
-/// fields include `field = value`.
+/// The log lines whose message is `message`.
 fn log_lines(server: &Server, message: &str) -> Vec<Value> {
     server
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .log_events()
+        .into_iter()
         .filter(|e| e["fields"]["message"] == message)
         .collect()
 }
@@ -381,9 +366,8 @@ processors = [{ plugin = "iris-features" }]
         !log_lines(&server, "routed").is_empty()
     });
     let about: Vec<Value> = server
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .log_events()
+        .into_iter()
         .filter(|e| e["span"]["trace_id"] == trace)
         .collect();
     assert!(about.len() >= 2, "{about:?}");
@@ -836,9 +820,7 @@ fn readiness_and_status_follow_what_can_serve() {
     let iris = setup.models.path().join("iris");
     let parked = tempfile::tempdir().unwrap();
     std::fs::rename(&iris, parked.path().join("iris")).unwrap();
-    let broken = setup.models.path().join("broken/1");
-    std::fs::create_dir_all(&broken).unwrap();
-    std::fs::write(broken.join("model.onnx"), [0xffu8; 64]).unwrap();
+    crate::harness::broken_model(setup.models.path());
     let server = setup.start(&format!(
         "{TOKENS}\n[endpoints.ab]\nvariants = {{ a = \"iris@1\" }}\nrouter = {{ plugin = \"missing\" }}\n"
     ));

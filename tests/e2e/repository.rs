@@ -139,9 +139,7 @@ fn corrupt_models_are_refused_and_the_old_one_keeps_serving() {
 #[test]
 fn a_model_with_no_loadable_version_is_503_and_the_others_serve() {
     let models = repository(&[]);
-    let broken = models.path().join("broken/1");
-    std::fs::create_dir_all(&broken).unwrap();
-    std::fs::write(broken.join("model.onnx"), [0xffu8; 64]).unwrap();
+    crate::harness::broken_model(models.path());
     let server = Server::start(models.path(), "");
     let error = server.get("/v2/models/broken/ready").error(503);
     assert!(error.contains("broken/1/model.onnx refused"), "{error}");

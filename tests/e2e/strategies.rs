@@ -69,9 +69,7 @@ fn strategy(server: &Server, endpoint: &str) -> Value {
 #[test]
 fn canary_steps_up_rolls_back_on_failure_and_obeys_operators() {
     let setup = Setup::plugins(&["canary"]);
-    let broken = setup.models.path().join("broken/1");
-    std::fs::create_dir_all(&broken).unwrap();
-    std::fs::write(broken.join("model.onnx"), b"not a model").unwrap();
+    crate::harness::broken_model(setup.models.path());
     let server = setup.start(&format!(
         r#"{SERVER}
 [endpoints.healthy]

@@ -104,17 +104,13 @@ async fn admin_endpoints(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
     let set = state.pipeline.endpoints();
-    let mut endpoints: Vec<serde_json::Value> = set
-        .endpoints
-        .values()
-        .map(|e| endpoint_summary(e, set.errors.get(&e.name)))
+    let endpoints: Vec<serde_json::Value> = set
+        .all()
+        .map(|(name, serving, error)| match serving {
+            Some(e) => endpoint_summary(e, error),
+            None => json!({ "name": name, "error": error }),
+        })
         .collect();
-    endpoints.extend(
-        set.errors
-            .iter()
-            .filter(|(name, _)| !set.endpoints.contains_key(*name))
-            .map(|(name, error)| json!({ "name": name, "error": error })),
-    );
     Ok(Json(json!({ "endpoints": endpoints })))
 }
 

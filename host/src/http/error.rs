@@ -28,10 +28,6 @@ impl ApiError {
         self.status
     }
 
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-
     /// The endpoint variant that failed, if one did.
     pub fn variant(&self) -> Option<&str> {
         self.variant.as_deref()
@@ -40,8 +36,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // A failure of the server's own (not "not ready yet", which readiness probes ask
+        // about all day) is logged as an error and kept for `/admin/status`.
         if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(status = self.status.as_u16(), error = %self.message, "request failed");
+            crate::telemetry::note_error("request", self.message.clone());
         } else {
             tracing::debug!(status = self.status.as_u16(), error = %self.message, "request refused");
         }

@@ -346,17 +346,12 @@ pub(super) async fn status(
         })
         .collect();
     let set = state.pipeline.endpoints();
-    let mut endpoints: Vec<serde_json::Value> = set
-        .endpoints
-        .values()
-        .map(|e| json!({ "name": e.name, "serving": true, "error": set.errors.get(&e.name) }))
+    let endpoints: Vec<serde_json::Value> = set
+        .all()
+        .map(|(name, serving, error)| {
+            json!({ "name": name, "serving": serving.is_some(), "error": error })
+        })
         .collect();
-    endpoints.extend(
-        set.errors
-            .iter()
-            .filter(|(name, _)| !set.endpoints.contains_key(*name))
-            .map(|(name, error)| json!({ "name": name, "serving": false, "error": error })),
-    );
     Ok(Json(json!({
         "ready": snapshot.as_ref().is_some_and(|s| s.serving()),
         "models": models,

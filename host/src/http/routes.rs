@@ -200,17 +200,11 @@ async fn measured(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Some(metrics) = telemetry::metrics() else {
-        return noted(
-            name,
-            infer(state, name, version, traced, headers, body).await,
-        );
+        return infer(state, name, version, traced, headers, body).await;
     };
     let in_flight = metrics.in_flight();
     let started = std::time::Instant::now();
-    let result = noted(
-        name,
-        infer(state, name, version, traced, headers, body).await,
-    );
+    let result = infer(state, name, version, traced, headers, body).await;
     drop(in_flight);
     let labels = match &result {
         Ok(reply) => {
@@ -226,16 +220,6 @@ async fn measured(
         Err(error) => failed_labels(state, name, error),
     };
     metrics.answered(labels, started.elapsed());
-    result
-}
-
-/// Server-side failures go to `/admin/status`'s recent errors.
-fn noted(name: &str, result: Result<Response, ApiError>) -> Result<Response, ApiError> {
-    if let Err(error) = &result
-        && error.status().is_server_error()
-    {
-        telemetry::note_error("request", format!("'{name}': {}", error.message()));
-    }
     result
 }
 

@@ -11,7 +11,7 @@ use super::stats::{StatsBook, VariantCounters};
 use super::strategy::{Recent, StrategyState};
 use crate::config::{EndpointConfig, PluginRef, ProcessorFailure};
 use crate::plugins::{
-    FlagsWorld, Library, Plugin, PluginEngine, Pool, ProcessorWorld, RouterWorld, World,
+    FlagInfo, FlagsWorld, Library, Plugin, PluginEngine, Pool, ProcessorWorld, RouterWorld, World,
 };
 
 /// One variant: a model, at a version or at its default.
@@ -56,9 +56,10 @@ pub struct Endpoint {
     pub flag_route: Option<FlagRoute>,
     /// The attribute whose values segment accuracy and reward.
     pub segment_by: Option<String>,
-    /// Each flag the flags plugins declare, with its variants: what the flag-evaluation
-    /// metric may name (anything else a plugin returns is counted as `other`).
-    pub declared_flags: BTreeMap<String, Vec<String>>,
+    /// Each flag the flags plugins declared when the endpoint was built, by key: what the
+    /// flag-evaluation metric may name (anything else a plugin returns is counted as
+    /// `other`), and what the control plane compares to tell a flag flip.
+    pub flag_definitions: BTreeMap<String, FlagInfo>,
     /// Its series of the queue-time metric, when metrics are on.
     pub queue_seconds: Option<crate::telemetry::Seconds>,
     pub strategy: Arc<StrategyState>,
@@ -70,6 +71,23 @@ pub struct Endpoint {
 pub struct EndpointSet {
     pub endpoints: BTreeMap<String, Arc<Endpoint>>,
     pub errors: BTreeMap<String, String>,
+}
+
+impl EndpointSet {
+    /// Every configured endpoint once, serving ones first: its binding if it serves, and
+    /// the error of its last rebuild if it had one.
+    pub fn all(&self) -> impl Iterator<Item = (&String, Option<&Arc<Endpoint>>, Option<&String>)> {
+        let serving = self
+            .endpoints
+            .iter()
+            .map(|(name, e)| (name, Some(e), self.errors.get(name)));
+        let broken = self
+            .errors
+            .iter()
+            .filter(|(name, _)| !self.endpoints.contains_key(*name))
+            .map(|(name, error)| (name, None, Some(error)));
+        serving.chain(broken)
+    }
 }
 
 /// What a rebuild needs: the configuration, the plugins, and what served before.
@@ -191,7 +209,7 @@ impl Build<'_> {
             .enumerate()
             .map(|(i, f)| self.bind(f, before.and_then(|b| b.flags.get(i)), as_flags))
             .collect::<Result<_, _>>()?;
-        let declared_flags = declared_flags(name, &flags);
+        let flag_definitions = flag_definitions(name, &flags);
         // The router's state carries over only while its plugin and configuration stay.
         let same_router = |b: &&Endpoint| match (&b.router, &router) {
             (Some(old), Some(new)) => old.plugin == new.plugin && old.config == new.config,
@@ -232,7 +250,7 @@ impl Build<'_> {
                 .collect(),
             flag_route,
             segment_by: config.segment_by.clone(),
-            declared_flags,
+            flag_definitions,
             queue_seconds: crate::telemetry::metrics().map(|m| m.queue_seconds(name)),
             strategy,
             recent: before.map(|b| b.recent.clone()).unwrap_or_default(),
@@ -337,10 +355,9 @@ fn as_flags(plugin: Plugin) -> Result<Pool<FlagsWorld>, &'static str> {
     }
 }
 
-/// The flags the endpoint's flags plugins declare, with their variants. Logs every flag
-/// past its expiry date: on each rebuild, so the warning keeps coming back until someone
-/// cleans the flag up.
-fn declared_flags(endpoint: &str, flags: &[Bound<FlagsWorld>]) -> BTreeMap<String, Vec<String>> {
+/// The flags the endpoint's flags plugins declare, by key. Logs every flag past its expiry
+/// date: on each rebuild, so the warning keeps coming back until someone cleans the flag up.
+fn flag_definitions(endpoint: &str, flags: &[Bound<FlagsWorld>]) -> BTreeMap<String, FlagInfo> {
     let mut declared = BTreeMap::new();
     for bound in flags {
         match bound.pool.describe(super::now_ms()) {
@@ -353,7 +370,7 @@ fn declared_flags(endpoint: &str, flags: &[Bound<FlagsWorld>]) -> BTreeMap<Strin
                         .map_or("", |(_, v)| v.as_str());
                     tracing::warn!(endpoint, plugin = %bound.plugin, flag = %info.key, expiry, "flag is past its expiry date; remove it or extend it");
                 }
-                declared.extend(infos.into_iter().map(|f| (f.key, f.variants)));
+                declared.extend(infos.into_iter().map(|f| (f.key.clone(), f)));
             }
             Err(error) => {
                 tracing::warn!(endpoint, plugin = %bound.plugin, %error, "cannot list the flags")

@@ -603,8 +603,8 @@ fn evaluate_flags(endpoint: &Endpoint, ctx: &mut crate::plugins::RequestContext)
                 if let Some(metrics) = telemetry::metrics() {
                     for e in &evaluations {
                         // Label values only from what the plugin declared, however it answers.
-                        let (flag, variant) = match endpoint.declared_flags.get(&e.flag) {
-                            Some(variants) if variants.contains(&e.variant) => {
+                        let (flag, variant) = match endpoint.flag_definitions.get(&e.flag) {
+                            Some(definition) if definition.variants.contains(&e.variant) => {
                                 (e.flag.as_str(), e.variant.as_str())
                             }
                             Some(_) => (e.flag.as_str(), "other"),

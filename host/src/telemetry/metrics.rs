@@ -130,12 +130,18 @@ pub enum Load {
 }
 
 impl Load {
-    fn label(self) -> &'static str {
-        match self {
+    fn count(self, family: &Family<LoadLabels, Counter>, name: &str) {
+        let outcome = match self {
             Load::Loaded => "loaded",
             Load::Refused => "refused",
             Load::Unloaded => "unloaded",
-        }
+        };
+        family
+            .get_or_create(&LoadLabels {
+                name: name.to_string(),
+                outcome,
+            })
+            .inc();
     }
 }
 
@@ -407,21 +413,11 @@ impl Metrics {
     }
 
     pub fn plugin_load(&self, plugin: &str, outcome: Load) {
-        self.plugin_loads
-            .get_or_create(&LoadLabels {
-                name: plugin.to_string(),
-                outcome: outcome.label(),
-            })
-            .inc();
+        outcome.count(&self.plugin_loads, plugin);
     }
 
     pub fn model_load(&self, model: &str, outcome: Load) {
-        self.model_loads
-            .get_or_create(&LoadLabels {
-                name: model.to_string(),
-                outcome: outcome.label(),
-            })
-            .inc();
+        outcome.count(&self.model_loads, model);
     }
 
     pub fn shadow_compared(&self, endpoint: &str, variant: &str, result: Comparison) {

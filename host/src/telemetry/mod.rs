@@ -25,7 +25,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use metrics::{
     Comparison, InFlight, Load, Metrics, PluginFailure, PluginMeter, RequestLabels, Seconds,
 };
-pub use sink::EVENT_TYPE;
 pub use store::{Change, Page, Query, RequestRecord, StoreError, StoredChange, rfc3339};
 pub use trace::{TRACEPARENT, Trace};
 

@@ -12,7 +12,7 @@ use super::store::{RequestRecord, rfc3339};
 const QUEUE: usize = 1024;
 
 /// The CloudEvents `type` of a sampled request.
-pub const EVENT_TYPE: &str = "dev.modelyard.inference.request";
+const EVENT_TYPE: &str = "dev.modelyard.inference.request";
 
 pub struct Sink {
     events: SyncSender<RequestRecord>,
