@@ -53,7 +53,7 @@ impl Control {
                             "endpoints changed: {}",
                             changed_endpoints(&self.endpoints, &config.endpoints)
                         )),
-                        ..change("config.applied", file.display().to_string())
+                        ..Change::new("config.applied", "file", file.display().to_string())
                     });
                     self.endpoints = config.endpoints;
                 }
@@ -62,7 +62,7 @@ impl Control {
                     tracing::error!(%error, "configuration edit refused; the previous configuration stays in force");
                     audit(Change {
                         detail: Some(error.to_string()),
-                        ..change("config.refused", file.display().to_string())
+                        ..Change::new("config.refused", "file", file.display().to_string())
                     });
                 }
             }
@@ -82,7 +82,7 @@ impl Control {
                 audit(Change {
                     endpoint: Some(name.clone()),
                     detail: Some(error.clone()),
-                    ..change("endpoint.refused", name.clone())
+                    ..Change::new("endpoint.refused", "file", name.clone())
                 });
             }
         }
@@ -95,25 +95,13 @@ impl Control {
                         endpoint: Some(endpoint.clone()),
                         from: before.cloned(),
                         to: Some(now.clone()),
-                        ..change("flag.changed", flag.clone())
+                        ..Change::new("flag.changed", "file", flag.clone())
                     });
                 }
             }
         }
         self.flags = Some(flags);
         self.pipeline.set_plugins(self.library.clone(), endpoints);
-    }
-}
-
-fn change(kind: &'static str, subject: String) -> Change {
-    Change {
-        kind,
-        actor: "file".to_string(),
-        subject,
-        endpoint: None,
-        from: None,
-        to: None,
-        detail: None,
     }
 }
 

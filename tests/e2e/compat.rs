@@ -8,9 +8,7 @@ use crate::harness::{Server, repository, root};
 
 #[test]
 fn tritonclient_works_in_json_and_binary_mode() {
-    let python = std::env::var("MODELYARD_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!("MODELYARD_TEST_PYTHON is not set: run the suite with tests/run, which installs tritonclient[http] into a virtualenv")
-    });
+    let python = crate::harness::test_python();
     let models = repository(&[]);
     let server = Server::start(models.path(), "");
     let output = Command::new(python)

@@ -29,6 +29,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The Python that `tests/run` sets up with the reference clients and parsers the
+/// compatibility and monitoring tests drive (tritonclient, prometheus_client, cloudevents).
+pub fn test_python() -> String {
+    std::env::var("MODELYARD_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!("MODELYARD_TEST_PYTHON is not set: run the suite with tests/run, which installs the Python test clients into a virtualenv")
+    })
+}
+
 /// Adds a model `broken` whose only version's file is not ONNX, so it is refused.
 pub fn broken_model(models: &Path) {
     let version = models.join("broken/1");

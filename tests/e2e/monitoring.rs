@@ -11,9 +11,7 @@ use crate::plugins::{AB, Setup, component, drop_in};
 
 /// Every sample `/metrics` serves, parsed by `prometheus_client`'s OpenMetrics parser.
 fn samples(server: &Server) -> Vec<Value> {
-    let python = std::env::var("MODELYARD_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!("MODELYARD_TEST_PYTHON is not set: run the suite with tests/run, which installs prometheus_client into a virtualenv")
-    });
+    let python = crate::harness::test_python();
     let reply = server.get("/metrics");
     assert_eq!(reply.status, 200);
     let content_type = reply.headers["content-type"].to_str().unwrap();
@@ -57,6 +55,15 @@ fn value(samples: &[Value], name: &str, labels: &Value) -> f64 {
         .map(|s| s["value"].as_f64().unwrap())
         .sum()
 }
+
+/// An endpoint whose flag (on for everyone) routes every request to iris@1.
+const FLAGGED: &str = r#"
+[endpoints.flagged]
+variants = { stable = "iris@2", candidate = "iris@1" }
+default_variant = "stable"
+flags = [{ plugin = "flagd", config = { flags = { new-model = { state = "ENABLED", variants = { on = true, off = false }, defaultVariant = "on" } } } }]
+flag_routing = { flag = "new-model", variants = { on = "candidate", off = "stable" } }
+"#;
 
 #[test]
 fn metrics_count_requests_with_bounded_labels() {
@@ -144,22 +151,21 @@ fn metrics_cover_plugins_models_shadows_flags_and_stages() {
     std::fs::write(setup.plugins.path().join("broken.wasm"), b"not wasm").unwrap();
     crate::harness::broken_model(setup.models.path());
     let server = setup.start(
-        r#"
+        &[
+            r#"
 [server]
 shadow_queue = 2
 [endpoints.shadowed]
 variants = { main = "iris@2", copy = "iris@1" }
 default_variant = "main"
 router = { plugin = "weighted", config = { weights = { main = 1 }, shadows = ["copy"] } }
-[endpoints.flagged]
-variants = { stable = "iris@2", candidate = "iris@1" }
-default_variant = "stable"
-flags = [{ plugin = "flagd", config = { flags = { new-model = { state = "ENABLED", variants = { on = true, off = false }, defaultVariant = "on" } } } }]
-flag_routing = { flag = "new-model", variants = { on = "candidate", off = "stable" } }
 [endpoints.stuck]
 variants = { a = "iris@2" }
 router = { plugin = "fixture-router", config = { mode = "loop" } }
 "#,
+            FLAGGED,
+        ]
+        .concat(),
     );
     // Two setosas: both versions classify them alike.
     let request = iris_request(&[[5.1, 3.5, 1.4, 0.2], [4.9, 3.0, 1.4, 0.2]]);
@@ -397,7 +403,7 @@ processors = [{ plugin = "iris-features" }]
 /// Starts the CloudEvents sink script; returns it, its port and a reader of its lines.
 fn cloudevents_sink() -> (std::process::Child, u16, std::sync::mpsc::Receiver<Value>) {
     use std::io::BufRead;
-    let python = std::env::var("MODELYARD_TEST_PYTHON").unwrap();
+    let python = crate::harness::test_python();
     let mut child = Command::new(python)
         .arg(root().join("tests/compat/cloudevents_sink.py"))
         .stdout(Stdio::piped())
@@ -420,17 +426,8 @@ fn sampled_requests_are_stored_and_sent_as_cloudevents() {
     let (mut sink, port, events) = cloudevents_sink();
     let setup = Setup::plugins(&["weighted", "flagd"]);
     let server = setup.start(&format!(
-        r#"
-[monitoring]
-request_sample = 1.0
-request_payloads = true
-cloudevents_sink = "http://127.0.0.1:{port}/events"
-[endpoints.flagged]
-variants = {{ stable = "iris@2", candidate = "iris@1" }}
-default_variant = "stable"
-flags = [{{ plugin = "flagd", config = {{ flags = {{ new-model = {{ state = "ENABLED", variants = {{ on = true, off = false }}, defaultVariant = "on" }} }} }} }}]
-flag_routing = {{ flag = "new-model", variants = {{ on = "candidate", off = "stable" }} }}
-"#
+        "[monitoring]\nrequest_sample = 1.0\nrequest_payloads = true\n\
+         cloudevents_sink = \"http://127.0.0.1:{port}/events\"\n{FLAGGED}"
     ));
     for i in 0..5 {
         let mut request = iris_request(&[[5.1, 3.5, 1.4, 0.2]]);

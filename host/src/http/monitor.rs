@@ -141,6 +141,15 @@ fn model(state: &HttpState, name: &str) -> Result<Arc<Model>, ApiError> {
     Ok(state.pipeline.repository().snapshot()?.model(name)?.clone())
 }
 
+/// Each version of a model: whether it serves, and why not.
+fn versions(model: &Model) -> Vec<serde_json::Value> {
+    model
+        .versions
+        .iter()
+        .map(|(v, e)| json!({ "version": v, "loaded": e.loaded.is_some(), "refused": e.refused.as_deref() }))
+        .collect()
+}
+
 /// Every loaded version's drift figures, fresh.
 fn drift_of(model: &Model) -> Vec<serde_json::Value> {
     model
@@ -199,11 +208,7 @@ pub(super) async fn card(
         Err(ReadError::Off) => json!(null),
         Err(error) => return Err(unreadable(error)),
     };
-    let versions: Vec<serde_json::Value> = model
-        .versions
-        .iter()
-        .map(|(v, e)| json!({ "version": v, "loaded": e.loaded.is_some(), "refused": e.refused.as_deref() }))
-        .collect();
+    let versions = versions(&model);
     let card = model.config.card.clone().unwrap_or_default();
     let body = json!({
         "name": name,
@@ -307,25 +312,21 @@ pub(super) async fn status(
         .iter()
         .flat_map(|s| s.models.values())
         .map(|m| {
-            let drifted: Vec<serde_json::Value> = drift_of(m)
-                .into_iter()
-                .flat_map(|v| {
-                    let version = v["version"].clone();
-                    v["features"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|f| f["drifted"] == true)
-                        .map(|f| json!({ "version": version, "feature": f["feature"], "ks": f["ks"], "psi": f["psi"] }))
-                        .collect::<Vec<_>>()
+            // As the drift timer last judged them: a status poll computes nothing.
+            let drifted: Vec<serde_json::Value> = m
+                .versions
+                .iter()
+                .filter_map(|(v, e)| Some((v, e.loaded.as_ref()?.drift.as_ref()?)))
+                .flat_map(|(version, monitor)| {
+                    monitor.last().into_iter().filter(|f| f.drifted).map(move |f| {
+                        json!({ "version": version, "feature": f.feature, "ks": f.ks, "psi": f.psi })
+                    })
                 })
                 .collect();
             json!({
                 "name": m.name,
                 "serving": m.default_version().is_some(),
-                "versions": m.versions.iter().map(|(v, e)| json!({
-                    "version": v, "loaded": e.loaded.is_some(), "refused": e.refused.as_deref(),
-                })).collect::<Vec<_>>(),
+                "versions": versions(m),
                 "config_refused": m.refused_config.as_deref(),
                 "drifted": drifted,
             })

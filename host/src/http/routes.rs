@@ -228,7 +228,8 @@ async fn measured(
 /// of series.
 fn failed_labels(state: &HttpState, name: &str, error: &ApiError) -> RequestLabels {
     let variant = error.variant().map(str::to_string);
-    let model = match state.pipeline.endpoints().endpoints.get(name) {
+    let endpoint = state.pipeline.endpoints().endpoints.get(name).cloned();
+    let model = match &endpoint {
         Some(e) => variant
             .as_ref()
             .and_then(|v| e.variants.iter().find(|x| x.name == *v))
@@ -240,7 +241,7 @@ fn failed_labels(state: &HttpState, name: &str, error: &ApiError) -> RequestLabe
             .ok()
             .and_then(|s| s.model(name).ok().map(|_| name.to_string())),
     };
-    let known = model.is_some() || state.pipeline.endpoints().endpoints.contains_key(name);
+    let known = model.is_some() || endpoint.is_some();
     RequestLabels {
         endpoint: if known { name } else { "unknown" }.to_string(),
         variant: variant.unwrap_or_default(),
@@ -334,11 +335,13 @@ async fn infer(
         )
     })?;
     let mut reply = Response::new(Body::from(bytes));
-    reply.extensions_mut().insert(Served {
-        variant: response.variant.clone(),
-        model: response.source_model.clone(),
-        version: response.version,
-    });
+    if telemetry::metrics().is_some() {
+        reply.extensions_mut().insert(Served {
+            variant: response.variant.clone(),
+            model: response.source_model.clone(),
+            version: response.version,
+        });
+    }
     let headers = reply.headers_mut();
     if let Some(variant) = response
         .variant

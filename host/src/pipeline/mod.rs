@@ -143,7 +143,7 @@ struct Answered {
     variant: usize,
     reason: String,
     shadows: Vec<usize>,
-    /// The flags evaluated for the request (`flag.<name>`, value).
+    /// The flags evaluated for the request: (flag, variant).
     flags: Vec<(String, String)>,
     result: Result<InferResponse, InferError>,
 }
@@ -458,13 +458,7 @@ impl Pipeline {
                 seconds.observe(queued.elapsed());
             }
             let mut ctx = ctx;
-            evaluate_flags(&serving, &mut ctx);
-            let flags: Vec<(String, String)> = ctx
-                .attributes
-                .iter()
-                .filter(|(k, _)| k.starts_with("flag."))
-                .cloned()
-                .collect();
+            let flags = evaluate_flags(&serving, &mut ctx);
             let routing = match variant {
                 Some(index) => Routing {
                     index,
@@ -594,9 +588,14 @@ fn select(mut outputs: Vec<Tensor>, wanted: Option<Vec<String>>) -> Vec<Tensor> 
         .collect()
 }
 
-/// Each flags plugin's evaluations, added to the context as attributes `flag.<name>`; a
-/// failing flags plugin leaves its flags unset.
-fn evaluate_flags(endpoint: &Endpoint, ctx: &mut crate::plugins::RequestContext) {
+/// Each flags plugin's evaluations, added to the context as attributes `flag.<name>`, and
+/// returned as (flag, variant) for the request log; a failing flags plugin leaves its flags
+/// unset.
+fn evaluate_flags(
+    endpoint: &Endpoint,
+    ctx: &mut crate::plugins::RequestContext,
+) -> Vec<(String, String)> {
+    let mut evaluated = Vec::new();
     for flags in &endpoint.flags {
         match flags.pool.evaluate(ctx) {
             Ok(evaluations) => {
@@ -613,17 +612,18 @@ fn evaluate_flags(endpoint: &Endpoint, ctx: &mut crate::plugins::RequestContext)
                         metrics.flag_evaluated(&endpoint.name, flag, variant);
                     }
                 }
-                ctx.attributes.extend(
-                    evaluations
-                        .into_iter()
-                        .map(|e| (format!("flag.{}", e.flag), e.variant)),
-                )
+                for e in evaluations {
+                    ctx.attributes
+                        .push((format!("flag.{}", e.flag), e.variant.clone()));
+                    evaluated.push((e.flag, e.variant));
+                }
             }
             Err(error) => {
                 tracing::warn!(endpoint = %endpoint.name, %error, "flags plugin failed; its flags are unset")
             }
         }
     }
+    evaluated
 }
 
 /// The variant for one request: the flag's when the endpoint routes by flag and the flag

@@ -70,11 +70,7 @@ impl Sampled {
             model,
             version,
             reason: outcome.reason.map(str::to_string),
-            flags: outcome
-                .flags
-                .iter()
-                .map(|(k, v)| (k.strip_prefix("flag.").unwrap_or(k).to_string(), v.clone()))
-                .collect(),
+            flags: outcome.flags.iter().cloned().collect(),
             latency_us: self.started.elapsed().as_micros() as u64,
             status: if outcome.result.is_ok() {
                 "ok"

@@ -168,19 +168,17 @@ fn work(queue: &Receiver<ShadowJob>, repository: &ModelRepository) {
                     Comparison::Agreed
                 }
             }
-            _ => Comparison::Failed,
+            Ok(Err(error)) => {
+                tracing::debug!(endpoint = %job.endpoint.name, shadow = %variant.name, %error, "shadow failed");
+                Comparison::Failed
+            }
+            Err(_) => {
+                tracing::warn!(endpoint = %job.endpoint.name, shadow = %variant.name, "shadow crashed");
+                Comparison::Failed
+            }
         };
         if let Some(metrics) = telemetry::metrics() {
             metrics.shadow_compared(&job.endpoint.name, &variant.name, outcome);
-        }
-        match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(endpoint = %job.endpoint.name, shadow = %variant.name, %error, "shadow failed")
-            }
-            Err(_) => {
-                tracing::warn!(endpoint = %job.endpoint.name, shadow = %variant.name, "shadow crashed")
-            }
         }
     }
 }

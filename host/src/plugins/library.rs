@@ -67,7 +67,10 @@ impl Library {
         }
         for gone in previous.files.keys().filter(|n| !files.contains_key(*n)) {
             tracing::info!(plugin = %gone, "plugin file removed");
-            report(gone, Load::Unloaded, "plugin.removed", None, None);
+            report(
+                Load::Unloaded,
+                Change::new("plugin.removed", "file", gone.as_str()),
+            );
         }
         Library { files }
     }
@@ -93,7 +96,14 @@ impl Library {
                     "plugin.loaded"
                 };
                 let to = format!("{} world, sha256 {seen}", prepared.world.as_str());
-                report(name, Load::Loaded, kind, from, Some((to, None)));
+                report(
+                    Load::Loaded,
+                    Change {
+                        from,
+                        to: Some(to),
+                        ..Change::new(kind, "file", name)
+                    },
+                );
                 PluginFile {
                     name: name.to_string(),
                     hash: Some(seen.clone()),
@@ -106,11 +116,13 @@ impl Library {
             Err(error) => {
                 tracing::error!(plugin = name, file = %path.display(), %error, "plugin file refused; the previous version keeps serving");
                 report(
-                    name,
                     Load::Refused,
-                    "plugin.refused",
-                    before.and_then(|b| b.hash.clone()),
-                    Some((format!("sha256 {seen}"), Some(error.to_string()))),
+                    Change {
+                        from: before.and_then(|b| b.hash.clone()),
+                        to: Some(format!("sha256 {seen}")),
+                        detail: Some(error.to_string()),
+                        ..Change::new("plugin.refused", "file", name)
+                    },
                 );
                 PluginFile {
                     name: name.to_string(),
@@ -125,25 +137,10 @@ impl Library {
     }
 }
 
-/// Counts a plugin file's load outcome and records it in the audit trail.
-fn report(
-    name: &str,
-    outcome: Load,
-    kind: &'static str,
-    from: Option<String>,
-    to_and_detail: Option<(String, Option<String>)>,
-) {
+/// Counts a plugin file's load outcome and records the change in the audit trail.
+fn report(outcome: Load, change: Change) {
     if let Some(metrics) = telemetry::metrics() {
-        metrics.plugin_load(name, outcome);
+        metrics.plugin_load(&change.subject, outcome);
     }
-    let (to, detail) = to_and_detail.map_or((None, None), |(to, detail)| (Some(to), detail));
-    telemetry::audit(Change {
-        kind,
-        actor: "file".to_string(),
-        subject: name.to_string(),
-        endpoint: None,
-        from,
-        to,
-        detail,
-    });
+    telemetry::audit(change);
 }

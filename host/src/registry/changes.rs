@@ -6,18 +6,6 @@ use std::sync::Arc;
 use super::{LoadedVersion, Snapshot};
 use crate::telemetry::{self, Change, Load};
 
-fn change(kind: &'static str, model: &str) -> Change {
-    Change {
-        kind,
-        actor: "file".to_string(),
-        subject: model.to_string(),
-        endpoint: None,
-        from: None,
-        to: None,
-        detail: None,
-    }
-}
-
 fn count(model: &str, outcome: Load) {
     if let Some(metrics) = telemetry::metrics() {
         metrics.model_load(model, outcome);
@@ -38,7 +26,25 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
         for (version, entry) in &model.versions {
             let old = before.and_then(|b| b.versions.get(version));
             let old_loaded = old.and_then(|o| o.loaded.as_ref());
+            // What `scan` rereads alone: the reference, under the same file and settings.
+            let reference_only = old.is_some_and(|o| {
+                o.stamp == entry.stamp && o.reference_stamp != entry.reference_stamp
+            }) && before.is_some_and(|b| b.config == model.config);
             if let Some(loaded) = &entry.loaded
+                && let Some(old) = old_loaded.filter(|_| reference_only)
+                && !Arc::ptr_eq(old, loaded)
+            {
+                // The same model file with a new drift reference: not a load.
+                forget_drift(old);
+                telemetry::audit(Change {
+                    to: Some(format!("version {version}")),
+                    detail: Some(match &loaded.drift {
+                        Some(_) => "drift reference reread".to_string(),
+                        None => "no usable drift reference".to_string(),
+                    }),
+                    ..Change::new("model.reference", "file", name.as_str())
+                });
+            } else if let Some(loaded) = &entry.loaded
                 && !old_loaded.is_some_and(|o| Arc::ptr_eq(o, loaded))
             {
                 count(name, Load::Loaded);
@@ -52,7 +58,7 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
                         .drift
                         .as_ref()
                         .map(|_| "with a drift reference".to_string()),
-                    ..change("model.loaded", name)
+                    ..Change::new("model.loaded", "file", name.as_str())
                 });
             }
             if let Some(refused) = &entry.refused
@@ -62,7 +68,7 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
                 telemetry::audit(Change {
                     to: Some(format!("version {version}")),
                     detail: Some(refused.to_string()),
-                    ..change("model.refused", name)
+                    ..Change::new("model.refused", "file", name.as_str())
                 });
             }
         }
@@ -71,7 +77,7 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
         {
             telemetry::audit(Change {
                 detail: Some(refused.to_string()),
-                ..change("model.config_refused", name)
+                ..Change::new("model.config_refused", "file", name.as_str())
             });
         }
     }
@@ -87,7 +93,7 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
                 count(name, Load::Unloaded);
                 telemetry::audit(Change {
                     from: Some(format!("version {version}")),
-                    ..change("model.unloaded", name)
+                    ..Change::new("model.unloaded", "file", name.as_str())
                 });
             }
         }

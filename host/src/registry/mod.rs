@@ -41,6 +41,7 @@ pub struct LoadedVersion {
     pub meters: Option<ModelMeters>,
 }
 
+#[derive(Clone)]
 pub struct ModelMeters {
     pub queue: crate::telemetry::Seconds,
     pub inference: crate::telemetry::Seconds,

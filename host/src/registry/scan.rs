@@ -116,10 +116,29 @@ fn scan_version(
     let stamp = FileStamp::of(&path);
     let reference = dir.join(version.to_string()).join(REFERENCE_FILE);
     let reference_stamp = FileStamp::of(&reference);
-    if let Some(before) = before
-        .filter(|b| b.stamp == stamp && b.reference_stamp == reference_stamp && !config_changed)
-    {
-        return before.clone();
+    if let Some(before) = before.filter(|b| b.stamp == stamp && !config_changed) {
+        if before.reference_stamp == reference_stamp {
+            return before.clone();
+        }
+        // Only the drift reference changed: the model that serves stays, with a new monitor.
+        if let Some(old) = &before.loaded {
+            let drift = reference_stamp
+                .as_ref()
+                .and_then(|_| drift_monitor(&reference, name, version, config, &old.inputs));
+            return VersionEntry {
+                loaded: Some(Arc::new(LoadedVersion {
+                    model: old.model.clone(),
+                    version,
+                    graph: old.graph.clone(),
+                    inputs: old.inputs.clone(),
+                    outputs: old.outputs.clone(),
+                    drift,
+                    meters: old.meters.clone(),
+                })),
+                reference_stamp,
+                ..before.clone()
+            };
+        }
     }
     let kept = before.and_then(|b| b.loaded.clone());
     let Some(_) = stamp else {

@@ -97,12 +97,12 @@ pub struct Flip {
     pub psi: f64,
 }
 
-/// The window and verdicts of one model version.
+/// The window and the last figures (verdicts included) of one model version.
 pub struct DriftMonitor {
     pub reference: Reference,
     pub config: DriftConfig,
     windows: Mutex<Vec<VecDeque<f64>>>,
-    verdicts: Mutex<Vec<bool>>,
+    last: Mutex<Vec<FeatureDrift>>,
 }
 
 impl DriftMonitor {
@@ -155,11 +155,22 @@ impl DriftMonitor {
                 return Err(ReferenceError::Quantiles(feature.name.clone()));
             }
         }
+        let unjudged = reference
+            .features
+            .iter()
+            .map(|f| FeatureDrift {
+                feature: f.name.clone(),
+                samples: 0,
+                ks: None,
+                psi: None,
+                drifted: false,
+            })
+            .collect();
         Ok(DriftMonitor {
             reference,
             config,
             windows: Mutex::new(vec![VecDeque::new(); features]),
-            verdicts: Mutex::new(vec![false; features]),
+            last: Mutex::new(unjudged),
         })
     }
 
@@ -199,16 +210,16 @@ impl DriftMonitor {
             .iter()
             .map(|w| w.iter().copied().collect())
             .collect();
-        let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut figures = Vec::new();
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         let mut flips = Vec::new();
-        for ((feature, mut sample), verdict) in self
+        for ((feature, mut sample), previous) in self
             .reference
             .features
             .iter()
             .zip(samples)
-            .zip(verdicts.iter_mut())
+            .zip(last.iter_mut())
         {
+            let verdict = previous.drifted;
             let judged = sample.len() >= self.config.min_samples.max(1);
             let (ks, psi) = if judged {
                 sample.sort_by(f64::total_cmp);
@@ -221,17 +232,16 @@ impl DriftMonitor {
             };
             let (ks_limit, psi_limit) = (self.config.ks_threshold, self.config.psi_threshold);
             let drifted = match (ks, psi) {
-                (Some(k), Some(p)) if *verdict => {
+                (Some(k), Some(p)) if verdict => {
                     k > ks_limit * CLEAR_BELOW || p > psi_limit * CLEAR_BELOW
                 }
                 (Some(k), Some(p)) => k > ks_limit || p > psi_limit,
                 // Too few inputs: the previous verdict stands.
-                _ => *verdict,
+                _ => verdict,
             };
-            if drifted != *verdict
+            if drifted != verdict
                 && let (Some(ks), Some(psi)) = (ks, psi)
             {
-                *verdict = drifted;
                 flips.push(Flip {
                     feature: feature.name.clone(),
                     drifted,
@@ -239,15 +249,23 @@ impl DriftMonitor {
                     psi,
                 });
             }
-            figures.push(FeatureDrift {
+            *previous = FeatureDrift {
                 feature: feature.name.clone(),
                 samples: sample.len(),
                 ks,
                 psi,
                 drifted,
-            });
+            };
         }
-        (figures, flips)
+        (last.clone(), flips)
+    }
+
+    /// The figures of the last evaluation, without computing anything.
+    pub fn last(&self) -> Vec<FeatureDrift> {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -359,13 +377,9 @@ pub fn judge(model: &str, version: u64, monitor: &DriftMonitor) -> Vec<FeatureDr
             tracing::warn!(model, version, feature = %flip.feature, ks = flip.ks, psi = flip.psi, "input drift detected");
         }
         super::audit(super::Change {
-            kind,
-            actor: "host".to_string(),
-            subject: model.to_string(),
-            endpoint: None,
-            from: None,
             to: Some(format!("{}: {verdict}", flip.feature)),
             detail: Some(detail),
+            ..super::Change::new(kind, "host", model)
         });
     }
     figures

@@ -56,6 +56,21 @@ pub struct Change<Kind = &'static str> {
     pub detail: Option<String>,
 }
 
+impl Change {
+    /// A change of `kind` to `subject` by `actor`; the other fields by struct update.
+    pub fn new(kind: &'static str, actor: impl Into<String>, subject: impl Into<String>) -> Change {
+        Change {
+            kind,
+            actor: actor.into(),
+            subject: subject.into(),
+            endpoint: None,
+            from: None,
+            to: None,
+            detail: None,
+        }
+    }
+}
+
 /// A change as the store returns it.
 #[derive(Debug, serde::Serialize)]
 pub struct StoredChange {
@@ -119,7 +134,7 @@ enum Write {
 }
 
 pub struct Store {
-    writes: Mutex<Sender<Write>>,
+    writes: Sender<Write>,
     pending: Arc<AtomicUsize>,
     reads: Mutex<Connection>,
 }
@@ -181,18 +196,14 @@ impl Store {
             .spawn(move || write(writer, &queue, &counted, retention))
             .map_err(StoreError::Thread)?;
         Ok(Store {
-            writes: Mutex::new(writes),
+            writes,
             pending,
             reads: Mutex::new(reads),
         })
     }
 
     fn send(&self, write: Write) -> bool {
-        self.writes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .send(write)
-            .is_ok()
+        self.writes.send(write).is_ok()
     }
 
     /// Queues a change; changes are never dropped.
@@ -290,39 +301,37 @@ fn page<T>(mut items: Vec<T>, limit: usize, id: impl Fn(&T) -> i64) -> Page<T> {
 fn where_clause(query: &Query, changes: bool) -> (String, Vec<Value>) {
     let mut conditions = Vec::new();
     let mut values = Vec::new();
-    let mut add = |condition: &str, value: Value| {
+    let mut add = |condition: &str, value: Vec<Value>| {
         conditions.push(condition.to_string());
-        values.push(value);
+        values.extend(value);
     };
+    let text = |t: &String| Value::Text(t.clone());
     if let Some(endpoint) = &query.endpoint {
-        add("endpoint = ?", Value::Text(endpoint.clone()));
+        add("endpoint = ?", vec![text(endpoint)]);
     }
-    if changes {
-        if let Some(kind) = &query.kind {
-            conditions.push("(kind = ? OR kind LIKE ? ESCAPE '\\')".to_string());
-            values.push(Value::Text(kind.clone()));
-            let escaped = kind
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_");
-            values.push(Value::Text(format!("{escaped}.%")));
-        }
-        if let Some(subject) = &query.subject {
-            conditions.push("subject = ?".to_string());
-            values.push(Value::Text(subject.clone()));
-        }
+    if let (true, Some(kind)) = (changes, &query.kind) {
+        // `model` matches `model` and `model.*`; LIKE's wildcards in the kind are literal.
+        let escaped = kind
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let prefix = Value::Text(format!("{escaped}.%"));
+        add(
+            "(kind = ? OR kind LIKE ? ESCAPE '\\')",
+            vec![text(kind), prefix],
+        );
+    }
+    if let (true, Some(subject)) = (changes, &query.subject) {
+        add("subject = ?", vec![text(subject)]);
     }
     if let Some(since) = query.since_ms {
-        conditions.push("at_ms >= ?".to_string());
-        values.push(Value::Integer(since));
+        add("at_ms >= ?", vec![Value::Integer(since)]);
     }
     if let Some(until) = query.until_ms {
-        conditions.push("at_ms <= ?".to_string());
-        values.push(Value::Integer(until));
+        add("at_ms <= ?", vec![Value::Integer(until)]);
     }
     if let Some(before) = query.before {
-        conditions.push("id < ?".to_string());
-        values.push(Value::Integer(before));
+        add("id < ?", vec![Value::Integer(before)]);
     }
     if conditions.is_empty() {
         (String::new(), values)
@@ -408,13 +417,8 @@ mod tests {
 
     fn change(kind: &'static str, subject: &str) -> Change {
         Change {
-            kind,
-            actor: "file".to_string(),
-            subject: subject.to_string(),
-            endpoint: None,
-            from: None,
             to: Some("x".to_string()),
-            detail: None,
+            ..Change::new(kind, "file", subject)
         }
     }
 
