@@ -114,6 +114,22 @@ pub trait Flags: Sized + 'static {
     }
 }
 
+/// The index of the largest value — the first of equal ones, NaNs never — or `None` when
+/// there is no number. The one definition of "top class" and "best arm": the host's shadow
+/// comparison and accuracy by segment use it as the bandit router does, so a tie is broken
+/// the same way wherever it is judged.
+pub fn argmax(values: impl IntoIterator<Item = f64>) -> Option<usize> {
+    values
+        .into_iter()
+        .enumerate()
+        .fold(None, |best: Option<(usize, f64)>, (i, v)| match best {
+            _ if v.is_nan() => best,
+            Some((_, top)) if v <= top => best,
+            _ => Some((i, v)),
+        })
+        .map(|(i, _)| i)
+}
+
 /// How much a log line matters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -212,4 +228,19 @@ macro_rules! register {
             $crate::__private::flags::bindings::__export_flags!(Export with_types_in $crate::__private::flags::bindings);
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn argmax_takes_the_first_of_equals_and_skips_nan() {
+        assert_eq!(super::argmax([0.2, 0.5, 0.5, 0.1]), Some(1));
+        assert_eq!(super::argmax([f64::NAN, -1.0, f64::NAN, -0.5]), Some(3));
+        assert_eq!(super::argmax([f64::NAN]), None);
+        assert_eq!(super::argmax([]), None);
+        assert_eq!(
+            super::argmax([f64::NEG_INFINITY, f64::NEG_INFINITY]),
+            Some(0)
+        );
+    }
 }

@@ -73,6 +73,8 @@ pub struct VariantStats {
     pub latency_p99_us: u64,
     pub reward_count: u64,
     pub reward_sum: f64,
+    /// Latencies of the most recent successful answers (µs), oldest first, at most 256.
+    pub recent_latency_us: Vec<u32>,
 }
 
 impl VariantStats {

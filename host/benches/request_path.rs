@@ -15,7 +15,8 @@ use modelyard::config::Config;
 use modelyard::http::{OutputEncoding, decode_request, encode_response};
 use modelyard::pipeline::{Build, EndpointSet, InferRequest, Options, Pipeline};
 use modelyard::plugins::{
-    Datatype, Library, Limits, Plugin, PluginEngine, RequestContext, Tensor, VariantStats,
+    Datatype, Direction, Library, Limits, Plugin, PluginEngine, RequestContext, Tensor,
+    VariantStats,
 };
 use modelyard::registry::ModelRepository;
 use tract_onnx::prelude::*;
@@ -361,8 +362,12 @@ fn plugin_chain(
     group.bench_function("whole chain: route + preprocess + postprocess", |b| {
         b.iter(|| {
             router.route(&ctx, &variants, "").unwrap();
-            processor.preprocess(&ctx, &inputs).unwrap();
-            processor.postprocess(&ctx, &outputs).unwrap()
+            processor
+                .process(Direction::Pre, &ctx, &inputs, Ok)
+                .unwrap();
+            processor
+                .process(Direction::Post, &ctx, &outputs, Ok)
+                .unwrap()
         })
     });
     group.bench_function("router, fresh instance from InstancePre", |b| {
@@ -437,6 +442,8 @@ fn stats(name: &str) -> VariantStats {
         latency_p99_us: 0,
         reward_count: 0,
         reward_sum: 0.0,
+        // A full window, as a busy variant's: what every router call copies.
+        recent_latency_us: vec![100; 256],
     }
 }
 

@@ -48,13 +48,14 @@ impl Control {
         if let Some(file) = &self.config_file {
             match Config::load(file) {
                 Ok(config) if config.endpoints != self.endpoints => {
-                    audit(Change {
-                        detail: Some(format!(
-                            "endpoints changed: {}",
-                            changed_endpoints(&self.endpoints, &config.endpoints)
-                        )),
-                        ..Change::new("config.applied", "file", file.display().to_string())
-                    });
+                    // One entry per endpoint, so the trail filtered by endpoint finds it.
+                    for (endpoint, how) in changed_endpoints(&self.endpoints, &config.endpoints) {
+                        audit(Change {
+                            endpoint: Some(endpoint.to_string()),
+                            detail: Some(format!("endpoint '{endpoint}' {how}")),
+                            ..Change::new("config.applied", "file", file.display().to_string())
+                        });
+                    }
                     self.endpoints = config.endpoints;
                 }
                 Ok(_) => {}
@@ -105,18 +106,21 @@ impl Control {
     }
 }
 
-/// The endpoints added, removed or edited between two configurations.
-fn changed_endpoints(
-    before: &BTreeMap<String, EndpointConfig>,
-    after: &BTreeMap<String, EndpointConfig>,
-) -> String {
+/// The endpoints added, removed or edited between two configurations, and which.
+fn changed_endpoints<'a>(
+    before: &'a BTreeMap<String, EndpointConfig>,
+    after: &'a BTreeMap<String, EndpointConfig>,
+) -> Vec<(&'a str, &'static str)> {
     let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
-    let changed: Vec<&str> = names
+    names
         .into_iter()
-        .filter(|n| before.get(*n) != after.get(*n))
-        .map(String::as_str)
-        .collect();
-    changed.join(", ")
+        .filter_map(|n| match (before.get(n), after.get(n)) {
+            (None, Some(_)) => Some((n.as_str(), "added")),
+            (Some(_), None) => Some((n.as_str(), "removed")),
+            (Some(b), Some(a)) if a != b => Some((n.as_str(), "edited")),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Every flag of every endpoint as `state, default <variant>`: what a flip changes.
@@ -151,6 +155,7 @@ pub async fn start(
     })?;
     let limits = Limits {
         call_deadline: Duration::from_millis(config.plugins.call_deadline_ms),
+        wall_limit: Duration::from_millis(config.plugins.call_wall_limit_ms),
         memory_bytes: config.plugins.memory_limit_mib.saturating_mul(1024 * 1024),
     };
     let cache_dir = config

@@ -135,9 +135,10 @@ fn check(file: &Path) -> anyhow::Result<()> {
     );
     let inspection = engine.inspect(&name, &bytes)?;
     println!(
-        "{}: a {} plugin (modelyard:plugin@0.2.0)",
+        "{}: a {} plugin ({})",
         file.display(),
-        inspection.world.as_str()
+        inspection.world.as_str(),
+        modelyard::plugins::WIT_PACKAGE
     );
     println!("exports: {}", inspection.exports.join(", "));
     println!("imports: {}", inspection.imports.join(", "));

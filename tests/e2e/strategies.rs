@@ -75,15 +75,15 @@ fn canary_steps_up_rolls_back_on_failure_and_obeys_operators() {
 [endpoints.healthy]
 variants = {{ stable = "iris@2", canary = "iris@1" }}
 default_variant = "stable"
-router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [10, 50, 100], step_requests = 100, min_p99_increase_us = 1000000 }} }}
+router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [10, 50, 100], step_requests = 100 }} }}
 [endpoints.failing]
 variants = {{ stable = "iris@2", canary = "broken" }}
 default_variant = "stable"
-router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [50], step_requests = 100000, min_requests = 10 }} }}
+router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = [50], step_requests = 100000, min_requests = 10, analysis_interval = 5, failure_limit = 2 }} }}
 "#
     ));
-    // A step ends on the request after its 100: 10 %, then 50 %, then 100 %. (The latency
-    // bound is out of the way here: a busy test machine's jitter is not what is tested.)
+    // A step ends on the request after its 100: 10 %, then 50 %, then 100 %. Two healthy
+    // models a few microseconds apart pass every analysis on a busy test machine too.
     let first = count(&server, "healthy", 100, "canary");
     assert!((3..=20).contains(&first), "{first} of 100 at 10 %");
     let second = count(&server, "healthy", 100, "canary");
@@ -107,7 +107,9 @@ router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary",
     );
     assert!(refused.error(400).contains("steps"));
 
-    // A canary whose every answer fails is rolled back on its own after 10 of them.
+    // A canary whose every answer fails is rolled back on its own: analyses every 5 canary
+    // answers once both variants have 10, two failing in a row. (With this seed stable
+    // has its 10th answer after the canary's 15th: the rollback comes at the 25th.)
     let mut failures = 0;
     let mut last = Vec::new();
     for _ in 0..120 {
@@ -121,8 +123,9 @@ router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary",
         last.push((status, variant));
     }
     assert!(
-        (10..=15).contains(&failures),
-        "{failures} failed before the rollback"
+        (15..=30).contains(&failures),
+        "{failures} failed before the rollback: {}",
+        strategy(&server, "failing")
     );
     assert!(
         last[60..].iter().all(|(s, v)| *s == 200 && v == "stable"),

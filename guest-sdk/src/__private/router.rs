@@ -63,6 +63,7 @@ fn stats(variants: Vec<VariantStats>) -> Vec<crate::VariantStats> {
             latency_p99_us: v.latency_p99_us,
             reward_count: v.reward_count,
             reward_sum: v.reward_sum,
+            recent_latency_us: v.recent_latency_us,
         })
         .collect()
 }

@@ -30,8 +30,12 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     /// Compiled components, kept between runs; outside `dir`, writable by the server alone.
     pub cache_dir: Option<PathBuf>,
-    /// CPU time one plugin call may take.
+    /// CPU time one plugin call may take (the guest's own thread's CPU time: a call that
+    /// is merely descheduled on a busy machine is not cut).
     pub call_deadline_ms: u64,
+    /// Wall-clock time one call, or making and configuring a fresh instance, may take:
+    /// the backstop against a call that hangs without using CPU.
+    pub call_wall_limit_ms: u64,
     /// Memory one plugin instance may use.
     pub memory_limit_mib: usize,
     /// Preallocate instance slots: cheaper fresh instances, where the host allows the
@@ -45,6 +49,7 @@ impl Default for PluginsConfig {
             dir: PathBuf::from("plugins"),
             cache_dir: None,
             call_deadline_ms: 10,
+            call_wall_limit_ms: 1_000,
             memory_limit_mib: 64,
             pooling_allocator: false,
         }

@@ -44,6 +44,7 @@ async fn admin_plugins(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
     let library = state.pipeline.plugins();
+    let endpoints = state.pipeline.endpoints();
     let plugins: Vec<serde_json::Value> = library
         .files
         .values()
@@ -53,17 +54,33 @@ async fn admin_plugins(
                 (Some(_), Some(_)) => "serving previous version; new file refused",
                 (None, _) => "refused",
             };
+            let failures = endpoints.run_failures(&f.name);
+            let (failed_at, failure) = failures.last.unzip();
             json!({
                 "name": f.name,
                 "world": f.prepared.as_ref().map(|p| p.world.as_str()),
                 "hash": f.hash,
                 "loaded_at": unix_seconds(f.loaded_at),
                 "state": state,
-                "last_error": f.error,
+                // Why the file on disk is refused, else the last call that failed.
+                "last_error": f.error.clone().or_else(|| failure.clone()),
+                "refused": f.error,
+                "failures": failures.count,
+                "last_failure": failure,
+                "last_failure_at": unix_seconds(failed_at),
             })
         })
         .collect();
     Ok(Json(json!({ "plugins": plugins })))
+}
+
+/// A plugin as one endpoint binds it: its failures there and the last one's reason.
+fn binding<W: crate::plugins::World>(bound: &crate::pipeline::Bound<W>) -> serde_json::Value {
+    json!({
+        "plugin": bound.plugin,
+        "failures": bound.pool.failures(),
+        "last_error": bound.pool.last_failure().map(|(_, why)| why),
+    })
 }
 
 /// An endpoint's configuration and live counters, as `/admin/endpoints` lists them.
@@ -78,6 +95,7 @@ fn endpoint_summary(e: &Endpoint, error: Option<&String>) -> serde_json::Value {
                 "requests": stats.requests, "errors": stats.errors,
                 "latency_p50_us": stats.latency_p50_us, "latency_p99_us": stats.latency_p99_us,
                 "reward_count": stats.reward_count, "reward_sum": stats.reward_sum,
+                "running_past_budget": v.stats.past_budget(),
             })
         })
         .collect();
@@ -87,9 +105,9 @@ fn endpoint_summary(e: &Endpoint, error: Option<&String>) -> serde_json::Value {
         "default_variant": e.variants[e.default_variant].name,
         "fallback_variant": e.fallback.map(|f| &e.variants[f].name),
         "latency_budget_ms": e.latency_budget.map(|b| b.as_millis() as u64),
-        "router": e.router.as_ref().map(|r| json!({"plugin": r.plugin, "failures": r.pool.failures()})),
-        "processors": e.processors.iter().map(|p| json!({"plugin": p.plugin, "failures": p.pool.failures()})).collect::<Vec<_>>(),
-        "flags": e.flags.iter().map(|f| json!({"plugin": f.plugin, "failures": f.pool.failures()})).collect::<Vec<_>>(),
+        "router": e.router.as_ref().map(binding),
+        "processors": e.processors.iter().map(binding).collect::<Vec<_>>(),
+        "flags": e.flags.iter().map(binding).collect::<Vec<_>>(),
         "flag_routing": e.flag_route.as_ref().map(|f| json!({
             "flag": f.flag,
             "variants": f.variants.iter().map(|(value, i)| (value.clone(), e.variants[*i].name.clone())).collect::<std::collections::BTreeMap<_, _>>(),

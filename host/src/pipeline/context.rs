@@ -61,6 +61,7 @@ pub fn variant_stats(variant: &Variant) -> VariantStats {
         latency_p99_us: stats.latency_p99_us,
         reward_count: stats.reward_count,
         reward_sum: stats.reward_sum,
+        recent_latency_us: variant.stats.recent_latencies(),
     }
 }
 

@@ -73,7 +73,40 @@ pub struct EndpointSet {
     pub errors: BTreeMap<String, String>,
 }
 
+/// A plugin's failures at run time, over every endpoint that binds it.
+#[derive(Debug, Default)]
+pub struct RunFailures {
+    pub count: u64,
+    /// The newest: when, and why.
+    pub last: Option<(std::time::SystemTime, String)>,
+}
+
 impl EndpointSet {
+    /// How `plugin` has failed while serving, as every binding of it counted.
+    pub fn run_failures(&self, plugin: &str) -> RunFailures {
+        let mut failures = RunFailures::default();
+        let mut add = |count: u64, last: Option<(std::time::SystemTime, String)>| {
+            failures.count += count;
+            if let Some(last) = last
+                && failures.last.as_ref().is_none_or(|(at, _)| *at < last.0)
+            {
+                failures.last = Some(last);
+            }
+        };
+        for endpoint in self.endpoints.values() {
+            if let Some(r) = endpoint.router.as_ref().filter(|r| r.plugin == plugin) {
+                add(r.pool.failures(), r.pool.last_failure());
+            }
+            for p in endpoint.processors.iter().filter(|p| p.plugin == plugin) {
+                add(p.pool.failures(), p.pool.last_failure());
+            }
+            for f in endpoint.flags.iter().filter(|f| f.plugin == plugin) {
+                add(f.pool.failures(), f.pool.last_failure());
+            }
+        }
+        failures
+    }
+
     /// Every configured endpoint once, serving ones first: its binding if it serves, and
     /// the error of its last rebuild if it had one.
     pub fn all(&self) -> impl Iterator<Item = (&String, Option<&Arc<Endpoint>>, Option<&String>)> {
@@ -216,16 +249,23 @@ impl Build<'_> {
             (None, None) => true,
             _ => false,
         };
-        let strategy = match before {
-            Some(b) if same_router(&b) => b.strategy.clone(),
-            Some(b) => {
+        let identity = router
+            .as_ref()
+            .map(|r| format!("{}\n{}", r.plugin, r.config));
+        let strategy = match (before, identity) {
+            (Some(b), _) if same_router(&b) => b.strategy.clone(),
+            (Some(b), identity) => {
                 let dropped = b.strategy.load();
                 if !dropped.is_empty() {
                     tracing::info!(endpoint = %name, state = %dropped, "the router's configuration changed; its state starts afresh");
                 }
-                Default::default()
+                Arc::new(identity.map_or_else(Default::default, |identity| {
+                    StrategyState::kept(name, identity, false)
+                }))
             }
-            None => Default::default(),
+            // The first build of the endpoint since the server started.
+            (None, Some(identity)) => Arc::new(StrategyState::kept(name, identity, true)),
+            (None, None) => Default::default(),
         };
         Ok(Endpoint {
             name: name.to_string(),

@@ -9,6 +9,7 @@
 //! and the concurrency limit on model runs. Must not touch: wire formats (http), how models are
 //! found on disk (registry), how models or plugins run (backend, plugins).
 
+mod attempt;
 mod context;
 mod endpoints;
 mod experiment;
@@ -20,21 +21,22 @@ mod stats;
 mod strategy;
 mod validate;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend;
 use crate::config::ProcessorFailure;
-use crate::plugins::Library;
+use crate::plugins::{Direction, Library};
 use crate::registry::{LoadedVersion, LookupError, ModelRepository};
 use crate::telemetry::{self, Change};
 use crate::tensor::Tensor;
+use attempt::{Abandoned, Attempt};
 use sampling::{Outcome, Sampled};
 
-pub use endpoints::{Build, Endpoint, EndpointSet, Variant};
+pub use endpoints::{Bound, Build, Endpoint, EndpointSet, RunFailures, Variant};
 pub use experiment::{Comparison, compare};
 pub use feedback::Feedback;
 use feedback::{FeedbackBook, Memo};
@@ -108,6 +110,9 @@ pub struct Pipeline {
     stats: StatsBook,
     feedback: Arc<FeedbackBook>,
     slots: Arc<Semaphore>,
+    /// Runs past their latency budget a variant may have going before its requests go
+    /// straight to the fallback: what bounds the work nobody waits for.
+    past_budget_limit: usize,
     shadows: Arc<ShadowQueue>,
     /// Where each request's seed comes from: seeded from the configuration when a test or
     /// an investigation needs the same decisions again.
@@ -138,13 +143,43 @@ struct Routing {
     reason: String,
 }
 
+/// The flags evaluated for a request: (flag, variant).
+type Flagged = Vec<(String, String)>;
+
+/// One run of `answer`: the request, and what it brings along.
+struct Run {
+    /// The variant to run; `None` asks the router.
+    variant: Option<usize>,
+    ctx: crate::plugins::RequestContext,
+    request: InferRequest,
+    /// A slot handed over by a run the budget gave up on.
+    slot: Option<OwnedSemaphorePermit>,
+    /// The request's flags, shared by the routed run and its fallback.
+    flagged: Option<Arc<OnceLock<Flagged>>>,
+    /// Set when a latency budget may give up on this run.
+    attempt: Option<Arc<Attempt>>,
+}
+
+impl Run {
+    fn routed(ctx: crate::plugins::RequestContext, request: InferRequest) -> Run {
+        Run {
+            variant: None,
+            ctx,
+            request,
+            slot: None,
+            flagged: None,
+            attempt: None,
+        }
+    }
+}
+
 /// What `answer` did: the variant that served, why it was chosen, and the outcome.
 struct Answered {
     variant: usize,
     reason: String,
     shadows: Vec<usize>,
-    /// The flags evaluated for the request: (flag, variant).
-    flags: Vec<(String, String)>,
+    /// The flags evaluated for the request.
+    flags: Flagged,
     result: Result<InferResponse, InferError>,
 }
 
@@ -165,6 +200,7 @@ impl Pipeline {
                 u64::try_from(options.performance_bucket.as_millis()).unwrap_or(u64::MAX),
             )),
             slots: Arc::new(Semaphore::new(options.parallelism.max(1))),
+            past_budget_limit: options.parallelism.max(1),
         }
     }
 
@@ -352,41 +388,62 @@ impl Pipeline {
         request: InferRequest,
     ) -> (Answered, bool) {
         let Some(fallback) = endpoint.fallback else {
-            return (self.answer(endpoint, None, ctx, request).await, false);
+            return (
+                self.answer(endpoint, Run::routed(ctx, request)).await,
+                false,
+            );
         };
-        // The fallback may need the request again.
+        // The fallback may need the request again, and the flags the primary evaluated.
         let spare = (request.clone(), ctx.clone());
-        let primary = self.answer(endpoint, None, ctx, request);
-        // `Err(budget)` when the primary had no answer within it.
-        let outcome = match endpoint.latency_budget {
-            Some(budget) => tokio::time::timeout(budget, primary)
-                .await
-                .map_err(|_| budget),
-            None => Ok(primary.await),
+        let flagged = Arc::new(OnceLock::new());
+        let attempt = Arc::new(Attempt::default());
+        let run = Run {
+            flagged: Some(flagged.clone()),
+            attempt: Some(attempt.clone()),
+            ..Run::routed(ctx, request)
         };
-        let (failed, why) = match outcome {
-            Ok(answered) if answered.result.is_ok() => return (answered, false),
-            Ok(answered) => {
-                // What was routed and why stays in the record beside the fallback.
-                let why = format!(
-                    "'{}' ({}) failed: {}",
-                    endpoint.variants[answered.variant].name,
-                    answered.reason,
-                    answered
-                        .result
-                        .as_ref()
-                        .err()
-                        .map(ToString::to_string)
-                        .unwrap_or_default()
-                );
-                (Some(answered), why)
-            }
-            Err(budget) => (
-                None,
-                format!("no answer within the {} ms budget", budget.as_millis()),
-            ),
+        let mut primary = Box::pin(self.answer(endpoint, run));
+        let answered = match endpoint.latency_budget {
+            None => primary.await,
+            Some(budget) => tokio::select! {
+                answered = &mut primary => answered,
+                () = tokio::time::sleep(budget) => match attempt.abandon(endpoint, budget) {
+                    // It finished just now: its answer is on its way.
+                    Abandoned::No => primary.await,
+                    Abandoned::Yes { routed, slot } => {
+                        // Dropped before the fallback waits: a primary still queued for a
+                        // slot must leave the queue, not be handed a slot it never uses.
+                        drop(primary);
+                        let why = match routed {
+                            Some(v) => format!("'{}' gave no answer within the {} ms budget", endpoint.variants[v].name, budget.as_millis()),
+                            None => format!("no answer within the {} ms budget", budget.as_millis()),
+                        };
+                        // The slot the primary held goes to the fallback, so it answers
+                        // now rather than wait behind a full queue; the abandoned run
+                        // goes on without one, and without counting itself.
+                        let (request, ctx) = spare;
+                        let run = Run { variant: Some(fallback), slot, flagged: Some(flagged), ..Run::routed(ctx, request) };
+                        return (self.fall_back(endpoint, why, run).await, true);
+                    }
+                },
+            },
         };
-        if let Some(failed) = failed.filter(|f| f.variant == fallback) {
+        if answered.result.is_ok() {
+            return (answered, false);
+        }
+        // What was routed and why stays in the record beside the fallback.
+        let why = format!(
+            "'{}' ({}) failed: {}",
+            endpoint.variants[answered.variant].name,
+            answered.reason,
+            answered
+                .result
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        if answered.variant == fallback {
             let reason = format!("the fallback variant itself failed: {why}");
             return (
                 Answered {
@@ -394,51 +451,75 @@ impl Pipeline {
                         endpoint: endpoint.name.clone(),
                         reason,
                     }),
-                    ..failed
+                    ..answered
                 },
                 false,
             );
         }
-        tracing::warn!(endpoint = %endpoint.name, fallback = %endpoint.variants[fallback].name, reason = %why, "answering from the fallback variant");
         let (request, ctx) = spare;
-        let answered = self.answer(endpoint, Some(fallback), ctx, request).await;
-        let result = answered.result.map(|response| InferResponse {
-            fallback: true,
-            ..response
-        });
-        let answered = Answered {
-            reason: format!("fallback: {why}"),
-            result,
-            ..answered
+        let run = Run {
+            variant: Some(fallback),
+            flagged: Some(flagged),
+            ..Run::routed(ctx, request)
         };
-        (answered, true)
+        (self.fall_back(endpoint, why, run).await, true)
     }
 
-    /// Flags, router (unless `variant` is forced), processors and model for one request, on
-    /// the blocking pool; shadows are queued once the answer is there.
-    async fn answer(
-        &self,
-        endpoint: &Arc<Endpoint>,
-        variant: Option<usize>,
-        ctx: crate::plugins::RequestContext,
-        request: InferRequest,
-    ) -> Answered {
+    /// The fallback variant's answer for a request whose routed variant failed (`why`).
+    async fn fall_back(&self, endpoint: &Arc<Endpoint>, why: String, run: Run) -> Answered {
+        let fallback = run
+            .variant
+            .map_or("", |v| endpoint.variants[v].name.as_str());
+        tracing::warn!(endpoint = %endpoint.name, %fallback, reason = %why, "answering from the fallback variant");
+        let answered = self.answer(endpoint, run).await;
+        Answered {
+            reason: format!("fallback: {why}"),
+            result: answered.result.map(|response| InferResponse {
+                fallback: true,
+                ..response
+            }),
+            ..answered
+        }
+    }
+
+    /// Flags, router (unless the run names its variant), processors and model for one
+    /// request, on the blocking pool; shadows are queued once the answer is there.
+    async fn answer(&self, endpoint: &Arc<Endpoint>, run: Run) -> Answered {
         let started = Instant::now();
-        let default = endpoint.default_variant;
+        let Run {
+            variant,
+            ctx,
+            request,
+            slot,
+            flagged,
+            attempt,
+        } = run;
         let failed = |reason: String, result: InferError| Answered {
-            variant: variant.unwrap_or(default),
+            variant: variant.unwrap_or(endpoint.default_variant),
             reason,
             shadows: Vec::new(),
             flags: Vec::new(),
             result: Err(result),
         };
         let queued = Instant::now();
-        let slot = match self.slot(&endpoint.name).await {
-            Ok(slot) => slot,
-            Err(error) => return failed("not served".to_string(), error),
+        let slot = match slot {
+            Some(slot) => slot,
+            None => match self.slot(&endpoint.name).await {
+                Ok(slot) => slot,
+                Err(error) => return failed("not served".to_string(), error),
+            },
+        };
+        // A run that may be abandoned keeps its slot where the fallback can take it.
+        let slot = match &attempt {
+            Some(attempt) => {
+                attempt.hold(slot);
+                None
+            }
+            None => Some(slot),
         };
         let (serving, repository) = (endpoint.clone(), self.repository.clone());
         let shadows = self.shadows.clone();
+        let past_budget_limit = self.past_budget_limit;
         let id = ctx.id.clone();
         let segment = endpoint.segment_by.as_ref().and_then(|attribute| {
             ctx.attributes
@@ -454,11 +535,21 @@ impl Pipeline {
         let answered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let _span = span.enter();
+            let _released = attempt.as_ref().map(|a| a.release_on_drop());
             if let Some(seconds) = &serving.queue_seconds {
                 seconds.observe(queued.elapsed());
             }
             let mut ctx = ctx;
-            let flags = evaluate_flags(&serving, &mut ctx);
+            // Flags are evaluated once per request, whichever of the routed run and the
+            // fallback gets there first; the other waits for the result.
+            let flags = match &flagged {
+                Some(once) => once
+                    .get_or_init(|| evaluate_flags(&serving, &ctx))
+                    .clone(),
+                None => evaluate_flags(&serving, &ctx),
+            };
+            ctx.attributes
+                .extend(flags.iter().map(|(f, v)| (format!("flag.{f}"), v.clone())));
             let routing = match variant {
                 Some(index) => Routing {
                     index,
@@ -468,8 +559,36 @@ impl Pipeline {
                 None => route(&serving, &ctx),
             };
             let chosen = &serving.variants[routing.index];
+            let answered = |result| Answered {
+                variant: routing.index,
+                reason: routing.reason.clone(),
+                shadows: routing.shadows.clone(),
+                flags: flags.clone(),
+                result,
+            };
+            if let Some(attempt) = &attempt {
+                if !attempt.start(routing.index) {
+                    // Abandoned before it began: the fallback answers, nothing ran.
+                    return answered(Err(InferError::Lookup(LookupError::Unavailable(
+                        "given up on by the latency budget before it began".to_string(),
+                    ))));
+                }
+                let running = chosen.stats.past_budget();
+                if running >= past_budget_limit {
+                    attempt.finish(&serving);
+                    return answered(Err(InferError::Lookup(LookupError::Unavailable(format!(
+                        "variant '{}' has {running} answers past the latency budget still running; not starting another",
+                        chosen.name
+                    )))));
+                }
+            }
             let inputs = (!routing.shadows.is_empty()).then(|| Arc::new(request.inputs.clone()));
             let result = serve_variant(&repository, &serving, chosen, &ctx, request);
+            // An abandoned run was already charged its timeout; it counts nothing more and
+            // sends no shadows, since nobody gets its answer.
+            if attempt.as_ref().is_some_and(|a| !a.finish(&serving)) {
+                return answered(result);
+            }
             chosen.stats.record(started.elapsed(), result.is_err());
             if let (Some(inputs), Ok(response)) = (inputs, &result) {
                 let primary = Arc::new(response.outputs.clone());
@@ -484,13 +603,7 @@ impl Pipeline {
                     });
                 }
             }
-            Answered {
-                variant: routing.index,
-                reason: routing.reason,
-                shadows: routing.shadows,
-                flags,
-                result,
-            }
+            answered(result)
         })
         .await;
         let answered = match answered {
@@ -563,15 +676,37 @@ fn run_model(target: &LoadedVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>,
         drift.observe(&inputs);
     }
     let started = Instant::now();
-    let result = backend::run(&target.graph, inputs);
+    // A backend that panics (tract on an index past its data, say) fails this run only.
+    // Unwinding drops the run's own execution context; the optimised plan is shared
+    // read-only and no lock of ours is held across the call, so the version is as fit for
+    // the next request as before. Caught here, the crash is an ordinary error of the
+    // variant that ran it: counted, charged, and answered by a fallback.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        backend::run(&target.graph, inputs)
+    }));
     if let Some(meters) = &target.meters {
         meters.inference.observe(started.elapsed());
     }
-    result.map_err(|error| InferError::Backend {
+    let failed = |reason: String| InferError::Backend {
         model: target.model.clone(),
         version: target.version,
-        reason: error.to_string(),
-    })
+        reason,
+    };
+    match result {
+        Ok(outputs) => outputs.map_err(|error| failed(error.to_string())),
+        Err(panic) => {
+            if let Some(meters) = &target.meters {
+                meters.crashes.inc();
+            }
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_string());
+            tracing::error!(model = %target.model, version = target.version, panic = %what, "the backend crashed running the model");
+            Err(failed(format!("the backend crashed ({what})")))
+        }
+    }
 }
 
 /// The `wanted` outputs, in that order; all of them when nothing was asked for.
@@ -588,13 +723,10 @@ fn select(mut outputs: Vec<Tensor>, wanted: Option<Vec<String>>) -> Vec<Tensor> 
         .collect()
 }
 
-/// Each flags plugin's evaluations, added to the context as attributes `flag.<name>`, and
-/// returned as (flag, variant) for the request log; a failing flags plugin leaves its flags
-/// unset.
-fn evaluate_flags(
-    endpoint: &Endpoint,
-    ctx: &mut crate::plugins::RequestContext,
-) -> Vec<(String, String)> {
+/// Each flags plugin's evaluations as (flag, variant): the context's attributes
+/// `flag.<name>` for routers and processors, and the request log's flags. A failing flags
+/// plugin leaves its flags unset.
+fn evaluate_flags(endpoint: &Endpoint, ctx: &crate::plugins::RequestContext) -> Flagged {
     let mut evaluated = Vec::new();
     for flags in &endpoint.flags {
         match flags.pool.evaluate(ctx) {
@@ -612,14 +744,10 @@ fn evaluate_flags(
                         metrics.flag_evaluated(&endpoint.name, flag, variant);
                     }
                 }
-                for e in evaluations {
-                    ctx.attributes
-                        .push((format!("flag.{}", e.flag), e.variant.clone()));
-                    evaluated.push((e.flag, e.variant));
-                }
+                evaluated.extend(evaluations.into_iter().map(|e| (e.flag, e.variant)));
             }
             Err(error) => {
-                tracing::warn!(endpoint = %endpoint.name, %error, "flags plugin failed; its flags are unset")
+                tracing::warn!(endpoint = %endpoint.name, plugin = %flags.plugin, %error, "flags plugin failed; its flags are unset")
             }
         }
     }
@@ -652,7 +780,7 @@ fn route(endpoint: &Endpoint, ctx: &crate::plugins::RequestContext) -> Routing {
     let decision = match router.pool.route(ctx, &stats, &state) {
         Ok(decision) => decision,
         Err(error) => {
-            tracing::warn!(endpoint = %endpoint.name, %error, "router failed; using the default variant");
+            tracing::warn!(endpoint = %endpoint.name, plugin = %router.plugin, %error, "router failed; using the default variant");
             return default(format!("default variant (router failed: {error})"));
         }
     };
@@ -699,7 +827,7 @@ fn serve_variant(
 ) -> Result<InferResponse, InferError> {
     let mut inputs = request.inputs;
     for processor in &endpoint.processors {
-        inputs = process(endpoint, inputs, |t| processor.pool.preprocess(ctx, t))?;
+        inputs = process(endpoint, processor, Direction::Pre, ctx, inputs)?;
     }
     let version = variant.version.map(|v| v.to_string());
     let target = repository
@@ -708,7 +836,7 @@ fn serve_variant(
     validate::inputs(&target, &inputs)?;
     let mut outputs = run_model(&target, inputs)?;
     for processor in endpoint.processors.iter().rev() {
-        outputs = process(endpoint, outputs, |t| processor.pool.postprocess(ctx, t))?;
+        outputs = process(endpoint, processor, Direction::Post, ctx, outputs)?;
     }
     let wanted = request
         .outputs
@@ -728,28 +856,34 @@ fn serve_variant(
     })
 }
 
-/// One processor step, with the endpoint's failure policy.
+/// One processor step, with the endpoint's failure policy. A failure of any kind — an
+/// `err`, a trap, a deadline, tensors that do not fill their shapes — is the plugin's: it
+/// is counted against it and logged with its name whichever way the policy goes.
 fn process(
     endpoint: &Endpoint,
+    processor: &Bound<crate::plugins::ProcessorWorld>,
+    direction: Direction,
+    ctx: &crate::plugins::RequestContext,
     tensors: Vec<Tensor>,
-    step: impl FnOnce(
-        &[crate::plugins::Tensor],
-    ) -> Result<Vec<crate::plugins::Tensor>, crate::plugins::PluginError>,
 ) -> Result<Vec<Tensor>, InferError> {
     let keep =
         (endpoint.on_processor_error == ProcessorFailure::PassThrough).then(|| tensors.clone());
-    let result = step(&context::to_plugin(tensors))
-        .map_err(|e| e.to_string())
-        .and_then(context::from_plugin);
-    match (result, keep) {
-        (Ok(tensors), _) => Ok(tensors),
-        (Err(reason), Some(kept)) => {
-            tracing::warn!(endpoint = %endpoint.name, %reason, "processor failed; passing the tensors through");
-            Ok(kept)
-        }
-        (Err(reason), None) => Err(InferError::Plugin {
-            endpoint: endpoint.name.clone(),
-            reason,
-        }),
-    }
+    let result = processor.pool.process(
+        direction,
+        ctx,
+        &context::to_plugin(tensors),
+        context::from_plugin,
+    );
+    let error = match result {
+        Ok(tensors) => return Ok(tensors),
+        Err(error) => error.to_string(),
+    };
+    tracing::warn!(
+        endpoint = %endpoint.name, plugin = %processor.plugin, ?direction, %error,
+        passed_through = keep.is_some(), "processor failed"
+    );
+    keep.ok_or(InferError::Plugin {
+        endpoint: endpoint.name.clone(),
+        reason: error,
+    })
 }

@@ -232,12 +232,8 @@ pub fn predictions(outputs: &[Tensor]) -> Vec<String> {
     scores
         .chunks(classes)
         .map(|row| {
-            let top = row
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map_or(0, |(i, _)| i);
-            top.to_string()
+            modelyard_sdk::argmax(row.iter().copied())
+                .map_or_else(String::new, |top| top.to_string())
         })
         .collect()
 }

@@ -200,7 +200,8 @@ pub fn compare(primary: &[Tensor], shadow: &[Tensor]) -> Agreement {
                 Some(&classes) if p.shape.len() >= 2 && classes > 1 => {
                     for (ra, rb) in a.chunks(classes).zip(b.chunks(classes)) {
                         result.compared += 1;
-                        result.agreed += u64::from(argmax(ra) == argmax(rb));
+                        let top = |row: &[f64]| modelyard_sdk::argmax(row.iter().copied());
+                        result.agreed += u64::from(top(ra) == top(rb));
                     }
                 }
                 _ => {
@@ -227,15 +228,6 @@ pub fn compare(primary: &[Tensor], shadow: &[Tensor]) -> Agreement {
         }
     }
     result
-}
-
-fn argmax(row: &[f64]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 { (i, v) } else { best }
-        })
-        .0
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
-//! Per-variant counters the host keeps for routers: requests, errors and latency. They
-//! live outside the endpoint set, keyed by endpoint and variant, so a plugin swap or a
-//! configuration edit loses none of them.
+//! Per-variant counters the host keeps for routers: requests, errors and latency (a
+//! whole-life histogram, and the latencies of the most recent successful answers for
+//! judges of distributions over a window). They live outside the endpoint set, keyed by
+//! endpoint and variant, so a plugin swap or a configuration edit loses none of them.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -12,11 +13,23 @@ use hdrhistogram::Histogram;
 use super::performance::Performance;
 use super::shadow::ShadowCounters;
 
+/// How many of the latest successful answers' latencies routers see.
+pub const RECENT_LATENCIES: usize = 256;
+
+/// Latency over the variant's life, and of its latest successful answers.
+struct Latency {
+    histogram: Option<Histogram<u64>>,
+    /// Microseconds, oldest first, at most [`RECENT_LATENCIES`].
+    recent: VecDeque<u32>,
+}
+
 /// Counters of one variant.
 pub struct VariantCounters {
     requests: AtomicU64,
     errors: AtomicU64,
-    latency_us: Mutex<Option<Histogram<u64>>>,
+    latency_us: Mutex<Latency>,
+    /// Runs a latency budget gave up on that are still running.
+    past_budget: AtomicUsize,
     /// Count, sum and sum of squares of the rewards clients sent for this variant's answers.
     rewards: Mutex<(u64, f64, f64)>,
     /// Accuracy and reward by segment and over time.
@@ -40,8 +53,12 @@ impl Default for VariantCounters {
         VariantCounters {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            past_budget: AtomicUsize::new(0),
             // Microseconds up to an hour, to three significant digits.
-            latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
+            latency_us: Mutex::new(Latency {
+                histogram: Histogram::new_with_bounds(1, 3_600_000_000, 3).ok(),
+                recent: VecDeque::with_capacity(RECENT_LATENCIES),
+            }),
             rewards: Mutex::new((0, 0.0, 0.0)),
             performance: Performance::default(),
         }
@@ -55,14 +72,44 @@ impl VariantCounters {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        if let Some(h) = self
+        let mut kept = self
             .latency_us
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-        {
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = kept.histogram.as_mut() {
             h.saturating_record(micros.max(1));
         }
+        // A failure's latency says how fast it failed, not how fast the variant answers:
+        // the window holds answers only (errors are judged on their own).
+        if !failed {
+            if kept.recent.len() == RECENT_LATENCIES {
+                kept.recent.pop_front();
+            }
+            kept.recent
+                .push_back(u32::try_from(micros).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// Runs a latency budget gave up on that are still running.
+    pub fn past_budget(&self) -> usize {
+        self.past_budget.load(Ordering::Relaxed)
+    }
+
+    pub fn enter_past_budget(&self) {
+        self.past_budget.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn leave_past_budget(&self) {
+        self.past_budget.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Latencies of the latest successful answers (µs), oldest first.
+    pub fn recent_latencies(&self) -> Vec<u32> {
+        let kept = self
+            .latency_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        kept.recent.iter().copied().collect()
     }
 
     pub fn reward(&self, reward: f64) {
@@ -79,7 +126,7 @@ impl VariantCounters {
             .latency_us
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let (p50, p99) = latency.as_ref().map_or((0, 0), |h| {
+        let (p50, p99) = latency.histogram.as_ref().map_or((0, 0), |h| {
             (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
         });
         StatsSnapshot {
@@ -141,5 +188,18 @@ mod tests {
         );
         assert!(again.latency_p99_us >= 98_000, "{again:?}");
         assert_eq!(book.variant("iris", "b").snapshot().requests, 0);
+    }
+
+    #[test]
+    fn the_window_keeps_the_latest_successes_only() {
+        let counters = VariantCounters::default();
+        for us in 1..=(RECENT_LATENCIES as u64 + 10) {
+            counters.record(Duration::from_micros(us), false);
+            counters.record(Duration::from_secs(9), true);
+        }
+        let recent = counters.recent_latencies();
+        assert_eq!(recent.len(), RECENT_LATENCIES);
+        assert_eq!(recent[0], 11);
+        assert_eq!(*recent.last().unwrap(), RECENT_LATENCIES as u32 + 10);
     }
 }

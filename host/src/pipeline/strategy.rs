@@ -1,7 +1,9 @@
 //! What the host remembers of an endpoint's routing between requests: the router's own
 //! state (a canary's step, the active colour …) and the last decisions, for operators.
 //! Both outlive plugin swaps; the router's state starts afresh when its configuration
-//! changes, because a state written for other settings means nothing under new ones.
+//! changes, because a state written for other settings means nothing under new ones. The
+//! state is also kept in the server's database, so a restart with the same router and
+//! configuration continues where it stopped (a rolled-back canary stays rolled back).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,14 +12,35 @@ use arc_swap::ArcSwap;
 
 use super::endpoints::Endpoint;
 use crate::plugins::{FlagInfo, PluginError, VariantStats};
+use crate::telemetry;
 
 /// The router's state as it last returned it (JSON; empty at first).
 #[derive(Default)]
 pub struct StrategyState {
     state: ArcSwap<String>,
+    /// The endpoint and the router (plugin and configuration) it is kept under.
+    kept_as: Option<(String, String)>,
 }
 
 impl StrategyState {
+    /// The state of `endpoint`'s `router` (its plugin and configuration), kept in the
+    /// database as it changes; with `resume`, starting from what the database kept for
+    /// exactly that router, otherwise empty.
+    pub fn kept(endpoint: &str, router: String, resume: bool) -> StrategyState {
+        let kept = if resume {
+            telemetry::kept_router_state(endpoint, &router)
+        } else {
+            None
+        };
+        if let Some(state) = &kept {
+            tracing::info!(endpoint, %state, "the router continues from the state kept before the restart");
+        }
+        StrategyState {
+            state: ArcSwap::from_pointee(kept.unwrap_or_default()),
+            kept_as: Some((endpoint.to_string(), router)),
+        }
+    }
+
     pub fn load(&self) -> Arc<String> {
         self.state.load_full()
     }
@@ -26,8 +49,17 @@ impl StrategyState {
     /// rollback must not be undone by a request that routed on the state before it);
     /// whether it did.
     pub fn replace(&self, seen: &Arc<String>, new: String) -> bool {
-        let previous = self.state.compare_and_swap(seen, Arc::new(new));
-        Arc::ptr_eq(&previous, seen)
+        let new = Arc::new(new);
+        let previous = self.state.compare_and_swap(seen, new.clone());
+        let replaced = Arc::ptr_eq(&previous, seen);
+        if replaced && let Some((endpoint, router)) = &self.kept_as {
+            telemetry::keep_router_state(telemetry::RouterState {
+                endpoint: endpoint.clone(),
+                router: router.clone(),
+                state: new.to_string(),
+            });
+        }
+        replaced
     }
 }
 

@@ -27,21 +27,27 @@ pub use bindings::{
 };
 pub use cache::component_hash;
 pub use library::{Library, PluginFile};
-pub use pool::{FlagsWorld, Pool, ProcessorWorld, RouterWorld, World};
+pub use pool::{Direction, FlagsWorld, Pool, ProcessorWorld, RouterWorld, World};
 use sandbox::Sandbox;
 pub use scaffold::{ScaffoldError, new_plugin};
+
+/// The WIT package (in `wit/`) whose worlds plugins implement.
+pub const WIT_PACKAGE: &str = "modelyard:plugin@0.3.0";
 
 /// Instance slots the pooling allocator reserves, when it is on.
 const POOLED_INSTANCES: u32 = 256;
 
-/// How often the engine's epoch advances: the granularity of CPU deadlines.
+/// How often the engine's epoch advances: how often a running call's budget is checked.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Bounds on what one plugin call may use.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
-    /// CPU time one call may take before it is interrupted.
+    /// CPU time one call may take on its thread before it is interrupted.
     pub call_deadline: Duration,
+    /// Wall-clock time one call may take, and the CPU and wall-clock time making and
+    /// configuring a fresh instance may take.
+    pub wall_limit: Duration,
     /// Linear memory one instance may grow to.
     pub memory_bytes: usize,
 }
@@ -50,14 +56,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             call_deadline: Duration::from_millis(10),
+            wall_limit: Duration::from_secs(1),
             memory_bytes: 64 * 1024 * 1024,
         }
-    }
-}
-
-impl Limits {
-    fn deadline_ticks(&self) -> u64 {
-        (self.call_deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
     }
 }
 
@@ -69,6 +70,8 @@ pub enum PluginError {
     Trapped { plugin: String, reason: String },
     #[error("plugin '{plugin}' returned an error: {message}")]
     Failed { plugin: String, message: String },
+    #[error("plugin '{plugin}' answered with something the host cannot use: {reason}")]
+    Invalid { plugin: String, reason: String },
     #[error("cannot start the plugin engine: {0:#}")]
     Engine(wasmtime::Error),
 }
@@ -136,6 +139,8 @@ impl PluginEngine {
         pooling: bool,
     ) -> Result<PluginEngine, PluginError> {
         let mut config = Config::new();
+        // The epoch only wakes a running call now and then to check its budget (CPU time
+        // on its thread, wall-clock time as a backstop): see `sandbox::Budget`.
         config.epoch_interruption(true);
         if pooling {
             let mut pool = PoolingAllocationConfig::default();
@@ -198,7 +203,7 @@ impl PluginEngine {
             return Err(PluginError::Refused {
                 plugin: name.to_string(),
                 reason: format!(
-                    "implements none of the router, processor or flags worlds of modelyard:plugin@0.2.0 (it exports: {})",
+                    "implements none of the router, processor or flags worlds of {WIT_PACKAGE} (it exports: {})",
                     exports.into_iter().collect::<Vec<_>>().join(", ")
                 ),
             });

@@ -1,11 +1,13 @@
 //! Instances of one loaded plugin, reused across requests. A call takes an idle instance
-//! (or makes one: instantiate, then `configure`), runs under the CPU deadline, and gives
-//! the instance back only if the call succeeded: a trap, a deadline, an out-of-memory or
-//! an `err` drops it, so nothing a failed call left behind reaches a later request.
+//! (or makes one: instantiate, then `configure`, under a budget of their own), runs under
+//! the call's CPU deadline, and gives the instance back only if the call succeeded: a
+//! trap, a deadline, an out-of-memory, an `err` or an answer the host cannot use drops
+//! it, so nothing a failed call left behind reaches a later request. Every failure is
+//! counted (here and in the metrics) and the last one kept for the admin API.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
@@ -13,7 +15,7 @@ use wasmtime::component::InstancePre;
 use super::bindings::{
     Decision, Evaluation, FlagInfo, RequestContext, Tensor, VariantStats, flags, processor, router,
 };
-use super::sandbox::Sandbox;
+use super::sandbox::{Budget, OverBudget, Sandbox, on_epoch};
 use super::{Limits, PluginError};
 use crate::telemetry::{PluginFailure, PluginMeter};
 
@@ -86,6 +88,7 @@ pub struct Pool<W: World> {
     engine: wasmtime::Engine,
     idle: Mutex<Vec<Live<W>>>,
     failures: AtomicU64,
+    last_failure: Mutex<Option<(SystemTime, String)>>,
     meter: Option<PluginMeter>,
 }
 
@@ -114,6 +117,7 @@ impl<W: World> Pool<W> {
             engine: engine.clone(),
             idle: Mutex::new(Vec::new()),
             failures: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
             meter: crate::telemetry::metrics().map(|m| m.plugin_meter(&name, W::NAME)),
         };
         let first = pool.fresh()?;
@@ -122,20 +126,24 @@ impl<W: World> Pool<W> {
     }
 
     fn fresh(&self) -> Result<Live<W>, PluginError> {
+        // Making an instance is not a request's work: it gets the backstop, not the call's
+        // deadline, so a swap under load does not cut a healthy plugin's first call.
+        let setup = Budget::start(self.limits.wall_limit, self.limits.wall_limit);
         let mut store = Store::new(
             &self.engine,
-            Sandbox::new(self.name.clone(), self.limits.memory_bytes),
+            Sandbox::new(self.name.clone(), self.limits.memory_bytes, setup),
         );
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(self.limits.deadline_ticks());
+        store.epoch_deadline_callback(on_epoch);
+        store.set_epoch_deadline(1);
         let failed = |reason: String| PluginError::Refused {
             plugin: self.name.to_string(),
             reason,
         };
         let bindings = W::instantiate(&self.pre, &mut store)
-            .map_err(|e| failed(format!("cannot be instantiated: {e:#}")))?;
+            .map_err(|e| failed(format!("cannot be instantiated: {}", trap_reason(&e).1)))?;
         W::configure(&bindings, &mut store, &self.config)
-            .map_err(|e| failed(format!("trapped in configure: {e:#}")))?
+            .map_err(|e| failed(format!("failed in configure: {}", trap_reason(&e).1)))?
             .map_err(|e| failed(format!("refused its configuration: {e}")))?;
         Ok(Live { store, bindings })
     }
@@ -147,29 +155,56 @@ impl<W: World> Pool<W> {
             .push(live);
     }
 
-    /// Calls that failed since this binding was made: traps, deadlines, out-of-memory and
-    /// `err` results.
+    /// Calls that failed since this binding was made: traps, deadlines, out-of-memory,
+    /// `err` results and answers the host could not use.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
 
-    /// Runs `call` on an instance under the CPU deadline.
+    /// When the last call failed, and why.
+    pub fn last_failure(&self) -> Option<(SystemTime, String)> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs `call` on an instance under the call's budget.
     pub fn call<R>(
         &self,
         call: impl FnOnce(&W::Bindings, &mut Store<Sandbox>) -> wasmtime::Result<Result<R, String>>,
     ) -> Result<R, PluginError> {
+        self.call_checked(call, Ok)
+    }
+
+    /// Runs `call`, then `check` on what it returned: a refusal by `check` is the
+    /// plugin's failure like any other (an answer the host cannot use).
+    pub fn call_checked<R, S>(
+        &self,
+        call: impl FnOnce(&W::Bindings, &mut Store<Sandbox>) -> wasmtime::Result<Result<R, String>>,
+        check: impl FnOnce(R) -> Result<S, String>,
+    ) -> Result<S, PluginError> {
         let started = Instant::now();
-        let result = self.call_once(call);
+        let result = self.call_once(call, check);
         if let Some(meter) = &self.meter {
             meter.call(started.elapsed(), result.as_ref().err().map(|(f, _)| *f));
         }
-        result.map_err(|(_, error)| error)
+        result.map_err(|(_, error)| {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            *self
+                .last_failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some((SystemTime::now(), error.to_string()));
+            error
+        })
     }
 
-    fn call_once<R>(
+    fn call_once<R, S>(
         &self,
         call: impl FnOnce(&W::Bindings, &mut Store<Sandbox>) -> wasmtime::Result<Result<R, String>>,
-    ) -> Result<R, (PluginFailure, PluginError)> {
+        check: impl FnOnce(R) -> Result<S, String>,
+    ) -> Result<S, (PluginFailure, PluginError)> {
         let idle = self
             .idle
             .lock()
@@ -177,25 +212,30 @@ impl<W: World> Pool<W> {
             .pop();
         let mut live = match idle {
             Some(live) => live,
-            None => self.fresh().map_err(|error| {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                (PluginFailure::Trap, error)
-            })?,
+            None => self.fresh().map_err(|error| (PluginFailure::Trap, error))?,
         };
-        live.store.set_epoch_deadline(self.limits.deadline_ticks());
-        let result = call(&live.bindings, &mut live.store);
-        if !matches!(result, Ok(Ok(_))) {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        match result {
-            Ok(Ok(value)) => {
-                self.give_back(live);
-                Ok(value)
-            }
+        live.store.data_mut().budget =
+            Budget::start(self.limits.call_deadline, self.limits.wall_limit);
+        live.store.set_epoch_deadline(1);
+        let plugin = || self.name.to_string();
+        match call(&live.bindings, &mut live.store) {
+            Ok(Ok(value)) => match check(value) {
+                Ok(value) => {
+                    self.give_back(live);
+                    Ok(value)
+                }
+                Err(reason) => Err((
+                    PluginFailure::Invalid,
+                    PluginError::Invalid {
+                        plugin: plugin(),
+                        reason,
+                    },
+                )),
+            },
             Ok(Err(message)) => Err((
                 PluginFailure::Error,
                 PluginError::Failed {
-                    plugin: self.name.to_string(),
+                    plugin: plugin(),
                     message,
                 },
             )),
@@ -204,7 +244,7 @@ impl<W: World> Pool<W> {
                 Err((
                     failure,
                     PluginError::Trapped {
-                        plugin: self.name.to_string(),
+                        plugin: plugin(),
                         reason,
                     },
                 ))
@@ -232,11 +272,13 @@ impl<W: World> Pool<W> {
 }
 
 fn trap_reason(error: &wasmtime::Error) -> (PluginFailure, String) {
-    match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => (
+    if let Some(over) = error.downcast_ref::<OverBudget>() {
+        return (
             PluginFailure::Timeout,
-            "ran past its CPU deadline".to_string(),
-        ),
+            format!("ran past its budget: {over}"),
+        );
+    }
+    match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => (PluginFailure::Trap, format!("trapped: {trap}")),
         // The store limiter's refusal to grow memory (trap_on_grow_failure).
         None if format!("{error:#}").contains("forcing trap when growing memory") => (
@@ -275,21 +317,30 @@ impl Pool<RouterWorld> {
     }
 }
 
-impl Pool<ProcessorWorld> {
-    pub fn preprocess(
-        &self,
-        ctx: &RequestContext,
-        inputs: &[Tensor],
-    ) -> Result<Vec<Tensor>, PluginError> {
-        self.call(|b, store| b.call_preprocess(store, ctx, inputs))
-    }
+/// The direction a processor is called in.
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    Pre,
+    Post,
+}
 
-    pub fn postprocess(
+impl Pool<ProcessorWorld> {
+    /// Runs the processor on `tensors`; `check` turns what it returns into what the host
+    /// uses, or says why it cannot (counted as the plugin's failure).
+    pub fn process<S>(
         &self,
+        direction: Direction,
         ctx: &RequestContext,
-        outputs: &[Tensor],
-    ) -> Result<Vec<Tensor>, PluginError> {
-        self.call(|b, store| b.call_postprocess(store, ctx, outputs))
+        tensors: &[Tensor],
+        check: impl FnOnce(Vec<Tensor>) -> Result<S, String>,
+    ) -> Result<S, PluginError> {
+        self.call_checked(
+            |b, store| match direction {
+                Direction::Pre => b.call_preprocess(store, ctx, tensors),
+                Direction::Post => b.call_postprocess(store, ctx, tensors),
+            },
+            check,
+        )
     }
 }
 

@@ -4,9 +4,10 @@
 //! stderr go nowhere.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Engine, StoreContextMut, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{Host, Level};
@@ -17,10 +18,68 @@ pub struct Sandbox {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) limits: StoreLimits,
+    pub(super) budget: Budget,
+}
+
+/// What the call now running may still spend. CPU time is read from the calling thread's
+/// own clock, so a call that waits for a core on a busy machine is not taken for a
+/// looping plugin; wall-clock time bounds a call that hangs without using CPU.
+pub(super) struct Budget {
+    cpu_from: Duration,
+    cpu: Duration,
+    wall_from: Instant,
+    wall: Duration,
+}
+
+/// Which budget a call ran out of: the error an interrupted call fails with.
+#[derive(Debug, thiserror::Error)]
+pub enum OverBudget {
+    #[error("ran past its CPU deadline ({0:?} of CPU time)")]
+    Cpu(Duration),
+    #[error("ran past its wall-clock limit ({0:?})")]
+    Wall(Duration),
+}
+
+/// CPU time the current thread has used.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+impl Budget {
+    /// A budget of `cpu` on this thread and `wall` on the clock, from now.
+    pub(super) fn start(cpu: Duration, wall: Duration) -> Budget {
+        Budget {
+            cpu_from: thread_cpu(),
+            cpu,
+            wall_from: Instant::now(),
+            wall,
+        }
+    }
+
+    fn check(&self) -> Result<(), OverBudget> {
+        if thread_cpu().saturating_sub(self.cpu_from) > self.cpu {
+            return Err(OverBudget::Cpu(self.cpu));
+        }
+        if self.wall_from.elapsed() > self.wall {
+            return Err(OverBudget::Wall(self.wall));
+        }
+        Ok(())
+    }
+}
+
+/// Called by the engine at each epoch tick a call runs through: go on to the next tick
+/// while the budget lasts, otherwise interrupt the call.
+pub(super) fn on_epoch(store: StoreContextMut<'_, Sandbox>) -> wasmtime::Result<UpdateDeadline> {
+    store.data().budget.check()?;
+    Ok(UpdateDeadline::Continue(1))
 }
 
 impl Sandbox {
-    pub fn new(plugin: Arc<str>, memory_bytes: usize) -> Sandbox {
+    pub(super) fn new(plugin: Arc<str>, memory_bytes: usize, budget: Budget) -> Sandbox {
         let wasi = WasiCtxBuilder::new()
             .allow_tcp(false)
             .allow_udp(false)
@@ -37,6 +96,7 @@ impl Sandbox {
                 .memories(2)
                 .trap_on_grow_failure(true)
                 .build(),
+            budget,
         }
     }
 }

@@ -45,6 +45,7 @@ pub struct LoadedVersion {
 pub struct ModelMeters {
     pub queue: crate::telemetry::Seconds,
     pub inference: crate::telemetry::Seconds,
+    pub crashes: prometheus_client::metrics::counter::Counter,
 }
 
 /// A version directory as the last scan found it.

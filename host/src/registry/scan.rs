@@ -172,6 +172,7 @@ fn scan_version(
                     meters: crate::telemetry::metrics().map(|m| ModelMeters {
                         queue: m.queue_seconds(name),
                         inference: m.inference_seconds(name, version),
+                        crashes: m.model_crashes(name, version),
                     }),
                 })),
                 refused: None,

@@ -102,12 +102,15 @@ fn plugin_seconds() -> Histogram {
 pub enum PluginFailure {
     /// The plugin returned an error.
     Error,
-    /// It ran past its CPU deadline.
+    /// It ran past its CPU deadline (or the wall-clock backstop).
     Timeout,
     /// It ran out of its memory limit.
     Memory,
     /// Any other trap, or an instance that could not be made.
     Trap,
+    /// It answered with something the host cannot use (a tensor whose data does not
+    /// fill its shape, say).
+    Invalid,
 }
 
 impl PluginFailure {
@@ -117,6 +120,7 @@ impl PluginFailure {
             PluginFailure::Timeout => "timeout",
             PluginFailure::Memory => "memory",
             PluginFailure::Trap => "trap",
+            PluginFailure::Invalid => "invalid",
         }
     }
 }
@@ -161,6 +165,7 @@ pub struct Metrics {
     request_seconds: Histograms<EndpointLabel>,
     queue_seconds: Histograms<EndpointLabel>,
     inference_seconds: Histograms<ModelLabels>,
+    model_crashes: Family<ModelLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     plugin_calls: Family<PluginLabels, Counter>,
     plugin_failures: Family<PluginFailureLabels, Counter>,
@@ -261,6 +266,12 @@ impl Default for Metrics {
             "Time the backend took to run a model, by model and version",
             Histograms::new_with_constructor(seconds),
         );
+        let model_crashes = register(
+            &mut r,
+            "model_crashes",
+            "Model runs that crashed inside the backend (a panic caught on the inference thread), by model and version",
+            Family::default(),
+        );
         let in_flight = register(
             &mut r,
             "requests_in_flight",
@@ -345,6 +356,7 @@ impl Default for Metrics {
             request_seconds,
             queue_seconds,
             inference_seconds,
+            model_crashes,
             in_flight,
             plugin_calls,
             plugin_failures,
@@ -398,6 +410,16 @@ impl Metrics {
                 })
                 .clone(),
         )
+    }
+
+    /// The crash counter of a model version.
+    pub fn model_crashes(&self, model: &str, version: u64) -> Counter {
+        self.model_crashes
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+                version: version.to_string(),
+            })
+            .clone()
     }
 
     pub fn plugin_meter(&self, plugin: &str, world: &str) -> PluginMeter {

@@ -25,7 +25,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use metrics::{
     Comparison, InFlight, Load, Metrics, PluginFailure, PluginMeter, RequestLabels, Seconds,
 };
-pub use store::{Change, Page, Query, RequestRecord, StoreError, StoredChange, rfc3339};
+pub use store::{
+    Change, Page, Query, RequestRecord, RouterState, StoreError, StoredChange, rfc3339,
+};
 pub use trace::{TRACEPARENT, Trace};
 
 use sink::Sink;
@@ -135,6 +137,23 @@ pub fn audit(change: Change) {
     if let Some(store) = HUB.get().and_then(|h| h.store.as_ref()) {
         store.change(now_ms(), change);
     }
+}
+
+/// Keeps an endpoint's new router state, so a restart continues where it stopped.
+pub fn keep_router_state(state: RouterState) {
+    if let Some(store) = HUB.get().and_then(|h| h.store.as_ref()) {
+        store.router_state(state);
+    }
+}
+
+/// The router state kept for `endpoint` by the same `router`, if any (and the store is on).
+pub fn kept_router_state(endpoint: &str, router: &str) -> Option<String> {
+    let store = HUB.get()?.store.as_ref()?;
+    store
+        .kept_router_state(endpoint, router)
+        .map_err(|error| tracing::warn!(endpoint, %error, "cannot read the kept router state; the strategy starts afresh"))
+        .ok()
+        .flatten()
 }
 
 /// Writes out what the store still holds in memory; the server calls it on the way out.

@@ -1,5 +1,5 @@
-//! The embedded SQLite database that keeps the audit trail and the sampled requests across
-//! restarts. Writes go to one thread of their own, in batches, so a request never waits
+//! The embedded SQLite database that keeps the audit trail, the sampled requests and each
+//! endpoint's router state across restarts. Writes go to one thread of their own, in batches, so a request never waits
 //! on the disk; reads (the admin API) use a second connection, which WAL mode lets run
 //! beside the writer.
 
@@ -106,6 +106,15 @@ pub struct RequestRecord {
     pub outputs: Option<Box<serde_json::value::RawValue>>,
 }
 
+/// An endpoint's router state as last kept, and the router it belongs to: the plugin and
+/// its configuration, since a state means nothing to another router or other settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterState {
+    pub endpoint: String,
+    pub router: String,
+    pub state: String,
+}
+
 /// Which rows a read wants: all filters optional, newest first, `limit` per page.
 #[derive(Clone, Debug, Default)]
 pub struct Query {
@@ -129,6 +138,7 @@ pub struct Page<T> {
 
 enum Write {
     Change { at_ms: u64, change: Change },
+    RouterState(RouterState),
     Request(RequestRecord),
     Flush(Sender<()>),
 }
@@ -162,6 +172,12 @@ CREATE TABLE IF NOT EXISTS requests (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at_ms);
+CREATE TABLE IF NOT EXISTS router_states (
+    endpoint TEXT PRIMARY KEY,
+    router TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
 ";
 
 impl Store {
@@ -213,6 +229,33 @@ impl Store {
                 "the monitoring database's writer has stopped; a change went unrecorded (it is in the log)"
             );
         }
+    }
+
+    /// Queues an endpoint's new router state; the newest one per endpoint is kept.
+    pub fn router_state(&self, state: RouterState) {
+        if !self.send(Write::RouterState(state)) {
+            tracing::error!(
+                "the monitoring database's writer has stopped; a router state was not kept (a restart will start that endpoint's strategy afresh)"
+            );
+        }
+    }
+
+    /// The state kept for `endpoint`'s router, if it was kept for this very `router`.
+    pub fn kept_router_state(
+        &self,
+        endpoint: &str,
+        router: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.flush();
+        let reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut statement = reads.prepare_cached(
+            "SELECT state FROM router_states WHERE endpoint = ?1 AND router = ?2",
+        )?;
+        let mut rows = statement.query(rusqlite::params![endpoint, router])?;
+        Ok(match rows.next()? {
+            Some(row) => Some(row.get(0)?),
+            None => None,
+        })
     }
 
     /// Queues a sampled request; `false` when it was dropped because the writer is behind.
@@ -379,6 +422,15 @@ fn write(mut db: Connection, queue: &Receiver<Write>, pending: &AtomicUsize, ret
                                 at_ms as i64, change.kind, change.actor, change.subject,
                                 change.endpoint, change.from, change.to, change.detail
                             ])?;
+                    }
+                    Write::RouterState(kept) => {
+                        tx.prepare_cached(
+                            "INSERT INTO router_states (endpoint, router, state, at_ms) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (endpoint) DO UPDATE SET router = ?2, state = ?3, at_ms = ?4",
+                        )?
+                        .execute(rusqlite::params![
+                            kept.endpoint, kept.router, kept.state, super::now_ms() as i64
+                        ])?;
                     }
                     Write::Request(record) => {
                         requests += 1;

@@ -168,14 +168,10 @@ impl Bandit {
 
 modelyard_sdk::register!(router: Bandit);
 
-/// The index of the largest value; the first on ties.
+/// The best arm: the first of equals (the SDK's one tie rule); the first arm when every
+/// figure is NaN.
 fn argmax(values: impl Iterator<Item = f64>) -> usize {
-    values
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |best, (i, v)| {
-            if v > best.1 { (i, v) } else { best }
-        })
-        .0
+    modelyard_sdk::argmax(values).unwrap_or(0)
 }
 
 #[cfg(test)]
