@@ -21,18 +21,15 @@ Prints, per scenario, the outcomes and the canary requests until the verdict.
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from load import ROOT, cores_busy, modelyard
 HEALTHY = [5.1, 3.5, 1.4, 0.2]
 CRASHING = [7.0, 3.2, 4.7, 1.4]
 # The README's sample configuration (modelyard.toml's iris-canary), every analysis
@@ -63,25 +60,8 @@ variants = {{ stable = "iris@2", canary = "{canary_model}" }}
 default_variant = "stable"
 router = {{ plugin = "canary", config = {ROUTER} }}
 """)
-        proc = subprocess.Popen(
-            [ROOT / "target/release/modelyard", "serve", "--listen", "127.0.0.1:18095",
-             "--config", config, "--models", models],
-            stderr=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="warn"))
-        base = "http://127.0.0.1:18095"
-        try:
-            deadline = time.time() + 60
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=1):
-                        break
-                except OSError:
-                    if time.time() > deadline or proc.poll() is not None:
-                        sys.exit("the server did not start")
-                    time.sleep(0.1)
+        with modelyard(config, "warn", models) as (base, _):
             yield base
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 def infer(base, row):
@@ -119,20 +99,6 @@ def run(canary_model, error_share, seed):
         return state["status"], canary, total, state["reason"]
 
 
-@contextlib.contextmanager
-def busy(on):
-    procs = []
-    if on:
-        # Processes, not threads: Python threads would share one core.
-        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -142,7 +108,7 @@ def main():
                  ("errors +5 %", "crashy", 0.05)]
     print(f"| scenario | runs | promoted | rolled back | canary requests until the verdict: median (min–max) |")
     print("|---|---|---|---|---|")
-    with busy(args.busy):
+    with cores_busy(args.busy):
         for name, model, errors in scenarios:
             results = [run(model, errors, seed) for seed in range(args.runs)]
             outcomes = [r[0] for r in results]

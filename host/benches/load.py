@@ -40,10 +40,12 @@ def wait_ready(url, proc, timeout=60):
 
 
 @contextlib.contextmanager
-def modelyard(config, rust_log):
-    """A modelyard server on port 18080 with `config`, ready; stopped on leaving."""
+def modelyard(config, rust_log, models=None):
+    """A modelyard server on port 18080 with `config` (and `models`, when given), ready;
+    stopped on leaving. The other benchmark scripts start theirs with it too."""
+    extra = ["--models", models] if models else []
     proc = subprocess.Popen([ROOT / "target/release/modelyard", "serve", "--listen", "127.0.0.1:18080",
-                             "--config", config], stderr=subprocess.DEVNULL,
+                             "--config", config, *extra], stderr=subprocess.DEVNULL,
                             env=dict(os.environ, RUST_LOG=rust_log))
     base = "http://127.0.0.1:18080"
     try:
@@ -52,6 +54,19 @@ def modelyard(config, rust_log):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def cores_busy(on=True):
+    """Two processes spinning on both cores while inside (when `on`): scheduling noise."""
+    # Processes, not threads: Python threads would share one core.
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if on else 0)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def mlserver_model(workdir: Path):

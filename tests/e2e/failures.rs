@@ -36,28 +36,27 @@ fn call(server: &Server, endpoint: &str, row: [f32; 4]) -> (u16, String, Value) 
         &format!("/v2/models/{endpoint}/infer"),
         &iris_request(&[row]),
     );
-    let variant = reply
-        .headers
-        .get("x-modelyard-variant")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    (reply.status, variant, reply.json())
+    (reply.status, reply.variant(), reply.json())
 }
 
 fn admin_get(server: &Server, path: &str) -> Value {
     server.get_with(path, &[ADMIN]).ok()
 }
 
-/// A variant's counters as `/admin/endpoints/{e}` shows them.
-fn variant(server: &Server, endpoint: &str, name: &str) -> Value {
-    admin_get(server, &format!("/admin/endpoints/{endpoint}"))["variants"]
-        .as_array()
+/// The object of the `list` whose `key` is `value`.
+fn item(list: &Value, key: &str, value: &str) -> Value {
+    list.as_array()
         .unwrap()
         .iter()
-        .find(|v| v["name"] == name)
-        .unwrap()
+        .find(|v| v[key] == value)
+        .unwrap_or_else(|| panic!("no {key} {value} in {list}"))
         .clone()
+}
+
+/// A variant's counters as `/admin/endpoints/{e}` shows them.
+fn variant(server: &Server, endpoint: &str, name: &str) -> Value {
+    let endpoint = admin_get(server, &format!("/admin/endpoints/{endpoint}"));
+    item(&endpoint["variants"], "name", name)
 }
 
 /// The value of the one sample of `metric` whose labels include every one of `labels`
@@ -171,12 +170,7 @@ fallback_variant = "backup"
     );
     assert_eq!(failed, crashed as f64);
     let experiment = admin_get(&server, "/admin/experiments/rollout");
-    let arm = experiment["arms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["variant"] == "canary")
-        .unwrap();
+    let arm = item(&experiment["arms"], "variant", "canary");
     assert_eq!(arm["errors"], crashed, "{experiment}");
     let logged = admin_get(&server, "/admin/requests?endpoint=rollout&limit=1000");
     let canary_errors = logged["requests"]
@@ -263,15 +257,7 @@ router = {{ plugin = "trapper", config = {{ mode = "panic" }} }}
     assert!(logged, "the log line names the plugin: {}", server.logs());
 
     let endpoints = admin_get(&server, "/admin/endpoints");
-    let find = |name: &str| {
-        endpoints["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["name"] == name)
-            .unwrap()
-            .clone()
-    };
+    let find = |name: &str| item(&endpoints["endpoints"], "name", name);
     let processor = &find("garbled")["processors"][0];
     assert_eq!(processor["failures"], 3, "{processor}");
     assert!(
@@ -285,12 +271,7 @@ router = {{ plugin = "trapper", config = {{ mode = "panic" }} }}
 
     let plugins = admin_get(&server, "/admin/plugins");
     for (name, why) in [("shorty", "do not fill its shape"), ("trapper", "trapped")] {
-        let plugin = plugins["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap();
+        let plugin = item(&plugins["plugins"], "name", name);
         assert_eq!(plugin["failures"], 3, "{plugin}");
         assert!(
             plugin["last_error"].as_str().unwrap().contains(why),
@@ -459,4 +440,37 @@ flags = [{{ plugin = "flagd", config = {{ flags = {{ beta = {{ state = "ENABLED"
         ),
         total as f64
     );
+}
+
+#[test]
+fn healthy_canaries_survive_scheduling_noise_in_fresh_runs() {
+    // Two healthy models a few microseconds apart, every analysis parameter at its default,
+    // both cores kept busy: scheduling stalls hit both variants, and none may be taken for
+    // a regression.
+    let setup = Setup::plugins(&["canary"]);
+    let (runs, steps) = (8, "[25, 50, 100]");
+    let mut outcomes = Vec::new();
+    for _ in 0..runs {
+        let server = setup.start(&format!(
+            r#"[endpoints.rollout]
+variants = {{ stable = "iris@2", canary = "iris@1" }}
+default_variant = "stable"
+router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary", steps = {steps}, step_requests = 400 }} }}
+"#
+        ));
+        under_load(2, 601, || {
+            assert_eq!(call(&server, "rollout", HEALTHY).0, 200);
+        });
+        let state = server.get("/admin/endpoints/rollout").ok()["strategy"].clone();
+        outcomes.push(state);
+    }
+    let rolled_back: Vec<&Value> = outcomes
+        .iter()
+        .filter(|s| s["status"] != "promoted")
+        .collect();
+    eprintln!(
+        "healthy canary: {} of {runs} fresh runs promoted",
+        runs - rolled_back.len()
+    );
+    assert!(rolled_back.is_empty(), "{rolled_back:?}");
 }

@@ -84,6 +84,16 @@ impl Reply {
         self.json()
     }
 
+    /// The endpoint variant that answered (`x-modelyard-variant`, failed answers too); empty
+    /// for a bare model.
+    pub fn variant(&self) -> String {
+        self.headers
+            .get("x-modelyard-variant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// The `error` of a protocol error body, checking the status on the way.
     pub fn error(&self, status: u16) -> String {
         assert_eq!(

@@ -29,13 +29,7 @@ fn call(server: &Server, endpoint: &str, headers: &[(&str, &str)]) -> (u16, Stri
         &all,
         flower().to_string().as_bytes(),
     );
-    let variant = reply
-        .headers
-        .get("x-modelyard-variant")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    (reply.status, variant)
+    (reply.status, reply.variant())
 }
 
 /// How many of `n` calls the variant `name` answered; every call must succeed.
