@@ -14,7 +14,9 @@ mod types;
 pub mod __private;
 
 pub use tensor::{DataType, Tensor};
-pub use types::{Action, Decision, Evaluation, FlagInfo, RequestContext, VariantStats};
+pub use types::{
+    Action, Decision, Evaluation, FlagInfo, RECENT_LATENCIES, RequestContext, VariantStats,
+};
 
 /// Why a plugin refuses its configuration or a request. The host logs it with the plugin's
 /// name and applies the endpoint's failure policy.

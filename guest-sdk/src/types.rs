@@ -61,6 +61,9 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// How many of a variant's latest successful latencies the host hands routers.
+pub const RECENT_LATENCIES: usize = 256;
+
 /// Live statistics of one variant, as the host counted them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct VariantStats {
@@ -73,7 +76,8 @@ pub struct VariantStats {
     pub latency_p99_us: u64,
     pub reward_count: u64,
     pub reward_sum: f64,
-    /// Latencies of the most recent successful answers (µs), oldest first, at most 256.
+    /// Latencies of the most recent successful answers (µs), oldest first, at most
+    /// [`RECENT_LATENCIES`].
     pub recent_latency_us: Vec<u32>,
 }
 

@@ -425,6 +425,7 @@ fn bind(pipeline: &Pipeline, plugins: &Path, config: &Config) -> (Library, Endpo
         engine: &engine,
         previous: &EndpointSet::default(),
         stats: pipeline.stats(),
+        resume: false,
     }
     .run();
     assert!(endpoints.errors.is_empty(), "{:?}", endpoints.errors);

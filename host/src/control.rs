@@ -76,6 +76,7 @@ impl Control {
             engine: &self.engine,
             previous: &previous,
             stats: self.pipeline.stats(),
+            resume: self.flags.is_none(),
         }
         .run();
         for (name, error) in &endpoints.errors {

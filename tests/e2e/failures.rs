@@ -193,6 +193,35 @@ fallback_variant = "backup"
         (primary["requests"].as_u64(), primary["errors"].as_u64()),
         (Some(20), Some(20))
     );
+    let charged = |endpoint: &str, variant: &str, reason: &str| {
+        metric(
+            &server,
+            "modelyard_variant_failures_total",
+            &[
+                &format!(r#"endpoint="{endpoint}""#),
+                &format!(r#"variant="{variant}""#),
+                &format!(r#"reason="{reason}""#),
+            ],
+        )
+    };
+    assert_eq!(charged("guarded", "primary", "crash"), 20.0);
+    assert_eq!(charged("rollout", "canary", "crash"), crashed as f64);
+    let logged = admin_get(&server, "/admin/requests?endpoint=guarded&limit=1000");
+    let fallbacks = logged["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["variant"] == "backup"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|why| why.contains("'primary'") && why.contains("crashed"))
+        })
+        .count();
+    assert_eq!(
+        fallbacks, 20,
+        "the request log names the variant that crashed: {logged}"
+    );
     assert_eq!(call(&server, "guarded", HEALTHY).1, "primary");
 
     // Adding an endpoint is audited under that endpoint's name.
@@ -296,8 +325,16 @@ router = {{ plugin = "trapper", config = {{ mode = "panic" }} }}
 /// Runs `work` on `threads` threads until each has done `per_thread` of it; meanwhile two
 /// more threads keep both cores busy.
 fn under_load(threads: usize, per_thread: usize, work: impl Fn() + Sync) {
+    /// Stops the spinning threads however the clients end, a failed assertion included.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
     let busy = AtomicBool::new(true);
     std::thread::scope(|scope| {
+        let _stop = Stop(&busy);
         for _ in 0..2 {
             scope.spawn(|| {
                 let mut x = 0u64;
@@ -318,7 +355,6 @@ fn under_load(threads: usize, per_thread: usize, work: impl Fn() + Sync) {
         for client in clients {
             client.join().unwrap();
         }
-        busy.store(false, Ordering::Relaxed);
     });
 }
 
@@ -426,6 +462,21 @@ flags = [{{ plugin = "flagd", config = {{ flags = {{ beta = {{ state = "ENABLED"
     let heavy = variant(&server, "budgeted", "heavy");
     assert_eq!(heavy["requests"], heavy["errors"], "{heavy}");
     assert!(heavy["requests"].as_u64().unwrap() >= 1, "{heavy}");
+    let charged: f64 = ["timeout", "refused"]
+        .iter()
+        .map(|reason| {
+            metric(
+                &server,
+                "modelyard_variant_failures_total",
+                &[
+                    r#"endpoint="budgeted""#,
+                    r#"variant="heavy""#,
+                    &format!(r#"reason="{reason}""#),
+                ],
+            )
+        })
+        .sum();
+    assert_eq!(charged, heavy["errors"].as_f64().unwrap(), "{heavy}");
     let light = variant(&server, "budgeted", "light");
     assert_eq!(
         light["requests"].as_u64().unwrap() as usize,

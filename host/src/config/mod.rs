@@ -253,6 +253,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
+    #[error("{path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
 }
 
 /// Reads a TOML settings file: `modelyard.toml` here, `model.toml` in the registry.
@@ -270,6 +272,18 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = read_toml(path)?;
+        let plugins = &config.plugins;
+        if plugins.call_deadline_ms == 0 || plugins.call_wall_limit_ms < plugins.call_deadline_ms {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "plugins.call_deadline_ms is {} and plugins.call_wall_limit_ms {}; the CPU \
+                     deadline must be above 0 and the wall-clock limit at least as long (a \
+                     shorter one would cut calls by the clock again)",
+                    plugins.call_deadline_ms, plugins.call_wall_limit_ms
+                ),
+            });
+        }
         if let Some(base) = path.parent() {
             config.models.dir = base.join(&config.models.dir);
             config.plugins.dir = base.join(&config.plugins.dir);
@@ -346,6 +360,21 @@ mod tests {
         assert_eq!(iris.router.as_ref().unwrap().config["weights"]["stable"], 9);
         assert_eq!(iris.processors[0].config, serde_json::json!({}));
         assert_eq!(iris.on_processor_error, ProcessorFailure::PassThrough);
+    }
+
+    #[test]
+    fn plugin_time_limits_must_make_sense() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("modelyard.toml");
+        for (limits, ok) in [
+            ("call_deadline_ms = 5\ncall_wall_limit_ms = 5", true),
+            ("call_deadline_ms = 20\ncall_wall_limit_ms = 10", false),
+            ("call_deadline_ms = 0", false),
+        ] {
+            std::fs::write(&path, format!("[plugins]\n{limits}\n")).unwrap();
+            let loaded = Config::load(&path);
+            assert_eq!(loaded.is_ok(), ok, "{limits}: {loaded:?}");
+        }
     }
 
     #[test]

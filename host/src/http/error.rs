@@ -72,7 +72,9 @@ impl From<InferError> for ApiError {
         match error {
             InferError::Lookup(e) => e.into(),
             InferError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
-            e @ (InferError::Backend { .. } | InferError::Plugin { .. }) => {
+            e @ (InferError::Backend { .. }
+            | InferError::Crashed { .. }
+            | InferError::Plugin { .. }) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
             InferError::Variant { variant, error } => ApiError {

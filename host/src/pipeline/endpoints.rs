@@ -130,6 +130,9 @@ pub struct Build<'a> {
     pub engine: &'a PluginEngine,
     pub previous: &'a EndpointSet,
     pub stats: &'a StatsBook,
+    /// The first build since the server started: routers continue from the state the
+    /// database kept for them.
+    pub resume: bool,
 }
 
 impl Build<'_> {
@@ -243,29 +246,23 @@ impl Build<'_> {
             .map(|(i, f)| self.bind(f, before.and_then(|b| b.flags.get(i)), as_flags))
             .collect::<Result<_, _>>()?;
         let flag_definitions = flag_definitions(name, &flags);
-        // The router's state carries over only while its plugin and configuration stay.
-        let same_router = |b: &&Endpoint| match (&b.router, &router) {
-            (Some(old), Some(new)) => old.plugin == new.plugin && old.config == new.config,
-            (None, None) => true,
-            _ => false,
-        };
+        // The router's state belongs to this router, these settings and these variants: it
+        // carries over while they stay, and so does what the database keeps of it. A state
+        // written for `canary = "iris@1"` means nothing once the canary is `iris@3`.
         let identity = router
             .as_ref()
-            .map(|r| format!("{}\n{}", r.plugin, r.config));
-        let strategy = match (before, identity) {
-            (Some(b), _) if same_router(&b) => b.strategy.clone(),
-            (Some(b), identity) => {
-                let dropped = b.strategy.load();
-                if !dropped.is_empty() {
-                    tracing::info!(endpoint = %name, state = %dropped, "the router's configuration changed; its state starts afresh");
+            .map(|r| format!("{}\n{}\n{:?}", r.plugin, r.config, config.variants));
+        let strategy = match before {
+            Some(b) if b.strategy.router() == identity.as_deref() => b.strategy.clone(),
+            before => {
+                let dropped = before.map(|b| b.strategy.load()).filter(|s| !s.is_empty());
+                if let Some(dropped) = dropped {
+                    tracing::info!(endpoint = %name, state = %dropped, "the router, its configuration or the variants changed; its state starts afresh");
                 }
                 Arc::new(identity.map_or_else(Default::default, |identity| {
-                    StrategyState::kept(name, identity, false)
+                    StrategyState::kept(name, identity, self.resume && before.is_none())
                 }))
             }
-            // The first build of the endpoint since the server started.
-            (None, Some(identity)) => Arc::new(StrategyState::kept(name, identity, true)),
-            (None, None) => Default::default(),
         };
         Ok(Endpoint {
             name: name.to_string(),

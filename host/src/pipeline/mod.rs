@@ -2,11 +2,13 @@
 //! the answer. For an endpoint: flags → flag routing or router → preprocessors → model →
 //! postprocessors, with the variant's counters updated at the end, shadows queued and the
 //! decision logged; for a bare model: the model alone.
-//! The model runs off the async reactor, at most one run per inference slot; plugin calls
-//! run inline, each bounded by its CPU deadline.
+//! Plugins and model run together on the blocking pool, off the async reactor, at most one
+//! request per inference slot; each plugin call is bounded by its own CPU deadline. A
+//! failure anywhere — a plugin, the model, a crash of the backend, a missed latency
+//! budget — is charged to the variant that was serving, before any fallback answers.
 //!
-//! Owns: the order of those steps, failure policies, per-variant statistics, routing state
-//! and the concurrency limit on model runs. Must not touch: wire formats (http), how models are
+//! Owns: the order of those steps, failure policies (fallback and latency budget included),
+//! per-variant statistics, routing state and the concurrency limit on model runs. Must not touch: wire formats (http), how models are
 //! found on disk (registry), how models or plugins run (backend, plugins).
 
 mod attempt;
@@ -31,7 +33,7 @@ use crate::backend;
 use crate::config::ProcessorFailure;
 use crate::plugins::{Direction, Library};
 use crate::registry::{LoadedVersion, LookupError, ModelRepository};
-use crate::telemetry::{self, Change};
+use crate::telemetry::{self, Change, VariantFailure};
 use crate::tensor::Tensor;
 use attempt::{Abandoned, Attempt};
 use sampling::{Outcome, Sampled};
@@ -89,6 +91,13 @@ pub enum InferError {
         version: u64,
         reason: String,
     },
+    /// The backend panicked running the model; caught, and this run alone failed.
+    #[error("model '{model}' version {version} failed to run: the backend crashed ({panic})")]
+    Crashed {
+        model: String,
+        version: u64,
+        panic: String,
+    },
     /// A processor failed and the endpoint's policy is to fail the request.
     #[error("endpoint '{endpoint}': {reason}")]
     Plugin { endpoint: String, reason: String },
@@ -98,6 +107,25 @@ pub enum InferError {
         variant: String,
         error: Box<InferError>,
     },
+}
+
+impl InferError {
+    /// How a variant that failed this way is charged.
+    fn failure(&self) -> VariantFailure {
+        match self {
+            InferError::Crashed { .. } => VariantFailure::Crash,
+            InferError::Variant { error, .. } => error.failure(),
+            _ => VariantFailure::Error,
+        }
+    }
+}
+
+/// Counts a failure charged to `variant` in the metrics; its statistics are recorded where
+/// the failure is known, with the time it took.
+fn charge(endpoint: &Endpoint, variant: &Variant, failure: VariantFailure) {
+    if let Some(metrics) = telemetry::metrics() {
+        metrics.variant_failed(&endpoint.name, &variant.name, failure);
+    }
 }
 
 /// Looks a request header up by lowercase name.
@@ -181,6 +209,19 @@ struct Answered {
     /// The flags evaluated for the request.
     flags: Flagged,
     result: Result<InferResponse, InferError>,
+}
+
+impl Answered {
+    /// A request that failed before any variant answered.
+    fn failed(variant: usize, reason: &str, error: InferError) -> Answered {
+        Answered {
+            variant,
+            reason: reason.to_string(),
+            shadows: Vec::new(),
+            flags: Vec::new(),
+            result: Err(error),
+        }
+    }
 }
 
 impl Pipeline {
@@ -393,37 +434,58 @@ impl Pipeline {
                 false,
             );
         };
+        let deadline = endpoint
+            .latency_budget
+            .map(|budget| (budget, tokio::time::Instant::now() + budget));
+        // The request's one slot: the routed run holds it, the fallback inherits it.
+        let slot = match self.slot(&endpoint.name).await {
+            Ok(slot) => slot,
+            Err(error) => return (Answered::failed(fallback, "not served", error), false),
+        };
         // The fallback may need the request again, and the flags the primary evaluated.
-        let spare = (request.clone(), ctx.clone());
+        let (spare_request, spare_ctx) = (request.clone(), ctx.clone());
         let flagged = Arc::new(OnceLock::new());
-        let attempt = Arc::new(Attempt::default());
+        let fall_back = |why: String, slot: Option<OwnedSemaphorePermit>| {
+            let run = Run {
+                variant: Some(fallback),
+                slot,
+                flagged: Some(flagged.clone()),
+                ..Run::routed(spare_ctx, spare_request)
+            };
+            self.fall_back(endpoint, why, run)
+        };
+        if let Some((budget, at)) = deadline
+            && tokio::time::Instant::now() >= at
+        {
+            // Its whole budget went waiting for a slot: no variant ran, none is charged.
+            let why = format!("no slot within the {} ms budget", budget.as_millis());
+            return (fall_back(why, Some(slot)).await, true);
+        }
+        let attempt = Arc::new(Attempt::new(slot, fallback));
         let run = Run {
             flagged: Some(flagged.clone()),
             attempt: Some(attempt.clone()),
             ..Run::routed(ctx, request)
         };
         let mut primary = Box::pin(self.answer(endpoint, run));
-        let answered = match endpoint.latency_budget {
+        let answered = match deadline {
             None => primary.await,
-            Some(budget) => tokio::select! {
+            Some((budget, at)) => tokio::select! {
                 answered = &mut primary => answered,
-                () = tokio::time::sleep(budget) => match attempt.abandon(endpoint, budget) {
-                    // It finished just now: its answer is on its way.
+                () = tokio::time::sleep_until(at) => match attempt.abandon(endpoint, budget) {
+                    // It finished just now, or it is the fallback's own run: wait for it.
                     Abandoned::No => primary.await,
                     Abandoned::Yes { routed, slot } => {
-                        // Dropped before the fallback waits: a primary still queued for a
-                        // slot must leave the queue, not be handed a slot it never uses.
                         drop(primary);
                         let why = match routed {
-                            Some(v) => format!("'{}' gave no answer within the {} ms budget", endpoint.variants[v].name, budget.as_millis()),
+                            Some(v) => format!(
+                                "'{}' gave no answer within the {} ms budget",
+                                endpoint.variants[v].name,
+                                budget.as_millis()
+                            ),
                             None => format!("no answer within the {} ms budget", budget.as_millis()),
                         };
-                        // The slot the primary held goes to the fallback, so it answers
-                        // now rather than wait behind a full queue; the abandoned run
-                        // goes on without one, and without counting itself.
-                        let (request, ctx) = spare;
-                        let run = Run { variant: Some(fallback), slot, flagged: Some(flagged), ..Run::routed(ctx, request) };
-                        return (self.fall_back(endpoint, why, run).await, true);
+                        return (fall_back(why, slot).await, true);
                     }
                 },
             },
@@ -456,13 +518,7 @@ impl Pipeline {
                 false,
             );
         }
-        let (request, ctx) = spare;
-        let run = Run {
-            variant: Some(fallback),
-            flagged: Some(flagged),
-            ..Run::routed(ctx, request)
-        };
-        (self.fall_back(endpoint, why, run).await, true)
+        (fall_back(why, attempt.take_slot()).await, true)
     }
 
     /// The fallback variant's answer for a request whose routed variant failed (`why`).
@@ -494,32 +550,23 @@ impl Pipeline {
             flagged,
             attempt,
         } = run;
-        let failed = |reason: String, result: InferError| Answered {
-            variant: variant.unwrap_or(endpoint.default_variant),
-            reason,
-            shadows: Vec::new(),
-            flags: Vec::new(),
-            result: Err(result),
+        let failed = |reason: &str, result: InferError| {
+            Answered::failed(variant.unwrap_or(endpoint.default_variant), reason, result)
         };
         let queued = Instant::now();
-        let slot = match slot {
-            Some(slot) => slot,
-            None => match self.slot(&endpoint.name).await {
-                Ok(slot) => slot,
-                Err(error) => return failed("not served".to_string(), error),
+        // A routed run with a fallback keeps its slot in its attempt, for the fallback.
+        let slot = match (slot, &attempt) {
+            (_, Some(_)) => None,
+            (Some(slot), None) => Some(slot),
+            (None, None) => match self.slot(&endpoint.name).await {
+                Ok(slot) => Some(slot),
+                Err(error) => return failed("not served", error),
             },
-        };
-        // A run that may be abandoned keeps its slot where the fallback can take it.
-        let slot = match &attempt {
-            Some(attempt) => {
-                attempt.hold(slot);
-                None
-            }
-            None => Some(slot),
         };
         let (serving, repository) = (endpoint.clone(), self.repository.clone());
         let shadows = self.shadows.clone();
         let past_budget_limit = self.past_budget_limit;
+        let default = variant.unwrap_or(endpoint.default_variant);
         let id = ctx.id.clone();
         let segment = endpoint.segment_by.as_ref().and_then(|attribute| {
             ctx.attributes
@@ -532,12 +579,26 @@ impl Pipeline {
         // Plugins and model run together on the blocking pool: one hand-off per request,
         // and WASI's blocking host calls (a guest writing a panic message, say) may block
         // there, which they may not on the reactor.
+        let watched = attempt.clone();
         let answered = tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let _span = span.enter();
-            let _released = attempt.as_ref().map(|a| a.release_on_drop());
             if let Some(seconds) = &serving.queue_seconds {
                 seconds.observe(queued.elapsed());
+            }
+            let given_up = || {
+                Answered::failed(
+                    default,
+                    "given up on",
+                    InferError::Lookup(LookupError::Unavailable(
+                        "given up on by the latency budget before it began".to_string(),
+                    )),
+                )
+            };
+            // Given up on while it waited for a thread: neither flags nor router run for
+            // a request the fallback answers.
+            if attempt.as_ref().is_some_and(|a| a.abandoned()) {
+                return given_up();
             }
             let mut ctx = ctx;
             // Flags are evaluated once per request, whichever of the routed run and the
@@ -566,30 +627,35 @@ impl Pipeline {
                 flags: flags.clone(),
                 result,
             };
-            if let Some(attempt) = &attempt {
-                if !attempt.start(routing.index) {
-                    // Abandoned before it began: the fallback answers, nothing ran.
-                    return answered(Err(InferError::Lookup(LookupError::Unavailable(
-                        "given up on by the latency budget before it began".to_string(),
-                    ))));
-                }
-                let running = chosen.stats.past_budget();
-                if running >= past_budget_limit {
-                    attempt.finish(&serving);
-                    return answered(Err(InferError::Lookup(LookupError::Unavailable(format!(
-                        "variant '{}' has {running} answers past the latency budget still running; not starting another",
-                        chosen.name
-                    )))));
-                }
+            let finishing = match &attempt {
+                Some(attempt) => match attempt.start(&serving, routing.index) {
+                    Some(finishing) => Some(finishing),
+                    None => return given_up(),
+                },
+                None => None,
+            };
+            let running = chosen.stats.past_budget();
+            if finishing.is_some() && running >= past_budget_limit {
+                // Too slow to take more work: charged, and the fallback answers.
+                chosen.stats.record(started.elapsed(), true);
+                charge(&serving, chosen, VariantFailure::Refused);
+                return answered(Err(InferError::Lookup(LookupError::Unavailable(format!(
+                    "variant '{}' has {running} answers past the latency budget still running; not starting another",
+                    chosen.name
+                )))));
             }
             let inputs = (!routing.shadows.is_empty()).then(|| Arc::new(request.inputs.clone()));
             let result = serve_variant(&repository, &serving, chosen, &ctx, request);
-            // An abandoned run was already charged its timeout; it counts nothing more and
+            // An abandoned run was charged its timeout already; it counts nothing more and
             // sends no shadows, since nobody gets its answer.
             if attempt.as_ref().is_some_and(|a| !a.finish(&serving)) {
                 return answered(result);
             }
+            drop(finishing);
             chosen.stats.record(started.elapsed(), result.is_err());
+            if let Err(error) = &result {
+                charge(&serving, chosen, error.failure());
+            }
             if let (Some(inputs), Ok(response)) = (inputs, &result) {
                 let primary = Arc::new(response.outputs.clone());
                 for &shadow in &routing.shadows {
@@ -609,11 +675,23 @@ impl Pipeline {
         let answered = match answered {
             Ok(answered) => answered,
             Err(join) => {
+                // A bug of ours, not the model's (a backend panic is caught where it runs):
+                // still the routed variant's failed request.
+                let routed = watched.as_ref().and_then(|a| a.routed()).or(variant);
+                if let Some(v) = routed {
+                    let charged = &endpoint.variants[v];
+                    charged.stats.record(started.elapsed(), true);
+                    charge(endpoint, charged, VariantFailure::Error);
+                }
                 let crashed = InferError::Plugin {
                     endpoint: endpoint.name.clone(),
                     reason: format!("the request crashed ({join})"),
                 };
-                failed("crashed".to_string(), crashed)
+                Answered::failed(
+                    routed.unwrap_or(endpoint.default_variant),
+                    "crashed",
+                    crashed,
+                )
             }
         };
         // Only an answer the client gets is remembered for feedback: when a latency budget
@@ -704,7 +782,11 @@ fn run_model(target: &LoadedVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>,
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".to_string());
             tracing::error!(model = %target.model, version = target.version, panic = %what, "the backend crashed running the model");
-            Err(failed(format!("the backend crashed ({what})")))
+            Err(InferError::Crashed {
+                model: target.model.clone(),
+                version: target.version,
+                panic: what,
+            })
         }
     }
 }

@@ -13,8 +13,8 @@ use hdrhistogram::Histogram;
 use super::performance::Performance;
 use super::shadow::ShadowCounters;
 
-/// How many of the latest successful answers' latencies routers see.
-pub const RECENT_LATENCIES: usize = 256;
+// How many of the latest successful answers' latencies routers see: the SDK's promise.
+use modelyard_sdk::RECENT_LATENCIES;
 
 /// Latency over the variant's life, and of its latest successful answers.
 struct Latency {

@@ -18,26 +18,37 @@ use crate::telemetry;
 #[derive(Default)]
 pub struct StrategyState {
     state: ArcSwap<String>,
-    /// The endpoint and the router (plugin and configuration) it is kept under.
+    /// The endpoint and the router (plugin, configuration, variants) it is kept under.
     kept_as: Option<(String, String)>,
+    /// Orders each change with its write to the database, so the database never ends on
+    /// an older state than memory (a rollback racing a request's change).
+    writing: Mutex<()>,
 }
 
 impl StrategyState {
-    /// The state of `endpoint`'s `router` (its plugin and configuration), kept in the
-    /// database as it changes; with `resume`, starting from what the database kept for
-    /// exactly that router, otherwise empty.
+    /// The state of `endpoint`'s `router`, kept in the database as it changes; with
+    /// `resume`, starting from what the database kept for exactly that router, otherwise
+    /// empty (written so, so that a restart does not bring back an older router's state).
     pub fn kept(endpoint: &str, router: String, resume: bool) -> StrategyState {
         let kept = if resume {
             telemetry::kept_router_state(endpoint, &router)
         } else {
             None
         };
-        if let Some(state) = &kept {
-            tracing::info!(endpoint, %state, "the router continues from the state kept before the restart");
+        match &kept {
+            Some(state) => {
+                tracing::info!(endpoint, %state, "the router continues from the state kept before the restart");
+            }
+            None => telemetry::keep_router_state(telemetry::RouterState {
+                endpoint: endpoint.to_string(),
+                router: router.clone(),
+                state: String::new(),
+            }),
         }
         StrategyState {
             state: ArcSwap::from_pointee(kept.unwrap_or_default()),
             kept_as: Some((endpoint.to_string(), router)),
+            writing: Mutex::new(()),
         }
     }
 
@@ -45,14 +56,22 @@ impl StrategyState {
         self.state.load_full()
     }
 
+    /// The router the state belongs to; `None` for an endpoint without one.
+    pub fn router(&self) -> Option<&str> {
+        self.kept_as.as_ref().map(|(_, router)| router.as_str())
+    }
+
     /// Replaces `seen` with `new` unless someone replaced it meanwhile (an operator's
     /// rollback must not be undone by a request that routed on the state before it);
     /// whether it did.
     pub fn replace(&self, seen: &Arc<String>, new: String) -> bool {
         let new = Arc::new(new);
-        let previous = self.state.compare_and_swap(seen, new.clone());
-        let replaced = Arc::ptr_eq(&previous, seen);
-        if replaced && let Some((endpoint, router)) = &self.kept_as {
+        let Some((endpoint, router)) = &self.kept_as else {
+            return Arc::ptr_eq(&self.state.compare_and_swap(seen, new), seen);
+        };
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let replaced = Arc::ptr_eq(&self.state.compare_and_swap(seen, new.clone()), seen);
+        if replaced {
             telemetry::keep_router_state(telemetry::RouterState {
                 endpoint: endpoint.clone(),
                 router: router.clone(),

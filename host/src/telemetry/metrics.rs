@@ -125,6 +125,37 @@ impl PluginFailure {
     }
 }
 
+/// Why an endpoint variant was charged a failure, as the `reason` label says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VariantFailure {
+    /// It answered with an error (a plugin's, the model's, the request's for its model).
+    Error,
+    /// Its model crashed the backend.
+    Crash,
+    /// It had no answer within the endpoint's latency budget.
+    Timeout,
+    /// It had as many runs past the budget still going as the server has slots.
+    Refused,
+}
+
+impl VariantFailure {
+    fn label(self) -> &'static str {
+        match self {
+            VariantFailure::Error => "error",
+            VariantFailure::Crash => "crash",
+            VariantFailure::Timeout => "timeout",
+            VariantFailure::Refused => "refused",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VariantFailureLabels {
+    endpoint: String,
+    variant: String,
+    reason: &'static str,
+}
+
 /// What became of a plugin file or a model version on a rescan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Load {
@@ -166,6 +197,7 @@ pub struct Metrics {
     queue_seconds: Histograms<EndpointLabel>,
     inference_seconds: Histograms<ModelLabels>,
     model_crashes: Family<ModelLabels, Counter>,
+    variant_failures: Family<VariantFailureLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     plugin_calls: Family<PluginLabels, Counter>,
     plugin_failures: Family<PluginFailureLabels, Counter>,
@@ -272,6 +304,12 @@ impl Default for Metrics {
             "Model runs that crashed inside the backend (a panic caught on the inference thread), by model and version",
             Family::default(),
         );
+        let variant_failures = register(
+            &mut r,
+            "variant_failures",
+            "Failures charged to an endpoint variant, by endpoint, variant and reason, whether a fallback answered for them or not",
+            Family::default(),
+        );
         let in_flight = register(
             &mut r,
             "requests_in_flight",
@@ -357,6 +395,7 @@ impl Default for Metrics {
             queue_seconds,
             inference_seconds,
             model_crashes,
+            variant_failures,
             in_flight,
             plugin_calls,
             plugin_failures,
@@ -410,6 +449,16 @@ impl Metrics {
                 })
                 .clone(),
         )
+    }
+
+    pub fn variant_failed(&self, endpoint: &str, variant: &str, reason: VariantFailure) {
+        self.variant_failures
+            .get_or_create(&VariantFailureLabels {
+                endpoint: endpoint.to_string(),
+                variant: variant.to_string(),
+                reason: reason.label(),
+            })
+            .inc();
     }
 
     /// The crash counter of a model version.

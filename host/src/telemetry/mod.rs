@@ -24,6 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use metrics::{
     Comparison, InFlight, Load, Metrics, PluginFailure, PluginMeter, RequestLabels, Seconds,
+    VariantFailure,
 };
 pub use store::{
     Change, Page, Query, RequestRecord, RouterState, StoreError, StoredChange, rfc3339,

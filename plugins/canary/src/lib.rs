@@ -19,8 +19,10 @@
 //! # Analysis
 //!
 //! As in Kayenta, Argo Rollouts and Flagger, the canary is compared with the stable variant
-//! over the same period (since the rollout began) by statistical tests, so that a busy
-//! hour or a cold cache, which slows both, is not blamed on the canary. An analysis runs
+//! since the rollout began by statistical tests, so that a busy hour or a cold cache, which
+//! slows both, is not blamed on the canary (at a small share the canary's latest answers
+//! span longer than the stable variant's; the latency margin below absorbs a change of
+//! load between them). An analysis runs
 //! each time the canary has answered another `analysis_interval` requests (default 10),
 //! once each variant has answered `min_requests` (50) since the rollout began; the
 //! judgement covers every step so far, so a short first step is judged in the next. Both
@@ -46,11 +48,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use modelyard_sdk::{Action, Decision, Error, Level, RequestContext, Router, VariantStats, fail};
+use modelyard_sdk::{
+    Action, Decision, Error, Level, RECENT_LATENCIES, RequestContext, Router, VariantStats, fail,
+};
 use statrs::distribution::{ContinuousCDF, DiscreteCDF, Hypergeometric, Normal};
-
-/// How many recent latencies the host keeps per variant.
-const HOST_WINDOW: usize = 256;
 
 const FISHER: &str = "Fisher's exact test, one-sided";
 const MANN_WHITNEY: &str = "Mann-Whitney U, one-sided, normal approximation";
@@ -159,7 +160,8 @@ pub struct State {
     /// Failing analyses in a row.
     pub failures: u32,
     /// The canary's requests since the start at the last failure counted: instances serving
-    /// at the same time may each analyse the same count, and that is one failure, not two.
+    /// at the same time may each analyse the same interval, and that is one failure, not
+    /// two.
     pub last_failed_at: u64,
     /// The last failing analysis (the rollback's, after one). Passing ones are not kept: the
     /// host audits every change of state, and a healthy canary would change it every
@@ -208,9 +210,9 @@ pub struct Judgement {
 
 pub struct Canary {
     config: Config,
-    /// The canary's whole-life request count at this instance's last analysis. That count
-    /// stands still while the stable variant serves (some 20 requests in a row at a 5 %
-    /// share), and each count needs analysing once.
+    /// The interval (canary requests since the start ÷ `analysis_interval`) of this
+    /// instance's last analysis. The count stands still while the stable variant serves
+    /// (some 20 requests in a row at a 5 % share), and each interval needs analysing once.
     analysed: AtomicU64,
 }
 
@@ -427,10 +429,14 @@ impl Canary {
         let at = canary
             .requests
             .saturating_sub(state.baseline.canary_requests);
-        if at == 0 || !at.is_multiple_of(self.config.analysis_interval) {
+        // One analysis per `analysis_interval` canary requests: the first call that sees a
+        // new interval's count runs it, even when concurrent requests moved the count past
+        // the interval's first value.
+        let interval = at / self.config.analysis_interval;
+        if interval == 0 {
             return false;
         }
-        if self.analysed.swap(canary.requests, Ordering::Relaxed) == canary.requests {
+        if self.analysed.swap(interval, Ordering::Relaxed) == interval {
             return false;
         }
         let Ok(verdict) = self.analyse(state, stable, canary) else {
@@ -441,7 +447,7 @@ impl Canary {
             state.failures = 0;
             return false;
         }
-        if state.last_failed_at == at {
+        if state.last_failed_at / self.config.analysis_interval == interval {
             return false;
         }
         let why = self.explain(&verdict);
@@ -502,6 +508,7 @@ impl Canary {
         // counters. The rollout goes on at its step, judged from here on.
         if canary.requests < state.baseline.canary_requests
             || stable.requests < state.baseline.stable_requests
+            || total < started_requests
         {
             state.baseline = baseline;
             state.step_started = Some((now_ms, total));
@@ -574,9 +581,9 @@ impl Router for Canary {
                 config.max_latency_ratio
             );
         }
-        if !(10..=HOST_WINDOW).contains(&config.window) {
+        if !(10..=RECENT_LATENCIES).contains(&config.window) {
             return fail!(
-                "window must be 10 to {HOST_WINDOW} latencies (fewer show no difference, the \
+                "window must be 10 to {RECENT_LATENCIES} latencies (fewer show no difference, the \
                  host keeps no more), got {}",
                 config.window
             );
@@ -860,7 +867,7 @@ mod tests {
                 match model.answer(&mut self.rng) {
                     None => arm.errors += 1,
                     Some(us) => {
-                        if arm.recent_latency_us.len() == HOST_WINDOW {
+                        if arm.recent_latency_us.len() == RECENT_LATENCIES {
                             arm.recent_latency_us.remove(0);
                         }
                         arm.recent_latency_us.push(us);
@@ -1170,6 +1177,20 @@ mod tests {
         assert_eq!((state.step, state.failures), (1, 0), "{state:?}");
         assert_eq!(state.baseline, Baseline::default());
         assert_eq!(state.status, Status::Progressing);
+
+        // A rollout that began with the server (a baseline of zeros) tells a restart by
+        // the endpoint's count falling below where its step began.
+        let mut state = State {
+            step_started: Some((0, 500)),
+            last_failed_at: 40,
+            ..State::default()
+        };
+        let mut arms = self::arms();
+        arms[0].requests = 8;
+        arms[1].requests = 2;
+        router.route(&ctx, &arms, &mut state).unwrap();
+        assert_eq!(state.step_started, Some((0, 10)), "{state:?}");
+        assert_eq!(state.last_failed_at, 0);
     }
 
     #[test]
