@@ -231,7 +231,7 @@ fn hostile_plugins_never_take_the_server_down() {
     )
     .unwrap();
     let mut endpoints = String::new();
-    for mode in ["loop", "oom", "panic", "err"] {
+    for mode in ["loop", "sleep", "oom", "panic", "err"] {
         endpoints.push_str(&format!(
             "[endpoints.{mode}]\nvariants = {{ stable = \"iris@2\", candidate = \"iris@1\" }}\ndefault_variant = \"candidate\"\nrouter = {{ plugin = \"hostile\", config = {{ mode = \"{mode}\" }} }}\n"
         ));
@@ -246,9 +246,10 @@ fn hostile_plugins_never_take_the_server_down() {
     let server = setup.start(&endpoints);
     let request = iris_request(&[[5.1, 3.5, 1.4, 0.2]]);
 
-    // A router that loops, exhausts memory, panics or errs: the default variant answers.
+    // A router that loops, sleeps, exhausts memory, panics or errs: the default variant
+    // answers (the sleeper at once: a plugin may not wait).
     for round in 0..3 {
-        for mode in ["loop", "oom", "panic", "err"] {
+        for mode in ["loop", "sleep", "oom", "panic", "err"] {
             let reply = server.post_json(&format!("/v2/models/{mode}/infer"), &request);
             assert_eq!(
                 reply.status,
@@ -261,6 +262,7 @@ fn hostile_plugins_never_take_the_server_down() {
     }
     for (mode, reason) in [
         ("loop", "ran past its CPU deadline"),
+        ("sleep", "plugins may not wait"),
         ("oom", "ran out of its memory limit"),
         ("panic", "trapped"),
         ("err", "fixture router fails on purpose"),

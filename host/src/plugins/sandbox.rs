@@ -123,10 +123,27 @@ impl Host for Sandbox {
     }
 }
 
+/// The WASI interface a guest waits through (`std::thread::sleep` and every other wait
+/// of `wasm32-wasip2` code end in one of its two calls).
+const WASI_POLL: &str = "wasi:io/poll@0.2.12";
+
 /// The imports every plugin may use: WASI (empty, see above) and the host interface.
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<Sandbox>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    // A guest blocked in a host call never reaches an epoch check, so no budget could stop
+    // it: a plugin that waits fails at once instead. A router or a processor has nothing to
+    // wait for — no files, no sockets — and a sleeping one only holds a request hostage.
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance(WASI_POLL)?;
+    for wait in ["poll", "[method]pollable.block"] {
+        poll.func_new(wait, |_, _, _, _| {
+            Err(wasmtime::Error::msg(
+                "waited (a sleep or a poll): plugins may not wait",
+            ))
+        })?;
+    }
+    linker.allow_shadowing(false);
     super::bindings::router::modelyard::plugin::host::add_to_linker::<_, HasSelf<_>>(
         &mut linker,
         |s| s,
