@@ -139,7 +139,9 @@ pub struct Pipeline {
     feedback: Arc<FeedbackBook>,
     slots: Arc<Semaphore>,
     /// Runs past their latency budget a variant may have going before its requests go
-    /// straight to the fallback: what bounds the work nobody waits for.
+    /// straight to the fallback: what bounds the work nobody waits for. Half the inference
+    /// slots (at least one), so that abandoned runs, which cannot be stopped, leave cores
+    /// for the answers clients do wait for.
     past_budget_limit: usize,
     shadows: Arc<ShadowQueue>,
     /// Where each request's seed comes from: seeded from the configuration when a test or
@@ -241,7 +243,7 @@ impl Pipeline {
                 u64::try_from(options.performance_bucket.as_millis()).unwrap_or(u64::MAX),
             )),
             slots: Arc::new(Semaphore::new(options.parallelism.max(1))),
-            past_budget_limit: options.parallelism.max(1),
+            past_budget_limit: (options.parallelism / 2).max(1),
         }
     }
 

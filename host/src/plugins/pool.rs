@@ -128,7 +128,7 @@ impl<W: World> Pool<W> {
     fn fresh(&self) -> Result<Live<W>, PluginError> {
         // Making an instance is not a request's work: it gets the backstop, not the call's
         // deadline, so a swap under load does not cut a healthy plugin's first call.
-        let setup = Budget::start(self.limits.wall_limit, self.limits.wall_limit);
+        let setup = Budget::new(self.limits.wall_limit, self.limits.wall_limit);
         let mut store = Store::new(
             &self.engine,
             Sandbox::new(self.name.clone(), self.limits.memory_bytes, setup),
@@ -215,7 +215,7 @@ impl<W: World> Pool<W> {
             None => self.fresh().map_err(|error| (PluginFailure::Trap, error))?,
         };
         live.store.data_mut().budget =
-            Budget::start(self.limits.call_deadline, self.limits.wall_limit);
+            Budget::new(self.limits.call_deadline, self.limits.wall_limit);
         live.store.set_epoch_deadline(1);
         let plugin = || self.name.to_string();
         match call(&live.bindings, &mut live.store) {

@@ -23,12 +23,14 @@ pub struct Sandbox {
 
 /// What the call now running may still spend. CPU time is read from the calling thread's
 /// own clock, so a call that waits for a core on a busy machine is not taken for a
-/// looping plugin; wall-clock time bounds a call that hangs without using CPU.
+/// looping plugin; wall-clock time bounds running code that gets no CPU for that long.
+/// Both are measured from the first epoch tick the call runs into, so a call shorter than
+/// a tick (nearly all of them) reads no clock at all; the price is up to one tick more.
 pub(super) struct Budget {
-    cpu_from: Duration,
     cpu: Duration,
-    wall_from: Instant,
     wall: Duration,
+    /// The thread's CPU time and the time at the call's first tick.
+    from: Option<(Duration, Instant)>,
 }
 
 /// Which budget a call ran out of: the error an interrupted call fails with.
@@ -50,21 +52,24 @@ fn thread_cpu() -> Duration {
 }
 
 impl Budget {
-    /// A budget of `cpu` on this thread and `wall` on the clock, from now.
-    pub(super) fn start(cpu: Duration, wall: Duration) -> Budget {
+    /// A budget of `cpu` on this thread and `wall` on the clock.
+    pub(super) fn new(cpu: Duration, wall: Duration) -> Budget {
         Budget {
-            cpu_from: thread_cpu(),
             cpu,
-            wall_from: Instant::now(),
             wall,
+            from: None,
         }
     }
 
-    fn check(&self) -> Result<(), OverBudget> {
-        if thread_cpu().saturating_sub(self.cpu_from) > self.cpu {
+    fn check(&mut self) -> Result<(), OverBudget> {
+        let Some((cpu_from, wall_from)) = self.from else {
+            self.from = Some((thread_cpu(), Instant::now()));
+            return Ok(());
+        };
+        if thread_cpu().saturating_sub(cpu_from) > self.cpu {
             return Err(OverBudget::Cpu(self.cpu));
         }
-        if self.wall_from.elapsed() > self.wall {
+        if wall_from.elapsed() > self.wall {
             return Err(OverBudget::Wall(self.wall));
         }
         Ok(())
@@ -73,8 +78,10 @@ impl Budget {
 
 /// Called by the engine at each epoch tick a call runs through: go on to the next tick
 /// while the budget lasts, otherwise interrupt the call.
-pub(super) fn on_epoch(store: StoreContextMut<'_, Sandbox>) -> wasmtime::Result<UpdateDeadline> {
-    store.data().budget.check()?;
+pub(super) fn on_epoch(
+    mut store: StoreContextMut<'_, Sandbox>,
+) -> wasmtime::Result<UpdateDeadline> {
+    store.data_mut().budget.check()?;
     Ok(UpdateDeadline::Continue(1))
 }
 

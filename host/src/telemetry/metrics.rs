@@ -134,7 +134,7 @@ pub enum VariantFailure {
     Crash,
     /// It had no answer within the endpoint's latency budget.
     Timeout,
-    /// It had as many runs past the budget still going as the server has slots.
+    /// It had as many runs past the budget still going as it may (half the slots).
     Refused,
 }
 
