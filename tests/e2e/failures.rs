@@ -147,6 +147,25 @@ fallback_variant = "backup"
         "the verdict names its test and p-value: {reason}"
     );
     eprintln!("crashing canary: {crashed} crashed answers before the rollback: {reason}");
+    // The audit trail has the verdict too: each failing analysis and the rollback.
+    let audit = admin_get(&server, "/admin/audit?endpoint=rollout&kind=endpoint.state");
+    let verdicts: Vec<&Value> = audit["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["to"].as_str().is_some_and(|to| to.contains("Fisher")))
+        .collect();
+    assert_eq!(
+        verdicts.len(),
+        2,
+        "one failing analysis, then the rollback: {audit}"
+    );
+    assert!(
+        verdicts.iter().any(|c| c["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("rolled back") && d.contains("p = "))),
+        "{audit}"
+    );
 
     // The same count in the metrics, the experiment report and the request log.
     let crashes = metric(
