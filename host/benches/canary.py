@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from load import ROOT, cores_busy, modelyard
+from load import ROOT, bench_config, cores_busy, modelyard
 HEALTHY = [5.1, 3.5, 1.4, 0.2]
 CRASHING = [7.0, 3.2, 4.7, 1.4]
 # The README's sample configuration (modelyard.toml's iris-canary), every analysis
@@ -48,13 +48,7 @@ def server(canary_model):
             shutil.copytree(ROOT / "tests/fixtures" / fixture, models / fixture)
         plugins.mkdir()
         shutil.copy(ROOT / "plugins/canary.wasm", plugins / "canary.wasm")
-        config = work / "modelyard.toml"
-        config.write_text(f"""
-[plugins]
-dir = "{plugins}"
-cache_dir = "{ROOT / 'target/bench-plugin-cache'}"
-[monitoring]
-database = ""
+        config = bench_config(work, plugins, ROOT / "target/bench-plugin-cache", f"""
 [endpoints.rollout]
 variants = {{ stable = "iris@2", canary = "{canary_model}" }}
 default_variant = "stable"

@@ -56,6 +56,21 @@ def modelyard(config, rust_log, models=None):
         proc.wait(timeout=30)
 
 
+def bench_config(work: Path, plugins: Path, cache: Path, endpoints: str) -> Path:
+    """A modelyard.toml in `work` for a benchmark: its plugin directory and cache, nothing
+    kept on disk, and `endpoints`."""
+    config = work / "modelyard.toml"
+    config.write_text(f"""
+[plugins]
+dir = "{plugins}"
+cache_dir = "{cache}"
+[monitoring]
+database = ""
+{endpoints}
+""")
+    return config
+
+
 @contextlib.contextmanager
 def cores_busy(on=True):
     """Two processes spinning on both cores while inside (when `on`): scheduling noise."""

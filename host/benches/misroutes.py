@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from load import ROOT, cores_busy, modelyard
+from load import ROOT, bench_config, cores_busy, modelyard
 BODY = '{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[[5.1,3.5,1.4,0.2]]}]}'
 
 
@@ -59,17 +59,11 @@ def run(duration, seed):
         wasm = (ROOT / "plugins/weighted.wasm").read_bytes()
         builds = [with_custom_section(wasm, f"{seed}-{i}".encode()) for i in range(2)]
         (plugins / "router.wasm").write_bytes(builds[0])
-        config = work / "modelyard.toml"
-        config.write_text(f"""
-[plugins]
-dir = "{plugins}"
-cache_dir = "{work / 'cache'}"
-[monitoring]
-database = ""
+        config = bench_config(work, plugins, work / "cache", """
 [endpoints.pinned]
-variants = {{ a = "iris@1", b = "iris@2" }}
+variants = { a = "iris@1", b = "iris@2" }
 default_variant = "a"
-router = {{ plugin = "router", config = {{ weights = {{ a = 0, b = 1 }} }} }}
+router = { plugin = "router", config = { weights = { a = 0, b = 1 } } }
 """)
         script = work / "post.lua"
         script.write_text(f"wrk.method = 'POST'\nwrk.headers['Content-Type'] = 'application/json'\n"

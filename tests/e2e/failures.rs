@@ -59,14 +59,15 @@ fn variant(server: &Server, endpoint: &str, name: &str) -> Value {
     item(&endpoint["variants"], "name", name)
 }
 
-/// The value of the one sample of `metric` whose labels include every one of `labels`
-/// (`name="value"` pairs), or 0 when there is none.
-fn metric(server: &Server, metric: &str, labels: &[&str]) -> f64 {
+/// The value of the one sample of `metric` whose labels include every `(name, value)` of
+/// `labels`, or 0 when there is none.
+fn metric(server: &Server, metric: &str, labels: &[(&str, &str)]) -> f64 {
     let text = String::from_utf8(server.get("/metrics").body).unwrap();
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     let matching: Vec<f64> = text
         .lines()
         .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
         .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
         .collect();
     assert!(matching.len() <= 1, "{metric} {labels:?}: {matching:?}");
@@ -171,7 +172,7 @@ fallback_variant = "backup"
     let crashes = metric(
         &server,
         "modelyard_model_crashes_total",
-        &[r#"model="crashy""#, r#"version="1""#],
+        &[("model", "crashy"), ("version", "1")],
     );
     assert_eq!(
         crashes,
@@ -182,9 +183,9 @@ fallback_variant = "backup"
         &server,
         "modelyard_requests_total",
         &[
-            r#"endpoint="rollout""#,
-            r#"variant="canary""#,
-            r#"status="500""#,
+            ("endpoint", "rollout"),
+            ("variant", "canary"),
+            ("status", "500"),
         ],
     );
     assert_eq!(failed, crashed as f64);
@@ -217,9 +218,9 @@ fallback_variant = "backup"
             &server,
             "modelyard_variant_failures_total",
             &[
-                &format!(r#"endpoint="{endpoint}""#),
-                &format!(r#"variant="{variant}""#),
-                &format!(r#"reason="{reason}""#),
+                ("endpoint", endpoint),
+                ("variant", variant),
+                ("reason", reason),
             ],
         )
     };
@@ -330,11 +331,7 @@ router = {{ plugin = "trapper", config = {{ mode = "panic" }} }}
         metric(
             &server,
             "modelyard_plugin_failures_total",
-            &[
-                &format!(r#"plugin="{plugin}""#),
-                &format!(r#"world="{world}""#),
-                &format!(r#"reason="{reason}""#),
-            ],
+            &[("plugin", plugin), ("world", world), ("reason", reason)],
         )
     };
     assert_eq!(counted("shorty", "processor", "invalid"), 3.0);
@@ -417,7 +414,7 @@ router = {{ plugin = "looper", config = {{ mode = "loop" }} }}
         metric(
             &server,
             "modelyard_plugin_failures_total",
-            &[r#"plugin="weighted""#]
+            &[("plugin", "weighted")]
         ),
         0.0
     );
@@ -482,15 +479,15 @@ flags = [{{ plugin = "flagd", config = {{ flags = {{ beta = {{ state = "ENABLED"
     assert_eq!(heavy["requests"], heavy["errors"], "{heavy}");
     assert!(heavy["requests"].as_u64().unwrap() >= 1, "{heavy}");
     let charged: f64 = ["timeout", "refused"]
-        .iter()
+        .into_iter()
         .map(|reason| {
             metric(
                 &server,
                 "modelyard_variant_failures_total",
                 &[
-                    r#"endpoint="budgeted""#,
-                    r#"variant="heavy""#,
-                    &format!(r#"reason="{reason}""#),
+                    ("endpoint", "budgeted"),
+                    ("variant", "heavy"),
+                    ("reason", reason),
                 ],
             )
         })
@@ -506,7 +503,7 @@ flags = [{{ plugin = "flagd", config = {{ flags = {{ beta = {{ state = "ENABLED"
         metric(
             &server,
             "modelyard_flag_evaluations_total",
-            &[r#"endpoint="budgeted""#, r#"flag="beta""#]
+            &[("endpoint", "budgeted"), ("flag", "beta")]
         ),
         total as f64
     );
