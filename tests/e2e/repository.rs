@@ -89,8 +89,11 @@ fn corrupt_models_are_refused_and_the_old_one_keeps_serving() {
     let v4 = models.path().join("iris/4");
     std::fs::create_dir(&v4).unwrap();
     std::fs::write(v4.join("model.onnx"), b"this is not protobuf").unwrap();
+    // The refusal is logged while the scan runs, before its result is published: wait
+    // for both.
     server.wait_until("version 4 is refused", || {
         server.logs().contains("iris/4/model.onnx")
+            && server.get("/v2/models/iris/versions/4/ready").status == 503
     });
     let logged = server.logs();
     let line = logged
