@@ -76,6 +76,7 @@ impl Control {
             engine: &self.engine,
             previous: &previous,
             stats: self.pipeline.stats(),
+            // `flags` is set at the end of the first refresh: this is the one at start.
             resume: self.flags.is_none(),
         }
         .run();

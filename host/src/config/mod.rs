@@ -34,7 +34,8 @@ pub struct PluginsConfig {
     /// is merely descheduled on a busy machine is not cut).
     pub call_deadline_ms: u64,
     /// Wall-clock time one call, or making and configuring a fresh instance, may take:
-    /// the backstop against a call that hangs without using CPU.
+    /// the backstop for running code that gets no CPU for that long (a plugin may not wait
+    /// in a host call at all).
     pub call_wall_limit_ms: u64,
     /// Memory one plugin instance may use.
     pub memory_limit_mib: usize,

@@ -50,7 +50,7 @@ pub fn build(
 }
 
 pub fn variant_stats(variant: &Variant) -> VariantStats {
-    let stats = variant.stats.snapshot();
+    let (stats, recent) = variant.stats.snapshot_with_recent();
     VariantStats {
         name: variant.name.clone(),
         model: variant.model.clone(),
@@ -61,7 +61,7 @@ pub fn variant_stats(variant: &Variant) -> VariantStats {
         latency_p99_us: stats.latency_p99_us,
         reward_count: stats.reward_count,
         reward_sum: stats.reward_sum,
-        recent_latency_us: variant.stats.recent_latencies(),
+        recent_latency_us: recent,
     }
 }
 

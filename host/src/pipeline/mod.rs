@@ -114,7 +114,6 @@ impl InferError {
     fn failure(&self) -> VariantFailure {
         match self {
             InferError::Crashed { .. } => VariantFailure::Crash,
-            InferError::Variant { error, .. } => error.failure(),
             _ => VariantFailure::Error,
         }
     }
@@ -178,6 +177,8 @@ type Flagged = Vec<(String, String)>;
 
 /// One run of `answer`: the request, and what it brings along.
 struct Run {
+    /// When it began waiting for its slot: its queue time and its latency count from here.
+    since: Instant,
     /// The variant to run; `None` asks the router.
     variant: Option<usize>,
     ctx: crate::plugins::RequestContext,
@@ -193,6 +194,7 @@ struct Run {
 impl Run {
     fn routed(ctx: crate::plugins::RequestContext, request: InferRequest) -> Run {
         Run {
+            since: Instant::now(),
             variant: None,
             ctx,
             request,
@@ -436,9 +438,10 @@ impl Pipeline {
                 false,
             );
         };
+        let since = Instant::now();
         let deadline = endpoint
             .latency_budget
-            .map(|budget| (budget, tokio::time::Instant::now() + budget));
+            .map(|budget| (budget, tokio::time::Instant::from_std(since) + budget));
         // The request's one slot: the routed run holds it, the fallback inherits it.
         let slot = match self.slot(&endpoint.name).await {
             Ok(slot) => slot,
@@ -465,6 +468,7 @@ impl Pipeline {
         }
         let attempt = Arc::new(Attempt::new(slot, fallback));
         let run = Run {
+            since,
             flagged: Some(flagged.clone()),
             attempt: Some(attempt.clone()),
             ..Run::routed(ctx, request)
@@ -543,8 +547,8 @@ impl Pipeline {
     /// Flags, router (unless the run names its variant), processors and model for one
     /// request, on the blocking pool; shadows are queued once the answer is there.
     async fn answer(&self, endpoint: &Arc<Endpoint>, run: Run) -> Answered {
-        let started = Instant::now();
         let Run {
+            since: started,
             variant,
             ctx,
             request,
@@ -552,10 +556,9 @@ impl Pipeline {
             flagged,
             attempt,
         } = run;
-        let failed = |reason: &str, result: InferError| {
-            Answered::failed(variant.unwrap_or(endpoint.default_variant), reason, result)
-        };
-        let queued = Instant::now();
+        let default = variant.unwrap_or(endpoint.default_variant);
+        let failed =
+            move |reason: &str, result: InferError| Answered::failed(default, reason, result);
         // A routed run with a fallback keeps its slot in its attempt, for the fallback.
         let slot = match (slot, &attempt) {
             (_, Some(_)) => None,
@@ -568,7 +571,6 @@ impl Pipeline {
         let (serving, repository) = (endpoint.clone(), self.repository.clone());
         let shadows = self.shadows.clone();
         let past_budget_limit = self.past_budget_limit;
-        let default = variant.unwrap_or(endpoint.default_variant);
         let id = ctx.id.clone();
         let segment = endpoint.segment_by.as_ref().and_then(|attribute| {
             ctx.attributes
@@ -586,11 +588,10 @@ impl Pipeline {
             let _slot = slot;
             let _span = span.enter();
             if let Some(seconds) = &serving.queue_seconds {
-                seconds.observe(queued.elapsed());
+                seconds.observe(started.elapsed());
             }
             let given_up = || {
-                Answered::failed(
-                    default,
+                failed(
                     "given up on",
                     InferError::Lookup(LookupError::Unavailable(
                         "given up on by the latency budget before it began".to_string(),
@@ -679,8 +680,7 @@ impl Pipeline {
             Err(join) => {
                 // A bug of ours, not the model's (a backend panic is caught where it runs):
                 // still the routed variant's failed request.
-                let routed = watched.as_ref().and_then(|a| a.routed()).or(variant);
-                if let Some(v) = routed {
+                if let Some(v) = watched.as_ref().and_then(|a| a.routed()).or(variant) {
                     let charged = &endpoint.variants[v];
                     charged.stats.record(started.elapsed(), true);
                     charge(endpoint, charged, VariantFailure::Error);
@@ -689,11 +689,7 @@ impl Pipeline {
                     endpoint: endpoint.name.clone(),
                     reason: format!("the request crashed ({join})"),
                 };
-                Answered::failed(
-                    routed.unwrap_or(endpoint.default_variant),
-                    "crashed",
-                    crashed,
-                )
+                failed("crashed", crashed)
             }
         };
         // Only an answer the client gets is remembered for feedback: when a latency budget

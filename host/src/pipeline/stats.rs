@@ -103,15 +103,6 @@ impl VariantCounters {
         self.past_budget.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Latencies of the latest successful answers (µs), oldest first.
-    pub fn recent_latencies(&self) -> Vec<u32> {
-        let kept = self
-            .latency_us
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        kept.recent.iter().copied().collect()
-    }
-
     pub fn reward(&self, reward: f64) {
         let mut rewards = self.rewards.lock().unwrap_or_else(PoisonError::into_inner);
         rewards.0 += 1;
@@ -120,6 +111,16 @@ impl VariantCounters {
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
+        self.read(|_| ()).0
+    }
+
+    /// A snapshot, and the latencies of the latest successful answers (µs, oldest first),
+    /// as routers see them: taken under one lock.
+    pub fn snapshot_with_recent(&self) -> (StatsSnapshot, Vec<u32>) {
+        self.read(|latency| latency.recent.iter().copied().collect())
+    }
+
+    fn read<T>(&self, also: impl FnOnce(&Latency) -> T) -> (StatsSnapshot, T) {
         let (reward_count, reward_sum, reward_sum_squares) =
             *self.rewards.lock().unwrap_or_else(PoisonError::into_inner);
         let latency = self
@@ -129,7 +130,7 @@ impl VariantCounters {
         let (p50, p99) = latency.histogram.as_ref().map_or((0, 0), |h| {
             (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
         });
-        StatsSnapshot {
+        let snapshot = StatsSnapshot {
             requests: self.requests.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             latency_p50_us: p50,
@@ -137,7 +138,8 @@ impl VariantCounters {
             reward_count,
             reward_sum,
             reward_sum_squares,
-        }
+        };
+        (snapshot, also(&latency))
     }
 }
 
@@ -197,7 +199,7 @@ mod tests {
             counters.record(Duration::from_micros(us), false);
             counters.record(Duration::from_secs(9), true);
         }
-        let recent = counters.recent_latencies();
+        let (_, recent) = counters.snapshot_with_recent();
         assert_eq!(recent.len(), RECENT_LATENCIES);
         assert_eq!(recent[0], 11);
         assert_eq!(*recent.last().unwrap(), RECENT_LATENCIES as u32 + 10);

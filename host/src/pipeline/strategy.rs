@@ -30,20 +30,15 @@ impl StrategyState {
     /// `resume`, starting from what the database kept for exactly that router, otherwise
     /// empty (written so, so that a restart does not bring back an older router's state).
     pub fn kept(endpoint: &str, router: String, resume: bool) -> StrategyState {
-        let kept = if resume {
-            telemetry::kept_router_state(endpoint, &router)
-        } else {
-            None
-        };
+        let kept = resume
+            .then(|| telemetry::kept_router_state(endpoint, &router))
+            .flatten()
+            .filter(|state| !state.is_empty());
         match &kept {
             Some(state) => {
                 tracing::info!(endpoint, %state, "the router continues from the state kept before the restart");
             }
-            None => telemetry::keep_router_state(telemetry::RouterState {
-                endpoint: endpoint.to_string(),
-                router: router.clone(),
-                state: String::new(),
-            }),
+            None => keep(endpoint, &router, String::new()),
         }
         StrategyState {
             state: ArcSwap::from_pointee(kept.unwrap_or_default()),
@@ -66,20 +61,22 @@ impl StrategyState {
     /// whether it did.
     pub fn replace(&self, seen: &Arc<String>, new: String) -> bool {
         let new = Arc::new(new);
-        let Some((endpoint, router)) = &self.kept_as else {
-            return Arc::ptr_eq(&self.state.compare_and_swap(seen, new), seen);
-        };
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let replaced = Arc::ptr_eq(&self.state.compare_and_swap(seen, new.clone()), seen);
-        if replaced {
-            telemetry::keep_router_state(telemetry::RouterState {
-                endpoint: endpoint.clone(),
-                router: router.clone(),
-                state: new.to_string(),
-            });
+        if replaced && let Some((endpoint, router)) = &self.kept_as {
+            keep(endpoint, router, new.to_string());
         }
         replaced
     }
+}
+
+/// Writes `endpoint`'s router state to the database, for a restart to continue from.
+fn keep(endpoint: &str, router: &str, state: String) {
+    telemetry::keep_router_state(telemetry::RouterState {
+        endpoint: endpoint.to_string(),
+        router: router.to_string(),
+        state,
+    });
 }
 
 #[derive(Debug, thiserror::Error)]

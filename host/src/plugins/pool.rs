@@ -273,10 +273,7 @@ impl<W: World> Pool<W> {
 
 fn trap_reason(error: &wasmtime::Error) -> (PluginFailure, String) {
     if let Some(over) = error.downcast_ref::<OverBudget>() {
-        return (
-            PluginFailure::Timeout,
-            format!("ran past its budget: {over}"),
-        );
+        return (PluginFailure::Timeout, over.to_string());
     }
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => (PluginFailure::Trap, format!("trapped: {trap}")),

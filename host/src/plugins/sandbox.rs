@@ -131,7 +131,8 @@ impl Host for Sandbox {
 }
 
 /// The WASI interface a guest waits through (`std::thread::sleep` and every other wait
-/// of `wasm32-wasip2` code end in one of its two calls).
+/// of `wasm32-wasip2` code end in one of its two calls), at the version wasmtime-wasi
+/// links; should an upgrade move it, the hostile-plugin test's sleeper stops failing fast.
 const WASI_POLL: &str = "wasi:io/poll@0.2.12";
 
 /// The imports every plugin may use: WASI (empty, see above) and the host interface.

@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, params_from_iter, types::Value};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter, types::Value};
 
 /// Sampled requests waiting for the writer at most; more are dropped and counted.
 const PENDING_REQUESTS: usize = 10_000;
@@ -246,16 +246,13 @@ impl Store {
         endpoint: &str,
         router: &str,
     ) -> Result<Option<String>, StoreError> {
-        self.flush();
+        // Read at start, before this process writes any: no flush to wait for.
         let reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut statement = reads.prepare_cached(
-            "SELECT state FROM router_states WHERE endpoint = ?1 AND router = ?2",
-        )?;
-        let mut rows = statement.query(rusqlite::params![endpoint, router])?;
-        Ok(match rows.next()? {
-            Some(row) => Some(row.get(0)?),
-            None => None,
-        })
+        let state = reads
+            .prepare_cached("SELECT state FROM router_states WHERE endpoint = ?1 AND router = ?2")?
+            .query_row(rusqlite::params![endpoint, router], |row| row.get(0))
+            .optional()?;
+        Ok(state)
     }
 
     /// Queues a sampled request; `false` when it was dropped because the writer is behind.
