@@ -39,7 +39,7 @@ impl IntoResponse for ApiError {
         // A failure of the server's own (not "not ready yet", which readiness probes ask
         // about all day) is logged as an error and kept for `/admin/status`.
         if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(status = self.status.as_u16(), error = %self.message, "request failed");
+            tracing::error!(status = self.status.as_u16(), variant = self.variant.as_deref(), error = %self.message, "request failed");
             crate::telemetry::note_error("request", self.message.clone());
         } else {
             tracing::debug!(status = self.status.as_u16(), error = %self.message, "request refused");

@@ -779,7 +779,8 @@ fn run_model(target: &LoadedVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>,
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".to_string());
-            tracing::error!(model = %target.model, version = target.version, panic = %what, "the backend crashed running the model");
+            // Logged once already, with where it happened, by the panic hook; the answer
+            // (a 500, or the fallback's warning) names the model, version and variant.
             Err(InferError::Crashed {
                 model: target.model.clone(),
                 version: target.version,
