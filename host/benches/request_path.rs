@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use modelyard::backend::{self, TractBackend};
+use modelyard::backend::TractBackend;
 use modelyard::config::Config;
 use modelyard::http::{OutputEncoding, decode_request, encode_response};
 use modelyard::pipeline::{Build, EndpointSet, InferRequest, Options, Pipeline};
@@ -60,8 +60,13 @@ fn benches(c: &mut Criterion) {
 
     let template = request();
     let loaded = TractBackend::load_onnx(&bytes, &[], &[]).unwrap();
-    c.bench_function("backend: run through wasi-nn traits", |b| {
-        b.iter(|| backend::run(&loaded.graph, black_box(again(&template).inputs)).unwrap())
+    c.bench_function("backend: tract graph, host tensors", |b| {
+        b.iter(|| {
+            loaded
+                .model
+                .run(black_box(again(&template).inputs))
+                .unwrap()
+        })
     });
 
     let metrics = modelyard::telemetry::Metrics::default();

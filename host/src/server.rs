@@ -48,6 +48,9 @@ pub async fn run(
     };
     telemetry::install(&config.monitoring, config.server.metrics)?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
+    if let Some(library) = &config.models.onnxruntime_library {
+        crate::backend::onnxruntime::configure(library.clone());
+    }
     let repository = Arc::new(ModelRepository::new(config.models.dir.clone()));
     let watcher = repository.watch()?;
     let pipeline = Arc::new(Pipeline::new(

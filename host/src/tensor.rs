@@ -23,6 +23,8 @@ pub enum DataType {
     Int32,
     Int64,
     Fp16,
+    /// bfloat16: Triton's extension of the protocol's datatypes.
+    Bf16,
     Fp32,
     Fp64,
     /// Length-prefixed byte strings: each element is a u32 little-endian length, then that
@@ -31,7 +33,7 @@ pub enum DataType {
 }
 
 impl DataType {
-    pub const ALL: [DataType; 13] = [
+    pub const ALL: [DataType; 14] = [
         DataType::Bool,
         DataType::Uint8,
         DataType::Uint16,
@@ -42,6 +44,7 @@ impl DataType {
         DataType::Int32,
         DataType::Int64,
         DataType::Fp16,
+        DataType::Bf16,
         DataType::Fp32,
         DataType::Fp64,
         DataType::Bytes,
@@ -60,6 +63,7 @@ impl DataType {
             DataType::Int32 => "INT32",
             DataType::Int64 => "INT64",
             DataType::Fp16 => "FP16",
+            DataType::Bf16 => "BF16",
             DataType::Fp32 => "FP32",
             DataType::Fp64 => "FP64",
             DataType::Bytes => "BYTES",
@@ -74,7 +78,7 @@ impl DataType {
     pub fn element_size(self) -> Option<usize> {
         match self {
             DataType::Bool | DataType::Uint8 | DataType::Int8 => Some(1),
-            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => Some(2),
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 | DataType::Bf16 => Some(2),
             DataType::Uint32 | DataType::Int32 | DataType::Fp32 => Some(4),
             DataType::Uint64 | DataType::Int64 | DataType::Fp64 => Some(8),
             DataType::Bytes => None,
@@ -138,7 +142,7 @@ impl Tensor {
         Some(elements)
     }
 
-    /// The elements as numbers, for FP16/FP32/FP64 tensors; `None` for other datatypes.
+    /// The elements as numbers, for FP16/BF16/FP32/FP64 tensors; `None` for other datatypes.
     pub fn floats(&self) -> Option<Vec<f64>> {
         let data = &self.data;
         Some(match self.datatype {
@@ -147,6 +151,12 @@ impl Tensor {
                 .0
                 .iter()
                 .map(|c| f64::from(half::f16::from_le_bytes(*c)))
+                .collect(),
+            DataType::Bf16 => data
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .map(|c| f64::from(half::bf16::from_le_bytes(*c)))
                 .collect(),
             DataType::Fp32 => data
                 .as_chunks::<4>()
@@ -197,6 +207,12 @@ impl Serialize for TensorData<'_> {
                     .0
                     .iter()
                     .map(|c| half::f16::from_le_bytes(*c).to_f32()),
+            ),
+            DataType::Bf16 => s.collect_seq(
+                data.as_chunks::<2>()
+                    .0
+                    .iter()
+                    .map(|c| half::bf16::from_le_bytes(*c).to_f32()),
             ),
             DataType::Fp32 => seq!(f32, 4),
             DataType::Fp64 => seq!(f64, 8),

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::harness::{Server, copy_dir, iris_request, root};
+use crate::harness::{Server, add_fixture, iris_request};
 use crate::plugins::{Setup, component};
 
 const ADMIN: (&str, &str) = ("authorization", "Bearer let-me-in");
@@ -23,10 +23,7 @@ const HEALTHY: [f32; 4] = [5.1, 3.5, 1.4, 0.2];
 
 fn with_fixtures(setup: &Setup, names: &[&str]) {
     for name in names {
-        copy_dir(
-            &root().join("tests/fixtures").join(name),
-            &setup.models.path().join(name),
-        );
+        add_fixture(setup.models.path(), name);
     }
 }
 

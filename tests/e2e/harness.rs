@@ -49,12 +49,35 @@ pub fn repository(fixtures: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&root().join("models/iris"), &dir.path().join("iris"));
     for name in fixtures {
-        copy_dir(
-            &root().join("tests/fixtures").join(name),
-            &dir.path().join(name),
-        );
+        add_fixture(dir.path(), name);
     }
     dir
+}
+
+/// Adds the fixture `name` to the repository `models`: its model as
+/// `tests/fixtures/make_fixtures.py` generated it (tests/run does), with the files committed
+/// beside it in `tests/fixtures/<name>/` (a `model.toml`).
+pub fn add_fixture(models: &Path, name: &str) {
+    let generated = root().join("target/fixtures/models").join(name);
+    assert!(
+        generated.exists(),
+        "{} is missing: run the suite with tests/run, which generates the fixture models",
+        generated.display()
+    );
+    copy_dir(&generated, &models.join(name));
+    let committed = root().join("tests/fixtures").join(name);
+    if committed.exists() {
+        copy_dir(&committed, &models.join(name));
+    }
+}
+
+/// Serves the fixture `name` of `models` on `backend` (`tract` or `onnxruntime`).
+pub fn on_backend(models: &Path, name: &str, backend: &str) {
+    std::fs::write(
+        models.join(name).join("model.toml"),
+        format!("backend = \"{backend}\"\n"),
+    )
+    .unwrap();
 }
 
 pub struct Server {

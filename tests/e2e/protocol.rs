@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{Server, iris_data, iris_request, predicted_classes, repository};
+use crate::harness::{Server, iris_data, iris_request, on_backend, predicted_classes, repository};
 
 #[test]
 fn server_endpoints_answer() {
@@ -393,7 +393,9 @@ fn bodies_over_the_limit_are_413() {
 
 #[test]
 fn backend_failures_are_500_naming_the_model_and_the_server_survives() {
-    let models = repository(&["typed", "gather"]);
+    let models = repository(&["typed"]);
+    // tract holds every input to the one length `n` the file names; ONNX Runtime does not.
+    on_backend(models.path(), "typed", "tract");
     let server = Server::start(models.path(), "");
 
     // Each input is [-1], so validation passes, but the model ties all lengths to one `n`.
@@ -416,23 +418,6 @@ fn backend_failures_are_500_naming_the_model_and_the_server_survives() {
         error.contains("model 'typed' version 1 failed to run"),
         "{error}"
     );
-
-    // An index past the table makes tract panic inside the run.
-    let request =
-        json!({"inputs": [{"name": "indices", "datatype": "INT64", "shape": [2], "data": [1, 7]}]});
-    let error = server
-        .post_json("/v2/models/gather/infer", &request)
-        .error(500);
-    assert!(error.contains("model 'gather' version 1"), "{error}");
-    // The log is read from the server's stderr by another thread: wait for the line.
-    server.wait_until("the panic is logged", || {
-        server.logs().contains("caught a panic")
-    });
-
-    let request =
-        json!({"inputs": [{"name": "indices", "datatype": "INT64", "shape": [2], "data": [2, 0]}]});
-    let body = server.post_json("/v2/models/gather/infer", &request).json();
-    assert_eq!(body["outputs"][0]["data"], json!([4.0, 5.0, 0.0, 1.0]));
     assert_eq!(
         server
             .post_json("/v2/models/iris/infer", &iris_request(&[[1.0; 4]]))

@@ -106,7 +106,7 @@ fn corrupt_models_are_refused_and_the_old_one_keeps_serving() {
     );
     let error = server.get("/v2/models/iris/versions/4/ready").error(503);
     assert!(
-        error.contains("iris/4/model.onnx refused: not an ONNX model"),
+        error.contains("iris/4/model.onnx refused: ") && error.contains("not an ONNX model"),
         "{error}"
     );
     assert_eq!(served_version(&server), "2");

@@ -141,10 +141,7 @@ router = {{ plugin = "canary", config = {{ stable = "stable", canary = "canary",
 #[test]
 fn shadows_are_compared_and_never_delay_the_answer() {
     let setup = Setup::plugins(&["weighted"]);
-    crate::harness::copy_dir(
-        &crate::harness::root().join("tests/fixtures/slow"),
-        &setup.models.path().join("slow"),
-    );
+    crate::harness::add_fixture(setup.models.path(), "slow");
     let server = setup.start(
         r#"
 [server]

@@ -1,125 +1,186 @@
-//! Model backends, behind the backend traits of `wasmtime-wasi-nn` (`BackendInner`,
+//! Model backends: tract (CPU, pure Rust) and ONNX Runtime (CPU, or CUDA where the library
+//! and a GPU have it), each behind the backend traits of `wasmtime-wasi-nn` (`BackendInner`,
 //! `BackendGraph`, `BackendExecutionContext`), so that the host's request path and, later,
 //! guests importing `wasi:nn` run a model through the very same graph object.
 //!
-//! We use those traits rather than our own bindings of the `wasi:nn` WIT: their one
-//! narrowness is the tensor type set (FP16, FP32, FP64, BF16, U8, I32, I64), and a model
-//! whose inputs or outputs fall outside it is refused at load with that reason. Tensor data
-//! moves into and out of the traits' `Vec<u8>` without copying; the backend copies once
-//! into its own aligned buffers, which it would need to do for any byte source.
+//! The request path calls a graph's [`Runnable::run`] on host tensors, which carry every Open
+//! Inference Protocol datatype; the wasi-nn view of the same object ([`wasi_nn`]) carries
+//! only wasi-nn's tensor types (FP16, FP32, FP64, BF16, U8, I32, I64), which is narrower
+//! than what models use (BOOL, INT8, strings…), so the host does not go through it.
 //!
-//! Owns: loading a model file into a runnable graph and describing its signature, and
-//! running a graph on host tensors. Must not touch: HTTP, the model directory layout or
-//! request validation (the pipeline checks requests against the signature first).
+//! Owns: loading a model file into a runnable graph (backend, device, threads, warm-up) and
+//! describing its signature, and running a graph on host tensors. Must not touch: HTTP, the
+//! model directory layout or request validation (the pipeline checks requests against the
+//! signature first).
 
+pub mod onnxruntime;
 mod tract;
+mod tract_limits;
+pub mod wasi_nn;
 
-use std::error::Error as _;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use wasmtime_wasi_nn::backend::{BackendError, NamedTensor};
-use wasmtime_wasi_nn::wit::TensorType;
-use wasmtime_wasi_nn::{Graph, Tensor as NnTensor};
-
-use crate::tensor::{DataType, Tensor, TensorSpec};
+use crate::tensor::{Tensor, TensorSpec};
 
 pub use tract::{TensorOverride, TractBackend, TractError};
 
-/// A model ready to run: its wasi-nn graph and what it takes and gives.
-pub struct LoadedGraph {
-    pub graph: Graph,
-    pub inputs: Vec<TensorSpec>,
-    pub outputs: Vec<TensorSpec>,
+/// A loaded model, as the host runs it.
+pub trait Runnable: Send + Sync {
+    /// Runs the model on `inputs` (already checked against its signature) and returns every
+    /// output, in the signature's order.
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError>;
 }
 
 /// Why running a graph failed, with the backend's own words.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RunError(String);
-
-/// Runs `graph` on `inputs` (already checked against its signature) and returns every output.
-pub fn run(graph: &Graph, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
-    let named = inputs
-        .into_iter()
-        .map(to_named_tensor)
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut context = graph.init_execution_context().map_err(describe)?;
-    let outputs = context.compute_with_io(named).map_err(describe)?;
-    outputs.into_iter().map(from_named_tensor).collect()
+pub enum RunError {
+    /// The inputs fit the signature but hold values the model cannot take (a token id past
+    /// the vocabulary, say): the client's to fix.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("{0}")]
+    Failed(String),
 }
 
-/// The wasi-nn tensor type that carries `datatype`, if any does.
-pub fn tensor_type(datatype: DataType) -> Option<TensorType> {
-    Some(match datatype {
-        DataType::Fp16 => TensorType::Fp16,
-        DataType::Fp32 => TensorType::Fp32,
-        DataType::Fp64 => TensorType::Fp64,
-        DataType::Uint8 => TensorType::U8,
-        DataType::Int32 => TensorType::I32,
-        DataType::Int64 => TensorType::I64,
-        _ => return None,
-    })
+/// Which backend `model.toml` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Tract,
+    #[serde(rename = "onnxruntime")]
+    OnnxRuntime,
+    /// ONNX Runtime when its library can be loaded, else tract.
+    #[default]
+    Auto,
 }
 
-fn datatype(ty: TensorType) -> Option<DataType> {
-    DataType::ALL
-        .into_iter()
-        .find(|&dt| tensor_type(dt) == Some(ty))
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
 }
 
-fn to_named_tensor(tensor: Tensor) -> Result<NamedTensor, RunError> {
-    let ty = tensor_type(tensor.datatype).ok_or_else(|| {
-        RunError(format!(
-            "input '{}' is {}, which wasi-nn tensors cannot carry",
-            tensor.name, tensor.datatype
-        ))
-    })?;
-    let dimensions = tensor
+/// How `model.toml` wants its model loaded.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadOptions {
+    pub backend: BackendChoice,
+    pub device: Device,
+    /// Refuse the model rather than run it on the CPU when `device` cannot be had.
+    pub require_device: bool,
+    /// Threads one run may use (ONNX Runtime's intra-op threads); the backend's own default
+    /// (ONNX Runtime: one per core) when unset.
+    pub threads: Option<NonZeroUsize>,
+    pub inputs: Vec<TensorOverride>,
+    pub outputs: Vec<TensorOverride>,
+}
+
+/// What a version runs on, for metadata, the admin API and logs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Engine {
+    /// `tract` or `onnxruntime`.
+    pub backend: &'static str,
+    /// The library's version, for ONNX Runtime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub device: Device,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// Why the model runs somewhere other than where `model.toml` asked (no GPU, say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+/// A model ready to run: the graph, what it takes and gives, and what runs it.
+pub struct LoadedGraph {
+    pub model: Arc<dyn Runnable>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub engine: Engine,
+}
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("tract: {0}")]
+    Tract(#[from] TractError),
+    #[error("onnxruntime: {0}")]
+    OnnxRuntime(#[from] onnxruntime::OrtError),
+}
+
+/// Loads an ONNX model with the backend and on the device `options` ask for.
+pub fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, LoadError> {
+    let use_ort = match options.backend {
+        BackendChoice::Tract => false,
+        BackendChoice::OnnxRuntime => true,
+        BackendChoice::Auto => onnxruntime::available(),
+    };
+    if use_ort {
+        return Ok(onnxruntime::load(bytes, options)?);
+    }
+    if options.device == Device::Cuda && options.require_device {
+        return Err(TractError::Device.into());
+    }
+    let mut loaded = TractBackend::load_onnx(bytes, &options.inputs, &options.outputs)?;
+    if options.device == Device::Cuda {
+        loaded.engine.fallback = Some(match options.backend {
+            BackendChoice::Auto => format!(
+                "the ONNX Runtime library is not available ({}); tract runs on the CPU",
+                onnxruntime::unavailable_reason().unwrap_or_default()
+            ),
+            _ => "tract runs models on the CPU only".to_string(),
+        });
+    }
+    Ok(loaded)
+}
+
+/// Runs the model once per batch size in `batches` on inputs of zeros (variable dimensions
+/// other than the batch at 1), so that the first client does not pay for the backend's
+/// lazy preparation; returns the time of the fastest run, the run time that the request
+/// path plans with.
+pub fn warm_up(graph: &LoadedGraph, batches: &[usize]) -> Result<Duration, RunError> {
+    let mut fastest = Duration::MAX;
+    for &batch in batches {
+        let inputs = graph
+            .inputs
+            .iter()
+            .map(|spec| zeros(spec, batch))
+            .collect::<Result<Vec<_>, _>>()?;
+        let started = Instant::now();
+        // A backend that panics on zeros fails its warm-up, not the server.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| graph.model.run(inputs)))
+            .map_err(|_| RunError::Failed("the backend crashed on inputs of zeros".into()))??;
+        fastest = fastest.min(started.elapsed());
+    }
+    Ok(fastest)
+}
+
+fn zeros(spec: &TensorSpec, batch: usize) -> Result<Tensor, RunError> {
+    let shape: Vec<usize> = spec
         .shape
         .iter()
-        .map(|&d| u32::try_from(d))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| {
-            RunError(format!(
-                "input '{}' has a dimension above {}, the most wasi-nn can describe",
-                tensor.name,
-                u32::MAX
-            ))
-        })?;
-    Ok(NamedTensor {
-        name: tensor.name,
-        tensor: NnTensor::new(dimensions, ty, tensor.data),
-    })
-}
-
-fn from_named_tensor(named: NamedTensor) -> Result<Tensor, RunError> {
-    let datatype = datatype(named.tensor.ty).ok_or_else(|| {
-        RunError(format!(
-            "output '{}' came back as {:?}, which has no Open Inference Protocol datatype",
-            named.name, named.tensor.ty
-        ))
-    })?;
+        .enumerate()
+        .map(|(i, &d)| match usize::try_from(d) {
+            Ok(d) => d,
+            Err(_) if i == 0 => batch,
+            Err(_) => 1,
+        })
+        .collect();
+    let count = Tensor::element_count(&shape)
+        .ok_or_else(|| RunError::Failed(format!("input '{}' is too large", spec.name)))?;
+    let data = match spec.datatype.element_size() {
+        Some(size) => vec![0; count * size],
+        // Empty strings: a zero length prefix each.
+        None => vec![0; count * 4],
+    };
     Ok(Tensor {
-        name: named.name,
-        datatype,
-        shape: named
-            .tensor
-            .dimensions
-            .iter()
-            .map(|&d| d as usize)
-            .collect(),
-        data: named.tensor.data,
+        name: spec.name.clone(),
+        datatype: spec.datatype,
+        shape,
+        data,
     })
-}
-
-/// `BackendError`'s own message is generic ("Failed while accessing backend"); the reason
-/// sits in its sources.
-fn describe(error: BackendError) -> RunError {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    RunError(message)
 }

@@ -1,21 +1,18 @@
-//! tract (CPU) as a wasi-nn backend. Each model is parsed, typed and optimised once at load
-//! with its variable dimensions left symbolic, so one plan serves any batch size.
+//! tract (CPU, pure Rust) as a backend. Each model is parsed, typed and optimised once at
+//! load with its variable dimensions left symbolic, so one plan serves any batch size.
 
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, TDim, TValue,
-    Tensor as TractTensor, TypedFact, TypedRunnableModel,
+    Tensor as TractTensor, TypedFact, TypedRunnableModel, tract_ndarray,
 };
-use wasmtime_wasi_nn::backend::{
-    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
-    NamedTensor,
-};
+use wasmtime_wasi_nn::Graph;
+use wasmtime_wasi_nn::backend::{BackendError, BackendFromDir, BackendInner};
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
-use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor as NnTensor};
 
-use super::{LoadedGraph, tensor_type};
-use crate::tensor::{DataType, TensorSpec};
+use super::{Device, Engine, LoadedGraph, RunError, Runnable, tract_limits};
+use crate::tensor::{DataType, Tensor, TensorSpec};
 
 /// What `model.toml` may say about an input or output the ONNX file leaves open: its
 /// datatype, its shape (with `-1` for a dimension that varies per request), or both.
@@ -60,37 +57,18 @@ pub enum TractError {
         name: String,
         datatype: DatumType,
     },
-    #[error(
-        "{kind} '{name}' is {datatype}, which wasi-nn tensors cannot carry (they carry FP16, \
-         FP32, FP64, UINT8, INT32 and INT64)"
-    )]
-    NotWasiNnType {
+    #[error("model.toml declares {kind} '{name}' as {datatype}, which tract cannot compute with")]
+    Unsupported {
         kind: &'static str,
         name: String,
         datatype: DataType,
     },
+    #[error("{0}")]
+    KnownWrong(String),
+    #[error("tract runs models on the CPU only, and model.toml requires device = \"cuda\"")]
+    Device,
     #[error("tract runs models on the CPU; {0:?} was asked for")]
     Target(ExecutionTarget),
-    #[error("the model has no {kind} {id}")]
-    UnknownTensor { kind: &'static str, id: String },
-    #[error("input '{0}' was not set before compute")]
-    MissingInput(String),
-    #[error(
-        "input '{name}' holds {got} bytes, but its shape {shape:?} of {datatype:?} needs {want}"
-    )]
-    DataSize {
-        name: String,
-        datatype: DatumType,
-        shape: Vec<usize>,
-        got: usize,
-        want: usize,
-    },
-    #[error("tensor '{0}' has more dimensions or a larger dimension than wasi-nn can describe")]
-    TooLarge(String),
-    #[error("no output was computed yet")]
-    NotComputed,
-    #[error("inference failed: {0:#}")]
-    Run(tract_onnx::prelude::TractError),
 }
 
 impl From<TractError> for BackendError {
@@ -110,8 +88,17 @@ impl TractBackend {
         inputs: &[TensorOverride],
         outputs: &[TensorOverride],
     ) -> Result<LoadedGraph, TractError> {
-        let mut model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
+        let onnx = tract_onnx::onnx();
+        let proto = onnx
+            .proto_model_for_read(&mut &bytes[..])
+            .map_err(TractError::Parse)?;
+        let graph = proto.graph.as_ref();
+        if let Some(reason) = graph.and_then(tract_limits::known_wrong) {
+            return Err(TractError::KnownWrong(reason));
+        }
+        let bounds = graph.map(tract_limits::index_bounds).unwrap_or_default();
+        let mut model = onnx
+            .model_for_proto_model(&proto)
             .map_err(TractError::Parse)?;
 
         let input_names = model
@@ -176,14 +163,22 @@ impl TractBackend {
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(TractError::Optimise)?;
-        let graph: Box<dyn BackendGraph> = Box::new(TractGraph {
-            plan,
-            names: Arc::new((input_names, output_names)),
-        });
         Ok(LoadedGraph {
-            graph: Graph::from(graph),
+            model: Arc::new(TractGraph {
+                plan,
+                inputs: input_names,
+                outputs: output_names,
+                bounds,
+            }),
             inputs: input_specs,
             outputs: output_specs,
+            engine: Engine {
+                backend: "tract",
+                version: None,
+                device: Device::Cpu,
+                threads: Some(1),
+                fallback: None,
+            },
         })
     }
 }
@@ -200,7 +195,7 @@ impl BackendInner for TractBackend {
         let [bytes] = builders else {
             return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
         };
-        Ok(Self::load_onnx(bytes, &[], &[])?.graph)
+        Ok(Self::load_onnx(bytes, &[], &[])?.wasi_nn())
     }
 
     fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
@@ -216,7 +211,12 @@ fn override_fact(
     o: &TensorOverride,
 ) -> Result<InferenceFact, TractError> {
     if let Some(dt) = o.datatype {
-        fact = fact.with_datum_type(datum_type(dt));
+        let dt = datum_type(dt).ok_or_else(|| TractError::Unsupported {
+            kind,
+            name: o.name.clone(),
+            datatype: dt,
+        })?;
+        fact = fact.with_datum_type(dt);
     }
     if let Some(shape) = &o.shape {
         let dims = shape
@@ -255,13 +255,6 @@ fn spec(
             name: name.to_string(),
             datatype: fact.datum_type,
         })?;
-    if tensor_type(datatype).is_none() {
-        return Err(TractError::NotWasiNnType {
-            kind,
-            name: name.to_string(),
-            datatype,
-        });
-    }
     let shape = fact
         .shape
         .iter()
@@ -275,11 +268,17 @@ fn spec(
 }
 
 fn protocol_datatype(dt: DatumType) -> Option<DataType> {
-    DataType::ALL.into_iter().find(|&d| datum_type(d) == dt)
+    // Shape and Size compute dimensions (tract's TDim); the protocol calls them INT64.
+    if dt == DatumType::TDim {
+        return Some(DataType::Int64);
+    }
+    DataType::ALL
+        .into_iter()
+        .find(|&d| datum_type(d) == Some(dt))
 }
 
-fn datum_type(dt: DataType) -> DatumType {
-    match dt {
+fn datum_type(dt: DataType) -> Option<DatumType> {
+    Some(match dt {
         DataType::Bool => DatumType::Bool,
         DataType::Uint8 => DatumType::U8,
         DataType::Uint16 => DatumType::U16,
@@ -293,153 +292,128 @@ fn datum_type(dt: DataType) -> DatumType {
         DataType::Fp32 => DatumType::F32,
         DataType::Fp64 => DatumType::F64,
         DataType::Bytes => DatumType::String,
-    }
+        DataType::Bf16 => return None,
+    })
 }
-
-/// Input names then output names, in the model's order.
-type Names = (Vec<String>, Vec<String>);
 
 struct TractGraph {
     plan: Arc<TypedRunnableModel>,
-    names: Arc<Names>,
+    /// The input and output names, in the plan's order.
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    /// Inputs that index constant tables: checked before a run, since tract would panic.
+    bounds: Vec<tract_limits::IndexBound>,
 }
 
-impl BackendGraph for TractGraph {
-    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
-        let context: Box<dyn BackendExecutionContext> = Box::new(TractContext {
-            plan: self.plan.clone(),
-            inputs: vec![None; self.names.0.len()],
-            outputs: Vec::new(),
-            names: self.names.clone(),
-        });
-        Ok(context.into())
-    }
-}
-
-struct TractContext {
-    plan: Arc<TypedRunnableModel>,
-    names: Arc<Names>,
-    inputs: Vec<Option<TValue>>,
-    outputs: Vec<TValue>,
-}
-
-impl TractContext {
-    fn index(kind: &'static str, names: &[String], id: &Id) -> Result<usize, TractError> {
-        match id {
-            Id::Index(i) => usize::try_from(*i).ok().filter(|&i| i < names.len()),
-            Id::Name(name) => names.iter().position(|n| n == name),
-        }
-        .ok_or_else(|| TractError::UnknownTensor {
-            kind,
-            id: format!("{id:?}"),
-        })
-    }
-
-    fn run(&mut self) -> Result<(), TractError> {
-        let inputs = self
+impl Runnable for TractGraph {
+    fn run(&self, mut inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        tract_limits::check_indices(&self.bounds, &inputs)?;
+        let values = self
             .inputs
-            .iter_mut()
-            .zip(&self.names.0)
-            .map(|(slot, name)| {
-                slot.take()
-                    .ok_or_else(|| TractError::MissingInput(name.clone()))
-            })
-            .collect::<Result<_, _>>()?;
-        self.outputs = self.plan.run(inputs).map_err(TractError::Run)?.into_vec();
-        Ok(())
-    }
-}
-
-impl BackendExecutionContext for TractContext {
-    fn set_input(&mut self, id: Id, tensor: &NnTensor) -> Result<(), BackendError> {
-        let ix = Self::index("input", &self.names.0, &id)?;
-        self.inputs[ix] = Some(to_tract(&self.names.0[ix], tensor)?.into());
-        Ok(())
-    }
-
-    fn get_output(&mut self, id: Id) -> Result<NnTensor, BackendError> {
-        let ix = Self::index("output", &self.names.1, &id)?;
-        let value = self.outputs.get(ix).ok_or(TractError::NotComputed)?;
-        Ok(to_nn(&self.names.1[ix], value)?)
-    }
-
-    fn compute(
-        &mut self,
-        inputs: Option<Vec<NamedTensor>>,
-    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
-        let Some(inputs) = inputs else {
-            self.run()?;
-            return Ok(None);
-        };
-        for input in inputs {
-            let ix = Self::index("input", &self.names.0, &Id::Name(input.name))?;
-            self.inputs[ix] = Some(to_tract(&self.names.0[ix], &input.tensor)?.into());
-        }
-        self.run()?;
-        let outputs = self
-            .names
-            .1
             .iter()
-            .zip(&self.outputs)
-            .map(|(name, value)| {
-                Ok(NamedTensor {
-                    name: name.clone(),
-                    tensor: to_nn(name, value)?,
-                })
+            .map(|name| {
+                let ix = inputs
+                    .iter()
+                    .position(|t| t.name == *name)
+                    .ok_or_else(|| RunError::Rejected(format!("input '{name}' is missing")))?;
+                Ok(TValue::from(to_tract(inputs.swap_remove(ix))?))
             })
-            .collect::<Result<_, TractError>>()?;
-        Ok(Some(outputs))
+            .collect::<Result<_, RunError>>()?;
+        let outputs = self
+            .plan
+            .run(values)
+            .map_err(|e| RunError::Failed(format!("inference failed: {e:#}")))?;
+        self.outputs
+            .iter()
+            .zip(outputs.into_vec())
+            .map(|(name, value)| from_tract(name.clone(), &value))
+            .collect()
     }
 }
 
-fn to_tract(name: &str, tensor: &NnTensor) -> Result<TractTensor, TractError> {
-    let dt =
-        super::datatype(tensor.ty)
-            .map(datum_type)
-            .ok_or_else(|| TractError::NotWasiNnType {
-                kind: "input",
-                name: name.to_string(),
-                datatype: DataType::Bytes,
+fn to_tract(tensor: Tensor) -> Result<TractTensor, RunError> {
+    let dt = datum_type(tensor.datatype).ok_or_else(|| {
+        RunError::Rejected(format!(
+            "input '{}' is {}, which tract cannot compute with",
+            tensor.name, tensor.datatype
+        ))
+    })?;
+    if tensor.datatype == DataType::Bytes {
+        let strings = Tensor::byte_elements(&tensor.data)
+            .ok_or_else(|| {
+                RunError::Rejected(format!("input '{}': malformed BYTES data", tensor.name))
+            })?
+            .into_iter()
+            .map(|b| String::from_utf8(b.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                RunError::Rejected(format!(
+                    "input '{}': ONNX string tensors hold UTF-8 text",
+                    tensor.name
+                ))
             })?;
-    let shape: Vec<usize> = tensor.dimensions.iter().map(|&d| d as usize).collect();
-    let mut out = TractTensor::zero_dt(dt, &shape).map_err(TractError::Run)?;
+        return tract_ndarray::ArrayD::from_shape_vec(tensor.shape.as_slice(), strings)
+            .map(TractTensor::from)
+            .map_err(|e| RunError::Rejected(format!("input '{}': {e}", tensor.name)));
+    }
+    let mut out = TractTensor::zero_dt(dt, &tensor.shape)
+        .map_err(|e| RunError::Failed(format!("input '{}': {e}", tensor.name)))?;
     let bytes = out.as_bytes_mut();
     if bytes.len() != tensor.data.len() {
-        return Err(TractError::DataSize {
-            name: name.to_string(),
-            datatype: dt,
-            shape,
-            got: tensor.data.len(),
-            want: bytes.len(),
-        });
+        return Err(RunError::Rejected(format!(
+            "input '{}' holds {} bytes, but its shape {:?} of {} needs {}",
+            tensor.name,
+            tensor.data.len(),
+            tensor.shape,
+            tensor.datatype,
+            bytes.len()
+        )));
     }
     bytes.copy_from_slice(&tensor.data);
     Ok(out)
 }
 
-fn to_nn(name: &str, value: &TValue) -> Result<NnTensor, TractError> {
-    let datatype =
-        protocol_datatype(value.datum_type()).ok_or_else(|| TractError::NoProtocolType {
-            kind: "output",
-            name: name.to_string(),
-            datatype: value.datum_type(),
-        })?;
-    let ty = tensor_type(datatype).ok_or_else(|| TractError::NotWasiNnType {
-        kind: "output",
-        name: name.to_string(),
-        datatype,
+fn from_tract(name: String, value: &TValue) -> Result<Tensor, RunError> {
+    if value.datum_type() == DatumType::TDim {
+        let value = value
+            .cast_to::<i64>()
+            .map_err(|e| RunError::Failed(format!("output '{name}': {e}")))?;
+        return from_tract(name, &value.into_owned().into());
+    }
+    let datatype = protocol_datatype(value.datum_type()).ok_or_else(|| {
+        RunError::Failed(format!(
+            "output '{name}' came back as {:?}, which has no Open Inference Protocol datatype",
+            value.datum_type()
+        ))
     })?;
-    let dimensions = value
-        .shape()
-        .iter()
-        .map(|&d| u32::try_from(d))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| TractError::TooLarge(name.to_string()))?;
-    Ok(NnTensor::new(dimensions, ty, value.as_bytes().to_vec()))
+    let data = if datatype == DataType::Bytes {
+        let strings = value
+            .to_plain_array_view::<String>()
+            .map_err(|e| RunError::Failed(format!("output '{name}': {e}")))?;
+        let mut data = Vec::new();
+        for s in strings {
+            let len = u32::try_from(s.len())
+                .map_err(|_| RunError::Failed(format!("output '{name}': a string over 4 GiB")))?;
+            data.extend_from_slice(&len.to_le_bytes());
+            data.extend_from_slice(s.as_bytes());
+        }
+        data
+    } else {
+        value.as_bytes().to_vec()
+    };
+    Ok(Tensor {
+        name,
+        datatype,
+        shape: value.shape().to_vec(),
+        data,
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use wasmtime_wasi_nn::Tensor as NnTensor;
+    use wasmtime_wasi_nn::backend::Id;
+
     use super::*;
 
     fn iris(version: &str) -> Vec<u8> {

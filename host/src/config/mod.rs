@@ -231,12 +231,16 @@ impl Default for MonitoringConfig {
 pub struct ModelsConfig {
     /// The model repository: `<dir>/<name>/<version>/model.onnx`.
     pub dir: PathBuf,
+    /// The ONNX Runtime shared library (`ORT_DYLIB_PATH` wins over it); by default the one
+    /// the set-up installs (`../onnxruntime/` from the binary), else the system's.
+    pub onnxruntime_library: Option<PathBuf>,
 }
 
 impl Default for ModelsConfig {
     fn default() -> Self {
         ModelsConfig {
             dir: PathBuf::from("models"),
+            onnxruntime_library: None,
         }
     }
 }
@@ -287,6 +291,8 @@ impl Config {
         }
         if let Some(base) = path.parent() {
             config.models.dir = base.join(&config.models.dir);
+            config.models.onnxruntime_library =
+                config.models.onnxruntime_library.map(|l| base.join(l));
             config.plugins.dir = base.join(&config.plugins.dir);
             config.plugins.cache_dir = config.plugins.cache_dir.map(|d| base.join(d));
             if !config.monitoring.database.as_os_str().is_empty() {

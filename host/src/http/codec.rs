@@ -289,7 +289,9 @@ impl Flatten<'_> {
             DataType::Int16 => int!(i16),
             DataType::Int32 => int!(i32),
             DataType::Int64 => int!(i64),
-            DataType::Fp16 | DataType::Fp32 | DataType::Fp64 => self.float(v as f64),
+            DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64 => {
+                self.float(v as f64)
+            }
             DataType::Bool | DataType::Bytes => Err(self.mismatch(v)),
         }
     }
@@ -297,6 +299,7 @@ impl Flatten<'_> {
     fn float<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
         match self.datatype {
             DataType::Fp16 => self.push(&half::f16::from_f64(v).to_le_bytes()),
+            DataType::Bf16 => self.push(&half::bf16::from_f64(v).to_le_bytes()),
             DataType::Fp32 => self.push(&(v as f32).to_le_bytes()),
             DataType::Fp64 => self.push(&v.to_le_bytes()),
             _ => Err(self.mismatch(v)),

@@ -122,6 +122,8 @@ fn metadata(
         "platform": "onnx",
         "inputs": target.inputs,
         "outputs": target.outputs,
+        // Which backend and device run the version that answers (an addition to the protocol).
+        "engine": target.engine,
     });
     if let Some(card) = &entry.config.card {
         body["card"] = json!(card);

@@ -81,9 +81,12 @@ const DATATYPES: [(DataType, Datatype); 13] = [
     (DataType::Bytes, Datatype::Bytes),
 ];
 
+/// Host tensors as plugins see them. The plugin contract has no BF16: such tensors reach
+/// plugins widened to FP32, which loses nothing.
 pub fn to_plugin(tensors: Vec<Tensor>) -> Vec<PluginTensor> {
     tensors
         .into_iter()
+        .map(widen_bf16)
         .map(|t| PluginTensor {
             datatype: DATATYPES
                 .iter()
@@ -94,6 +97,24 @@ pub fn to_plugin(tensors: Vec<Tensor>) -> Vec<PluginTensor> {
             data: t.data,
         })
         .collect()
+}
+
+fn widen_bf16(t: Tensor) -> Tensor {
+    if t.datatype != DataType::Bf16 {
+        return t;
+    }
+    let data = t
+        .data
+        .as_chunks::<2>()
+        .0
+        .iter()
+        .flat_map(|c| half::bf16::from_le_bytes(*c).to_f32().to_le_bytes())
+        .collect();
+    Tensor {
+        datatype: DataType::Fp32,
+        data,
+        ..t
+    }
 }
 
 /// Plugin output back into host tensors, refusing any whose data does not fit its shape:

@@ -757,9 +757,8 @@ fn run_model(target: &LoadedVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>,
     // read-only and no lock of ours is held across the call, so the version is as fit for
     // the next request as before. Caught here, the crash is an ordinary error of the
     // variant that ran it: counted, charged, and answered by a fallback.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        backend::run(&target.graph, inputs)
-    }));
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target.graph.run(inputs)));
     if let Some(meters) = &target.meters {
         meters.inference.observe(started.elapsed());
     }
@@ -769,7 +768,12 @@ fn run_model(target: &LoadedVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>,
         reason,
     };
     match result {
-        Ok(outputs) => outputs.map_err(|error| failed(error.to_string())),
+        Ok(Ok(outputs)) => Ok(outputs),
+        Ok(Err(backend::RunError::Rejected(reason))) => Err(InferError::Invalid(format!(
+            "model '{}' version {} cannot take this input: {reason}",
+            target.model, target.version
+        ))),
+        Ok(Err(backend::RunError::Failed(reason))) => Err(failed(reason)),
         Err(panic) => {
             if let Some(meters) = &target.meters {
                 meters.crashes.inc();

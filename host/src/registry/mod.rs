@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
-use wasmtime_wasi_nn::Graph;
 
+use crate::backend::{Engine, Runnable};
 use crate::tensor::TensorSpec;
 
 pub use model_config::{ModelCard, ModelConfig, VersionPolicy};
@@ -31,7 +31,9 @@ pub use watch::WatchError;
 pub struct LoadedVersion {
     pub model: String,
     pub version: u64,
-    pub graph: Graph,
+    pub graph: Arc<dyn Runnable>,
+    /// What runs it: the backend, its version and the device.
+    pub engine: Engine,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     /// Follows the inputs against the training data's distribution, when the version

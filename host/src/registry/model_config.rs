@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::TensorOverride;
+use std::num::NonZeroUsize;
+
+use crate::backend::{BackendChoice, Device, LoadOptions, TensorOverride};
 
 /// The parsed `model.toml`; every field is optional, and a model without the file gets the
 /// defaults (all versions, the signature the ONNX file declares, no card).
@@ -20,6 +22,31 @@ pub struct ModelConfig {
     /// How drift against the versions' `reference.json` is judged.
     #[serde(default)]
     pub drift: crate::telemetry::drift::DriftConfig,
+    /// `tract`, `onnxruntime`, or `auto` (ONNX Runtime when its library is there).
+    #[serde(default)]
+    pub backend: BackendChoice,
+    #[serde(default)]
+    pub device: Device,
+    /// Refuse the model rather than run it on the CPU when `device` cannot be had.
+    #[serde(default)]
+    pub require_device: bool,
+    /// Threads one run may use (ONNX Runtime's intra-op threads).
+    pub threads: Option<NonZeroUsize>,
+    /// Run each version once at load, before it serves (default: on).
+    pub warmup: Option<bool>,
+}
+
+impl ModelConfig {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            backend: self.backend,
+            device: self.device,
+            require_device: self.require_device,
+            threads: self.threads,
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+        }
+    }
 }
 
 /// Which version directories are served: `"all"`, `{ latest = N }` or `{ specific = [..] }`.
@@ -88,6 +115,9 @@ mod tests {
         let config: ModelConfig = toml::from_str(
             r#"
             version_policy = { latest = 1 }
+            backend = "onnxruntime"
+            device = "cuda"
+            threads = 2
             [[inputs]]
             name = "x"
             datatype = "FP32"
@@ -100,6 +130,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.version_policy, VersionPolicy::Latest(1));
+        let options = config.load_options();
+        assert_eq!(options.backend, BackendChoice::OnnxRuntime);
+        assert_eq!(options.device, Device::Cuda);
+        assert_eq!(options.threads.map(NonZeroUsize::get), Some(2));
         assert_eq!(config.inputs[0].datatype, Some(DataType::Fp32));
         assert_eq!(config.card.unwrap().metrics["1"]["accuracy"], 0.9);
     }

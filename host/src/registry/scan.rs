@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{LoadedVersion, Model, ModelConfig, ModelMeters, Snapshot, VersionEntry};
-use crate::backend::TractBackend;
+use crate::backend;
 use crate::telemetry::drift::{DriftMonitor, Reference};
 use crate::tensor::TensorSpec;
 use crate::watch::is_ignored;
@@ -130,6 +130,7 @@ fn scan_version(
                     model: old.model.clone(),
                     version,
                     graph: old.graph.clone(),
+                    engine: old.engine.clone(),
                     inputs: old.inputs.clone(),
                     outputs: old.outputs.clone(),
                     drift,
@@ -151,13 +152,30 @@ fn scan_version(
     };
     let loaded = fs::read(&path)
         .map_err(|e| e.to_string())
-        .and_then(|bytes| {
-            TractBackend::load_onnx(&bytes, &config.inputs, &config.outputs)
-                .map_err(|e| e.to_string())
-        });
+        .and_then(|bytes| backend::load(&bytes, &config.load_options()).map_err(|e| e.to_string()));
     match loaded {
         Ok(graph) => {
-            tracing::info!(model = name, version, file = %path.display(), "model version loaded");
+            if let Some(fallback) = &graph.engine.fallback {
+                tracing::warn!(model = name, version, reason = %fallback, "model version runs on the CPU");
+            }
+            if config.warmup != Some(false) {
+                match backend::warm_up(&graph, &[1]) {
+                    Ok(took) => {
+                        tracing::debug!(model = name, version, ?took, "model version warmed up")
+                    }
+                    Err(error) => {
+                        tracing::warn!(model = name, version, %error, "warm-up run failed; the version serves anyway (turn it off with warmup = false)")
+                    }
+                }
+            }
+            tracing::info!(
+                model = name,
+                version,
+                file = %path.display(),
+                backend = graph.engine.backend,
+                device = ?graph.engine.device,
+                "model version loaded"
+            );
             let drift = reference_stamp
                 .as_ref()
                 .and_then(|_| drift_monitor(&reference, name, version, config, &graph.inputs));
@@ -165,7 +183,8 @@ fn scan_version(
                 loaded: Some(Arc::new(LoadedVersion {
                     model: name.to_string(),
                     version,
-                    graph: graph.graph,
+                    graph: graph.model,
+                    engine: graph.engine,
                     inputs: graph.inputs,
                     outputs: graph.outputs,
                     drift,
@@ -269,7 +288,7 @@ mod tests {
         ));
         let refused = third.models["iris"].versions[&1].refused.clone().unwrap();
         assert!(
-            refused.contains("iris/1/model.onnx refused: not an ONNX model"),
+            refused.contains("iris/1/model.onnx refused: tract: not an ONNX model"),
             "{refused}"
         );
         fs::remove_dir_all(dir).unwrap();

@@ -128,7 +128,7 @@ impl DriftMonitor {
         let features = reference.features.len();
         let float = matches!(
             input.datatype,
-            DataType::Fp16 | DataType::Fp32 | DataType::Fp64
+            DataType::Fp16 | DataType::Bf16 | DataType::Fp32 | DataType::Fp64
         );
         let columns = match input.shape.as_slice() {
             [_, columns] => *columns == -1 || usize::try_from(*columns) == Ok(features),

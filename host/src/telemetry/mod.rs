@@ -1,5 +1,5 @@
 //! What the host tells operators about itself: logs through `tracing` (readable lines, or
-//! one JSON object per line for log collectors; filtered by `RUST_LOG`, default `info`),
+//! one JSON object per line for log collectors; filtered by `RUST_LOG`, default `info`, ONNX Runtime's own at `warn`),
 //! Prometheus metrics, the audit trail of every change, a sample of requests (kept in an
 //! embedded SQLite database, optionally sent as CloudEvents), W3C trace ids, and input
 //! drift against each model's reference.
@@ -35,6 +35,9 @@ use sink::Sink;
 use store::Store;
 use tracing_subscriber::EnvFilter;
 
+/// ONNX Runtime reports every session's set-up at its info level: only its warnings by default.
+const DEFAULT_FILTER: &str = "info,ort=warn";
+
 use crate::config::MonitoringConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -45,7 +48,8 @@ pub enum LogFormat {
 
 /// Installs the global subscriber, writing to stderr.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
