@@ -111,7 +111,7 @@ impl<'de> serde::Deserialize<'de> for DataType {
 }
 
 /// A named tensor with a concrete shape.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tensor {
     pub name: String,
     pub datatype: DataType,

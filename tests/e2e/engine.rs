@@ -317,3 +317,257 @@ fn cuda_without_a_gpu_runs_on_the_cpu_with_the_reason_or_is_refused_when_require
         "{error}"
     );
 }
+
+fn doubler_request(rows: &[Vec<f32>]) -> Value {
+    json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows.len(), rows[0].len()], "data": rows}]})
+}
+
+#[test]
+fn batched_clients_each_get_exactly_their_own_rows() {
+    for backend in BACKENDS {
+        let models = repository(&["doubler"]);
+        let batching = "[batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\n";
+        std::fs::write(
+            models.path().join("doubler/model.toml"),
+            format!("backend = \"{backend}\"\n{batching}"),
+        )
+        .unwrap();
+        std::fs::write(
+            models.path().join("iris/model.toml"),
+            format!("backend = \"{backend}\"\n"),
+        )
+        .unwrap();
+        // The iris answers without batching, to compare the batched ones with bit for bit.
+        let flowers: Vec<Vec<[f32; 4]>> = (0..24)
+            .map(|i| {
+                (0..1 + i % 3)
+                    .map(|r| {
+                        [
+                            4.3 + (i * 3 + r) as f32 * 0.1,
+                            3.0,
+                            1.0 + r as f32,
+                            0.2 * i as f32,
+                        ]
+                    })
+                    .collect()
+            })
+            .collect();
+        let unbatched: Vec<Value> = {
+            let server = Server::start(models.path(), "");
+            flowers
+                .iter()
+                .map(|rows| {
+                    server
+                        .post_json("/v2/models/iris/infer", &iris_request(rows))
+                        .ok()["outputs"]
+                        .clone()
+                })
+                .collect()
+        };
+        std::fs::write(
+            models.path().join("iris/model.toml"),
+            format!("backend = \"{backend}\"\n{batching}"),
+        )
+        .unwrap();
+        let server = Server::start(models.path(), "");
+
+        // 24 clients at once: one to three rows each, of width 3 or 5 (which never share a run).
+        let together = std::sync::Barrier::new(flowers.len());
+        std::thread::scope(|scope| {
+            let (server, together) = (&server, &together);
+            let mut clients = Vec::new();
+            for (i, flowers) in flowers.iter().enumerate() {
+                clients.push(scope.spawn(move || {
+                    together.wait();
+                    let width = if i % 2 == 0 { 3 } else { 5 };
+                    let rows: Vec<Vec<f32>> = (0..1 + i % 3)
+                        .map(|r| (0..width).map(|c| (i * 100 + r * 10 + c) as f32).collect())
+                        .collect();
+                    let body = server
+                        .post_json("/v2/models/doubler/infer", &doubler_request(&rows))
+                        .ok();
+                    let doubled: Vec<f32> = rows.iter().flatten().map(|v| v * 2.0).collect();
+                    let sums: Vec<f32> = rows.iter().map(|r| r.iter().sum()).collect();
+                    assert_eq!(
+                        body["outputs"][0]["shape"],
+                        json!([rows.len(), width]),
+                        "{backend} client {i}"
+                    );
+                    assert_eq!(
+                        body["outputs"][0]["data"],
+                        json!(doubled),
+                        "{backend} client {i}"
+                    );
+                    assert_eq!(
+                        body["outputs"][1]["data"],
+                        json!(sums),
+                        "{backend} client {i}"
+                    );
+                    together.wait();
+                    server
+                        .post_json("/v2/models/iris/infer", &iris_request(flowers))
+                        .ok()["outputs"]
+                        .clone()
+                }));
+            }
+            for (i, client) in clients.into_iter().enumerate() {
+                let batched = client.join().unwrap();
+                if backend == "onnxruntime" {
+                    assert_eq!(batched, unbatched[i], "{backend}: iris client {i}");
+                } else {
+                    // tract's matrix kernels tile the rows, so a row's sums may be added in
+                    // another order in a larger batch: the same rows, to float rounding.
+                    assert_eq!(batched[0]["shape"], unbatched[i][0]["shape"]);
+                    let values = |v: &Value| -> Vec<f64> {
+                        v[0]["data"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.as_f64().unwrap())
+                            .collect()
+                    };
+                    for (a, b) in values(&batched).iter().zip(values(&unbatched[i])) {
+                        assert!(
+                            (a - b).abs() <= 1e-6,
+                            "{backend}: iris client {i}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        });
+        for model in ["doubler", "iris"] {
+            let labels = [
+                ("model", model),
+                ("version", if model == "iris" { "2" } else { "1" }),
+            ];
+            let runs = server.metric("modelyard_batch_size_count", &labels);
+            let rows = server.metric("modelyard_batch_size_sum", &labels);
+            let expected_rows: usize = (0..24).map(|i| 1 + i % 3).sum();
+            assert_eq!(rows as usize, expected_rows, "{backend}: {model}");
+            assert!(
+                runs < 24.0,
+                "{backend}: {model}: {runs} runs for 24 requests: nothing was batched"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_full_queue_is_503_with_retry_after_and_a_timeout_is_honoured() {
+    let models = repository(&["slow"]);
+    std::fs::write(
+        models.path().join("slow/model.toml"),
+        "threads = 1\n[batching]\nmax_batch_size = 1\nmax_queue_size = 2\n",
+    )
+    .unwrap();
+    let server = Server::start(models.path(), "");
+    let row = iris_request(&[[5.1, 3.5, 1.4, 0.2]]);
+    let replies: Vec<crate::harness::Reply> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..12)
+            .map(|_| scope.spawn(|| server.post_json("/v2/models/slow/infer", &row)))
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let full: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
+    assert!(
+        !full.is_empty(),
+        "12 clients at once never filled a queue of 2"
+    );
+    assert_eq!(
+        full.len() + replies.iter().filter(|r| r.status == 200).count(),
+        12
+    );
+    for reply in &full {
+        assert_eq!(reply.headers["retry-after"], "1");
+        let error = reply.error(503);
+        assert!(
+            error.contains("model 'slow' version 1 is overloaded: the batching queue is full"),
+            "{error}"
+        );
+    }
+    let labels = [("model", "slow"), ("reason", "queue_full")];
+    assert_eq!(
+        server.metric("modelyard_queue_rejections_total", &labels),
+        full.len() as f64
+    );
+
+    // A request whose timeout (µs) passes while it waits is answered 503 and never run.
+    let mut timed = row.clone();
+    timed["parameters"] = json!({"timeout": 1});
+    let error = server.post_json("/v2/models/slow/infer", &timed).error(503);
+    assert!(error.contains("timeout passed"), "{error}");
+    let labels = [("model", "slow"), ("reason", "timeout")];
+    assert_eq!(
+        server.metric("modelyard_queue_rejections_total", &labels),
+        1.0
+    );
+    let mut bad = row.clone();
+    bad["parameters"] = json!({"timeout": "soon"});
+    let error = server.post_json("/v2/models/slow/infer", &bad).error(400);
+    assert!(error.contains("microseconds"), "{error}");
+}
+
+#[test]
+fn the_cache_answers_repeats_misses_on_one_byte_evicts_and_empties_on_reload() {
+    let models = repository(&[]);
+    std::fs::write(
+        models.path().join("iris/model.toml"),
+        "cache = { max_bytes = 2000 }\n",
+    )
+    .unwrap();
+    let server = Server::start(models.path(), "");
+    let count = |what: &str| {
+        server.metric(
+            &format!("modelyard_response_cache_{what}_total"),
+            &[("model", "iris"), ("version", "2")],
+        )
+    };
+    let flower = [5.1, 3.5, 1.4, 0.2];
+    let first = server
+        .post_json("/v2/models/iris/infer", &iris_request(&[flower]))
+        .ok();
+    let again = server
+        .post_json("/v2/models/iris/infer", &iris_request(&[flower]))
+        .ok();
+    assert_eq!(first["outputs"], again["outputs"]);
+    assert_eq!((count("hits"), count("misses")), (1.0, 1.0));
+
+    // The smallest change to one float: its lowest bit.
+    let nudged = f32::from_bits(flower[0].to_bits() + 1);
+    server
+        .post_json(
+            "/v2/models/iris/infer",
+            &iris_request(&[[nudged, 3.5, 1.4, 0.2]]),
+        )
+        .ok();
+    assert_eq!((count("hits"), count("misses")), (1.0, 2.0));
+
+    // Each entry holds a few hundred bytes: twenty distinct requests cannot all stay.
+    for i in 0..20 {
+        server
+            .post_json(
+                "/v2/models/iris/infer",
+                &iris_request(&[[4.0 + i as f32 * 0.1, 3.0, 1.5, 0.3]]),
+            )
+            .ok();
+    }
+    assert!(count("evictions") > 0.0);
+    assert_eq!(count("misses"), 22.0);
+
+    // A new file for the version empties its cache: the same request misses again.
+    let path = models.path().join("iris/2/model.onnx");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(models.path().join("iris/2/.model.onnx.tmp"), &bytes).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::rename(models.path().join("iris/2/.model.onnx.tmp"), &path).unwrap();
+    server.wait_until("version 2 is loaded again", || {
+        server.logs().matches("model version loaded").count() >= 3
+    });
+    let hits = count("hits");
+    let misses = count("misses");
+    let reloaded = server
+        .post_json("/v2/models/iris/infer", &iris_request(&[flower]))
+        .ok();
+    assert_eq!(reloaded["outputs"], first["outputs"]);
+    assert_eq!((count("hits"), count("misses")), (hits, misses + 1.0));
+}

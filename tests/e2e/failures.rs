@@ -58,19 +58,6 @@ fn variant(server: &Server, endpoint: &str, name: &str) -> Value {
 
 /// The value of the one sample of `metric` whose labels include every `(name, value)` of
 /// `labels`, or 0 when there is none.
-fn metric(server: &Server, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = String::from_utf8(server.get("/metrics").body).unwrap();
-    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    let matching: Vec<f64> = text
-        .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
-        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-        .collect();
-    assert!(matching.len() <= 1, "{metric} {labels:?}: {matching:?}");
-    matching.first().copied().unwrap_or(0.0)
-}
-
 #[test]
 fn a_crash_is_the_crashing_variants_error_everywhere_and_the_fallback_answers() {
     let setup = Setup::plugins(&["canary"]);
@@ -166,8 +153,7 @@ fallback_variant = "backup"
     );
 
     // The same count in the metrics, the experiment report and the request log.
-    let crashes = metric(
-        &server,
+    let crashes = server.metric(
         "modelyard_model_crashes_total",
         &[("model", "crashy"), ("version", "1")],
     );
@@ -176,8 +162,7 @@ fallback_variant = "backup"
         (crashed + 1) as f64,
         "one more from the direct call"
     );
-    let failed = metric(
-        &server,
+    let failed = server.metric(
         "modelyard_requests_total",
         &[
             ("endpoint", "rollout"),
@@ -211,8 +196,7 @@ fallback_variant = "backup"
         (Some(20), Some(20))
     );
     let charged = |endpoint: &str, variant: &str, reason: &str| {
-        metric(
-            &server,
+        server.metric(
             "modelyard_variant_failures_total",
             &[
                 ("endpoint", endpoint),
@@ -325,8 +309,7 @@ router = {{ plugin = "trapper", config = {{ mode = "panic" }} }}
         );
     }
     let counted = |plugin: &str, world: &str, reason: &str| {
-        metric(
-            &server,
+        server.metric(
             "modelyard_plugin_failures_total",
             &[("plugin", plugin), ("world", world), ("reason", reason)],
         )
@@ -408,11 +391,7 @@ router = {{ plugin = "looper", config = {{ mode = "loop" }} }}
     );
     assert!(misrouted.is_empty(), "{misrouted:?}");
     assert_eq!(
-        metric(
-            &server,
-            "modelyard_plugin_failures_total",
-            &[("plugin", "weighted")]
-        ),
+        server.metric("modelyard_plugin_failures_total", &[("plugin", "weighted")]),
         0.0
     );
 
@@ -478,8 +457,7 @@ flags = [{{ plugin = "flagd", config = {{ flags = {{ beta = {{ state = "ENABLED"
     let charged: f64 = ["timeout", "refused"]
         .into_iter()
         .map(|reason| {
-            metric(
-                &server,
+            server.metric(
                 "modelyard_variant_failures_total",
                 &[
                     ("endpoint", "budgeted"),
@@ -497,8 +475,7 @@ flags = [{{ plugin = "flagd", config = {{ flags = {{ beta = {{ state = "ENABLED"
         "{light}"
     );
     assert_eq!(
-        metric(
-            &server,
+        server.metric(
             "modelyard_flag_evaluations_total",
             &[("endpoint", "budgeted"), ("flag", "beta")]
         ),

@@ -256,6 +256,21 @@ impl Server {
     }
 
     /// Every log line so far, one JSON object each.
+    /// The value of one series of `/metrics`, picked by some of its labels (0 when the
+    /// series does not exist yet).
+    pub fn metric(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = String::from_utf8(self.get("/metrics").body).unwrap();
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let matching: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(matching.len() <= 1, "{metric} {labels:?}: {matching:?}");
+        matching.first().copied().unwrap_or(0.0)
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod compat;
+mod conformance;
 mod engine;
 mod failures;
 mod harness;

@@ -13,9 +13,9 @@
 //! model directory layout or request validation (the pipeline checks requests against the
 //! signature first).
 
+mod limits;
 pub mod onnxruntime;
 mod tract;
-mod tract_limits;
 pub mod wasi_nn;
 
 use std::num::NonZeroUsize;

@@ -16,11 +16,12 @@ use ort::ep::{self, ExecutionProvider};
 use ort::memory::Allocator;
 use ort::session::Session;
 use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType, ValueType};
+use tract_onnx::prelude::Framework;
 use wasmtime_wasi_nn::Graph;
 use wasmtime_wasi_nn::backend::{BackendError, BackendFromDir, BackendInner};
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
 
-use super::{Device, Engine, LoadOptions, LoadedGraph, RunError, Runnable};
+use super::{Device, Engine, LoadOptions, LoadedGraph, RunError, Runnable, limits};
 use crate::tensor::{DataType, Tensor, TensorSpec};
 
 const LIBRARY: &str = "libonnxruntime.so";
@@ -32,6 +33,8 @@ pub enum OrtError {
          or [models] onnxruntime_library at libonnxruntime.so)"
     )]
     Unavailable(String),
+    #[error("{0}")]
+    KnownWrong(String),
     #[error("not an ONNX model ONNX Runtime can read: {0}")]
     NotOnnx(String),
     #[error("cannot load the model: {0}")]
@@ -170,6 +173,15 @@ fn library_version(path: &Path) -> Option<String> {
 /// Loads a model into an ONNX Runtime session, on the device `options` ask for.
 pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, OrtError> {
     let runtime = runtime()?;
+    // A file tract cannot even parse is left for ONNX Runtime to refuse in its own words.
+    if let Ok(proto) = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..])
+        && let Some(reason) = proto
+            .graph
+            .as_ref()
+            .and_then(|g| limits::known_wrong(g, limits::Backend::OnnxRuntime))
+    {
+        return Err(OrtError::KnownWrong(reason));
+    }
     let (session, device, fallback) = match options.device {
         Device::Cpu => (
             session(runtime, bytes, options.threads, false)?,

@@ -11,7 +11,7 @@ use wasmtime_wasi_nn::Graph;
 use wasmtime_wasi_nn::backend::{BackendError, BackendFromDir, BackendInner};
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
 
-use super::{Device, Engine, LoadedGraph, RunError, Runnable, tract_limits};
+use super::{Device, Engine, LoadedGraph, RunError, Runnable, limits};
 use crate::tensor::{DataType, Tensor, TensorSpec};
 
 /// What `model.toml` may say about an input or output the ONNX file leaves open: its
@@ -93,10 +93,10 @@ impl TractBackend {
             .proto_model_for_read(&mut &bytes[..])
             .map_err(TractError::Parse)?;
         let graph = proto.graph.as_ref();
-        if let Some(reason) = graph.and_then(tract_limits::known_wrong) {
+        if let Some(reason) = graph.and_then(|g| limits::known_wrong(g, limits::Backend::Tract)) {
             return Err(TractError::KnownWrong(reason));
         }
-        let bounds = graph.map(tract_limits::index_bounds).unwrap_or_default();
+        let bounds = graph.map(limits::index_bounds).unwrap_or_default();
         let mut model = onnx
             .model_for_proto_model(&proto)
             .map_err(TractError::Parse)?;
@@ -302,12 +302,12 @@ struct TractGraph {
     inputs: Vec<String>,
     outputs: Vec<String>,
     /// Inputs that index constant tables: checked before a run, since tract would panic.
-    bounds: Vec<tract_limits::IndexBound>,
+    bounds: Vec<limits::IndexBound>,
 }
 
 impl Runnable for TractGraph {
     fn run(&self, mut inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
-        tract_limits::check_indices(&self.bounds, &inputs)?;
+        limits::check_indices(&self.bounds, &inputs)?;
         let values = self
             .inputs
             .iter()

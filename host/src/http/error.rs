@@ -13,6 +13,8 @@ pub struct ApiError {
     message: String,
     /// The endpoint variant that failed, named in the response like a successful one.
     variant: Option<String>,
+    /// Sent as `Retry-After` (seconds): the server is overloaded, not the request wrong.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -21,6 +23,7 @@ impl ApiError {
             status,
             message: message.into(),
             variant: None,
+            retry_after: None,
         }
     }
 
@@ -49,6 +52,11 @@ impl IntoResponse for ApiError {
             axum::Json(serde_json::json!({ "error": self.message })),
         )
             .into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if let Some(variant) = self.variant.and_then(|v| HeaderValue::from_str(&v).ok()) {
             response
                 .headers_mut()
@@ -72,6 +80,10 @@ impl From<InferError> for ApiError {
         match error {
             InferError::Lookup(e) => e.into(),
             InferError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            e @ InferError::Overloaded { .. } => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            },
             e @ (InferError::Backend { .. }
             | InferError::Crashed { .. }
             | InferError::Plugin { .. }) => {

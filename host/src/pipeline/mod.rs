@@ -29,10 +29,10 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::backend;
 use crate::config::ProcessorFailure;
 use crate::plugins::{Direction, Library};
 use crate::registry::{LoadedVersion, LookupError, ModelRepository};
+use crate::runner::RunFailure;
 use crate::telemetry::{self, Change, VariantFailure};
 use crate::tensor::Tensor;
 use attempt::{Abandoned, Attempt};
@@ -98,6 +98,14 @@ pub enum InferError {
         version: u64,
         panic: String,
     },
+    /// The model's queue is full, or the request's timeout passed while it waited: 503,
+    /// to be retried.
+    #[error("model '{model}' version {version} is overloaded: {reason}")]
+    Overloaded {
+        model: String,
+        version: u64,
+        reason: String,
+    },
     /// A processor failed and the endpoint's policy is to fail the request.
     #[error("endpoint '{endpoint}': {reason}")]
     Plugin { endpoint: String, reason: String },
@@ -114,6 +122,7 @@ impl InferError {
     fn failure(&self) -> VariantFailure {
         match self {
             InferError::Crashed { .. } => VariantFailure::Crash,
+            InferError::Overloaded { .. } => VariantFailure::Refused,
             _ => VariantFailure::Error,
         }
     }
@@ -345,7 +354,8 @@ impl Pipeline {
                 validate::output_names(&owner, &names, requested)
             })
             .transpose()?;
-        let outputs = self.run(&target, request.inputs).await?;
+        let deadline = queue_deadline(&request.parameters)?;
+        let outputs = self.run(&target, request.inputs, deadline).await?;
         Ok(InferResponse {
             model: target.model.clone(),
             source_model: target.model.clone(),
@@ -724,74 +734,78 @@ impl Pipeline {
         &self,
         target: &Arc<LoadedVersion>,
         inputs: Vec<Tensor>,
+        deadline: Option<Instant>,
     ) -> Result<Vec<Tensor>, InferError> {
-        let queued = Instant::now();
-        let slot = self.slot(&target.model).await?;
-        let running = target.clone();
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            let _span = span.enter();
-            if let Some(meters) = &running.meters {
-                meters.queue.observe(queued.elapsed());
-            }
-            run_model(&running, inputs)
-        })
-        .await
-        .map_err(|join| InferError::Backend {
-            model: target.model.clone(),
-            version: target.version,
-            reason: format!("the backend crashed ({join})"),
-        })?
+        if let Some(drift) = &target.drift {
+            drift.observe(&inputs);
+        }
+        target
+            .runner
+            .run(inputs, &self.slots, deadline)
+            .await
+            .map_err(|failure| model_failed(target, failure))
     }
 }
 
-/// The model itself, counted: its inputs join the drift window, its run is timed.
-fn run_model(target: &LoadedVersion, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, InferError> {
+/// The model itself, from a thread of the inference pool: its inputs join the drift
+/// window, then its runner answers (cache, batch, or a run here).
+fn run_model(
+    target: &LoadedVersion,
+    inputs: Vec<Tensor>,
+    deadline: Option<Instant>,
+) -> Result<Vec<Tensor>, InferError> {
     if let Some(drift) = &target.drift {
         drift.observe(&inputs);
     }
-    let started = Instant::now();
-    // A backend that panics (tract on an index past its data, say) fails this run only.
-    // Unwinding drops the run's own execution context; the optimised plan is shared
-    // read-only and no lock of ours is held across the call, so the version is as fit for
-    // the next request as before. Caught here, the crash is an ordinary error of the
-    // variant that ran it: counted, charged, and answered by a fallback.
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| target.graph.run(inputs)));
-    if let Some(meters) = &target.meters {
-        meters.inference.observe(started.elapsed());
-    }
-    let failed = |reason: String| InferError::Backend {
-        model: target.model.clone(),
-        version: target.version,
-        reason,
-    };
-    match result {
-        Ok(Ok(outputs)) => Ok(outputs),
-        Ok(Err(backend::RunError::Rejected(reason))) => Err(InferError::Invalid(format!(
-            "model '{}' version {} cannot take this input: {reason}",
-            target.model, target.version
+    target
+        .runner
+        .run_blocking(inputs, deadline)
+        .map_err(|failure| model_failed(target, failure))
+}
+
+/// A failed model call as the request's error, naming the model and version.
+fn model_failed(target: &LoadedVersion, failure: RunFailure) -> InferError {
+    let (model, version) = (target.model.clone(), target.version);
+    match failure {
+        RunFailure::Rejected(reason) => InferError::Invalid(format!(
+            "model '{model}' version {version} cannot take this input: {reason}"
+        )),
+        RunFailure::Failed(reason) => InferError::Backend {
+            model,
+            version,
+            reason,
+        },
+        RunFailure::Crashed(panic) => InferError::Crashed {
+            model,
+            version,
+            panic,
+        },
+        RunFailure::ShuttingDown => InferError::Lookup(LookupError::Unavailable(format!(
+            "the server is shutting down; '{model}' is not served any more"
         ))),
-        Ok(Err(backend::RunError::Failed(reason))) => Err(failed(reason)),
-        Err(panic) => {
-            if let Some(meters) = &target.meters {
-                meters.crashes.inc();
+        overloaded @ (RunFailure::QueueFull(_) | RunFailure::TimedOut(_)) => {
+            tracing::warn!(model = %model, version, reason = %overloaded, "request not run");
+            InferError::Overloaded {
+                model,
+                version,
+                reason: overloaded.to_string(),
             }
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".to_string());
-            // Logged once already, with where it happened, by the panic hook; the answer
-            // (a 500, or the fallback's warning) names the model, version and variant.
-            Err(InferError::Crashed {
-                model: target.model.clone(),
-                version: target.version,
-                panic: what,
-            })
         }
     }
+}
+
+/// The deadline a request's OIP `timeout` parameter (microseconds) sets on its wait in
+/// the queue.
+fn queue_deadline(parameters: &[(String, String)]) -> Result<Option<Instant>, InferError> {
+    let Some((_, timeout)) = parameters.iter().find(|(k, _)| k == "timeout") else {
+        return Ok(None);
+    };
+    let micros: u64 = timeout.parse().map_err(|_| {
+        InferError::Invalid(format!(
+            "parameter 'timeout' is '{timeout}'; it is a whole number of microseconds"
+        ))
+    })?;
+    Ok(Instant::now().checked_add(std::time::Duration::from_micros(micros)))
 }
 
 /// The `wanted` outputs, in that order; all of them when nothing was asked for.
@@ -919,7 +933,8 @@ fn serve_variant(
         .snapshot()?
         .resolve(&variant.model, version.as_deref())?;
     validate::inputs(&target, &inputs)?;
-    let mut outputs = run_model(&target, inputs)?;
+    let deadline = queue_deadline(&request.parameters)?;
+    let mut outputs = run_model(&target, inputs, deadline)?;
     for processor in endpoint.processors.iter().rev() {
         outputs = process(endpoint, processor, Direction::Post, ctx, outputs)?;
     }

@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{Engine, Runnable};
+use crate::backend::Engine;
+use crate::runner::Runner;
 use crate::tensor::TensorSpec;
 
 pub use model_config::{ModelCard, ModelConfig, VersionPolicy};
@@ -31,7 +32,8 @@ pub use watch::WatchError;
 pub struct LoadedVersion {
     pub model: String,
     pub version: u64,
-    pub graph: Arc<dyn Runnable>,
+    /// Runs its model: cache, batching, where.
+    pub runner: Arc<Runner>,
     /// What runs it: the backend, its version and the device.
     pub engine: Engine,
     pub inputs: Vec<TensorSpec>,
@@ -39,15 +41,6 @@ pub struct LoadedVersion {
     /// Follows the inputs against the training data's distribution, when the version
     /// directory has a `reference.json`.
     pub drift: Option<Arc<crate::telemetry::drift::DriftMonitor>>,
-    /// Its series of the queue-time (called by name) and run-time metrics, when on.
-    pub meters: Option<ModelMeters>,
-}
-
-#[derive(Clone)]
-pub struct ModelMeters {
-    pub queue: crate::telemetry::Seconds,
-    pub inference: crate::telemetry::Seconds,
-    pub crashes: prometheus_client::metrics::counter::Counter,
 }
 
 /// A version directory as the last scan found it.

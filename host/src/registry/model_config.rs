@@ -34,6 +34,10 @@ pub struct ModelConfig {
     pub threads: Option<NonZeroUsize>,
     /// Run each version once at load, before it serves (default: on).
     pub warmup: Option<bool>,
+    /// Dynamic batching of requests' rows into shared runs.
+    pub batching: Option<crate::runner::BatchingConfig>,
+    /// The response cache: `cache = { max_bytes = ... }`.
+    pub cache: Option<crate::runner::CacheConfig>,
 }
 
 impl ModelConfig {
@@ -118,6 +122,10 @@ mod tests {
             backend = "onnxruntime"
             device = "cuda"
             threads = 2
+            cache = { max_bytes = 1000 }
+            [batching]
+            max_batch_size = 8
+            max_queue_delay_us = 500
             [[inputs]]
             name = "x"
             datatype = "FP32"
@@ -134,6 +142,12 @@ mod tests {
         assert_eq!(options.backend, BackendChoice::OnnxRuntime);
         assert_eq!(options.device, Device::Cuda);
         assert_eq!(options.threads.map(NonZeroUsize::get), Some(2));
+        assert_eq!(config.cache.map(|c| c.max_bytes), Some(1000));
+        let batching = config.batching.clone().unwrap();
+        assert_eq!(
+            (batching.max_batch_size, batching.max_queue_size),
+            (8, 1024)
+        );
         assert_eq!(config.inputs[0].datatype, Some(DataType::Fp32));
         assert_eq!(config.card.unwrap().metrics["1"]["accuracy"], 0.9);
     }

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{LoadedVersion, Model, ModelConfig, ModelMeters, Snapshot, VersionEntry};
+use super::{LoadedVersion, Model, ModelConfig, Snapshot, VersionEntry};
 use crate::backend;
+use crate::runner::{ModelMeters, Runner};
 use crate::telemetry::drift::{DriftMonitor, Reference};
 use crate::tensor::TensorSpec;
 use crate::watch::is_ignored;
@@ -129,12 +130,11 @@ fn scan_version(
                 loaded: Some(Arc::new(LoadedVersion {
                     model: old.model.clone(),
                     version,
-                    graph: old.graph.clone(),
+                    runner: old.runner.clone(),
                     engine: old.engine.clone(),
                     inputs: old.inputs.clone(),
                     outputs: old.outputs.clone(),
                     drift,
-                    meters: old.meters.clone(),
                 })),
                 reference_stamp,
                 ..before.clone()
@@ -158,16 +158,20 @@ fn scan_version(
             if let Some(fallback) = &graph.engine.fallback {
                 tracing::warn!(model = name, version, reason = %fallback, "model version runs on the CPU");
             }
-            if config.warmup != Some(false) {
-                match backend::warm_up(&graph, &[1]) {
-                    Ok(took) => {
-                        tracing::debug!(model = name, version, ?took, "model version warmed up")
-                    }
+            // One run at a batch of one, and one at the largest batch when batching.
+            let mut batches = vec![1];
+            batches.extend(config.batching.as_ref().map(|b| b.max_batch_size));
+            let warm_run = if config.warmup != Some(false) {
+                match backend::warm_up(&graph, &batches) {
+                    Ok(took) => Some(took),
                     Err(error) => {
-                        tracing::warn!(model = name, version, %error, "warm-up run failed; the version serves anyway (turn it off with warmup = false)")
+                        tracing::warn!(model = name, version, %error, "warm-up run failed; the version serves anyway (turn it off with warmup = false)");
+                        None
                     }
                 }
-            }
+            } else {
+                None
+            };
             tracing::info!(
                 model = name,
                 version,
@@ -179,20 +183,27 @@ fn scan_version(
             let drift = reference_stamp
                 .as_ref()
                 .and_then(|_| drift_monitor(&reference, name, version, config, &graph.inputs));
+            let metrics = crate::telemetry::metrics();
             VersionEntry {
                 loaded: Some(Arc::new(LoadedVersion {
                     model: name.to_string(),
                     version,
-                    graph: graph.model,
+                    runner: Arc::new(Runner::new(
+                        graph.model,
+                        warm_run,
+                        config.batching.clone(),
+                        config.cache,
+                        metrics.map(|m| ModelMeters {
+                            queue: m.queue_seconds(name),
+                            inference: m.inference_seconds(name, version),
+                            crashes: m.model_crashes(name, version),
+                        }),
+                        metrics.map(|m| m.scheduling_meters(name, version)),
+                    )),
                     engine: graph.engine,
                     inputs: graph.inputs,
                     outputs: graph.outputs,
                     drift,
-                    meters: crate::telemetry::metrics().map(|m| ModelMeters {
-                        queue: m.queue_seconds(name),
-                        inference: m.inference_seconds(name, version),
-                        crashes: m.model_crashes(name, version),
-                    }),
                 })),
                 refused: None,
                 stamp,

@@ -38,6 +38,14 @@ struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    model: String,
+    version: String,
+    /// `queue_full` or `timeout`.
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginLabels {
     plugin: String,
     world: String,
@@ -90,6 +98,11 @@ type Ratio = Gauge<f64, AtomicU64>;
 fn seconds() -> Histogram {
     // 50 µs to ~1.6 s, doubling: the range between a tiny model and a slow one.
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+fn batch_sizes() -> Histogram {
+    // 1 to 1024 rows, doubling.
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
 }
 
 fn plugin_seconds() -> Histogram {
@@ -197,6 +210,11 @@ pub struct Metrics {
     queue_seconds: Histograms<EndpointLabel>,
     inference_seconds: Histograms<ModelLabels>,
     model_crashes: Family<ModelLabels, Counter>,
+    cache_hits: Family<ModelLabels, Counter>,
+    cache_misses: Family<ModelLabels, Counter>,
+    cache_evictions: Family<ModelLabels, Counter>,
+    batch_sizes: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    queue_rejections: Family<RejectionLabels, Counter>,
     variant_failures: Family<VariantFailureLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     plugin_calls: Family<PluginLabels, Counter>,
@@ -211,6 +229,17 @@ pub struct Metrics {
     drift_psi: Family<FeatureLabels, Ratio>,
     drifted: Family<FeatureLabels, Gauge>,
     request_log_dropped: Counter,
+}
+
+/// A model version's response cache, batching and queue series, looked up once at load.
+#[derive(Clone, Debug)]
+pub struct SchedulingMeters {
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_evictions: Counter,
+    pub batch_size: Histogram,
+    pub queue_full: Counter,
+    pub timed_out: Counter,
 }
 
 /// Counts a request as in flight until dropped.
@@ -304,6 +333,36 @@ impl Default for Metrics {
             "Model runs that crashed inside the backend (a panic caught on the inference thread), by model and version",
             Family::default(),
         );
+        let cache_hits = register(
+            &mut r,
+            "response_cache_hits",
+            "Model calls answered from the response cache, by model and version",
+            Family::default(),
+        );
+        let cache_misses = register(
+            &mut r,
+            "response_cache_misses",
+            "Model calls the response cache did not hold, by model and version",
+            Family::default(),
+        );
+        let cache_evictions = register(
+            &mut r,
+            "response_cache_evictions",
+            "Answers dropped from the response cache to make room, by model and version",
+            Family::default(),
+        );
+        let batch_sizes = register(
+            &mut r,
+            "batch_size",
+            "Rows per model run of a model with dynamic batching, by model and version",
+            Family::new_with_constructor(batch_sizes as fn() -> Histogram),
+        );
+        let queue_rejections = register(
+            &mut r,
+            "queue_rejections",
+            "Requests a model's batching queue turned away (503), by model, version and reason (queue_full, timeout)",
+            Family::default(),
+        );
         let variant_failures = register(
             &mut r,
             "variant_failures",
@@ -395,6 +454,11 @@ impl Default for Metrics {
             queue_seconds,
             inference_seconds,
             model_crashes,
+            cache_hits,
+            cache_misses,
+            cache_evictions,
+            batch_sizes,
+            queue_rejections,
             variant_failures,
             in_flight,
             plugin_calls,
@@ -469,6 +533,31 @@ impl Metrics {
                 version: version.to_string(),
             })
             .clone()
+    }
+
+    /// A model version's series of its response cache, batching and queue.
+    pub fn scheduling_meters(&self, model: &str, version: u64) -> SchedulingMeters {
+        let labels = ModelLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+        };
+        let rejected = |reason| {
+            self.queue_rejections
+                .get_or_create(&RejectionLabels {
+                    model: model.to_string(),
+                    version: version.to_string(),
+                    reason,
+                })
+                .clone()
+        };
+        SchedulingMeters {
+            cache_hits: self.cache_hits.get_or_create(&labels).clone(),
+            cache_misses: self.cache_misses.get_or_create(&labels).clone(),
+            cache_evictions: self.cache_evictions.get_or_create(&labels).clone(),
+            batch_size: self.batch_sizes.get_or_create(&labels).clone(),
+            queue_full: rejected("queue_full"),
+            timed_out: rejected("timeout"),
+        }
     }
 
     pub fn plugin_meter(&self, plugin: &str, world: &str) -> PluginMeter {

@@ -1,8 +1,9 @@
-//! Where tract is known to answer wrongly, found by running the ONNX node tests through the
-//! server (`tests/compat/onnx_node_tests.py`): such models are refused at load with the
-//! reason, since a wrong answer with 200 is worse than a refusal (`backend = "auto"` runs them
-//! on ONNX Runtime). And the inputs tract would panic on rather than refuse: indices past a
-//! table that the model gathers from, refused per request as the client's mistake.
+//! Where a backend is known to answer wrongly, found by running the ONNX node tests through
+//! the server (`tests/compat/onnx_node_tests.py`): such models are refused at load with the
+//! reason, since a wrong answer with 200 is worse than a refusal (tract's are mostly served
+//! by ONNX Runtime under `backend = "auto"`). And the inputs tract would panic on rather
+//! than refuse: indices past a table that the model gathers from, refused per request as the
+//! client's mistake.
 
 use std::collections::HashMap;
 
@@ -21,32 +22,109 @@ const FLOAT16: i32 = 10;
 const DOUBLE: i32 = 11;
 const BFLOAT16: i32 = 16;
 
-/// Why tract would compute `graph` wrongly, if it is known to.
-pub(super) fn known_wrong(graph: &GraphProto) -> Option<String> {
+/// Which backend's known faults to look for.
+#[derive(Clone, Copy)]
+pub(super) enum Backend {
+    Tract,
+    OnnxRuntime,
+}
+
+/// Why the backend would compute `graph` wrongly, if it is known to.
+pub(super) fn known_wrong(graph: &GraphProto, backend: Backend) -> Option<String> {
     let types = element_types(graph);
     let type_of = |name: &str| types.get(name).copied();
     let given = |name: &str| is_model_input(graph, name);
     for node in &graph.node {
-        let reason = node_known_wrong(node, &type_of, &given);
+        let reason = match backend {
+            Backend::Tract => node_known_wrong(node, &type_of, &given),
+            Backend::OnnxRuntime => onnxruntime_known_wrong(node, graph),
+        }
+        .or_else(|| random(node));
         if let Some(reason) = reason {
             let name = if node.name.is_empty() {
                 &node.op_type
             } else {
                 &node.name
             };
+            let (engine, other) = match backend {
+                Backend::Tract => ("tract", "backend = \"onnxruntime\""),
+                Backend::OnnxRuntime => ("ONNX Runtime", "a model without it"),
+            };
             return Some(format!(
-                "tract computes {} '{name}' wrongly: {reason}; use backend = \"onnxruntime\"",
+                "{engine} computes {} '{name}' wrongly: {reason}; use {other}",
                 node.op_type
             ));
         }
         for attribute in &node.attribute {
             let subgraphs = attribute.g.iter().chain(&attribute.graphs);
-            if let Some(reason) = subgraphs.filter_map(known_wrong).next() {
+            if let Some(reason) = subgraphs.filter_map(|g| known_wrong(g, backend)).next() {
                 return Some(reason);
             }
         }
     }
     None
+}
+
+/// Dropout told to train draws at random: no answer is right to serve.
+fn random(node: &NodeProto) -> Option<&'static str> {
+    (node.op_type == "Dropout" && node.input.get(2).is_some_and(|n| !n.is_empty()))
+        .then_some("a training_mode input makes it draw at random, which serving must not")
+}
+
+fn onnxruntime_known_wrong(node: &NodeProto, graph: &GraphProto) -> Option<&'static str> {
+    let int = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i);
+    let text = |name: &str| {
+        node.attribute
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.s.as_slice())
+    };
+    match node.op_type.as_str() {
+        "Attention"
+            if int("is_causal") == Some(1)
+                && int("qk_matmul_output_mode").is_some_and(|m| m != 0) =>
+        {
+            Some("its QK output marks causally masked places with the lowest float, not -inf")
+        }
+        "MaxUnpool" if node.input.get(2).is_some_and(|n| !n.is_empty()) => {
+            Some("an output_shape input puts values in the wrong places")
+        }
+        "Resize"
+            if text("coordinate_transformation_mode") == Some(b"align_corners")
+                && matches!(text("mode"), Some(b"linear" | b"cubic"))
+                && node.input.get(2).is_some_and(|scales| {
+                    // Scales known to be at least 1 (upsampling) are computed right; scales
+                    // given at run time may downsample.
+                    !scales.is_empty()
+                        && !constant_floats(graph, scales)
+                            .is_some_and(|s| s.iter().all(|&s| s >= 1.0))
+                }) =>
+        {
+            Some(
+                "downsampling with align_corners interpolates wrongly (scales below 1, or not known at load)",
+            )
+        }
+        _ => None,
+    }
+}
+
+/// The values of a float initializer, where the file holds it as one.
+fn constant_floats(graph: &GraphProto, name: &str) -> Option<Vec<f32>> {
+    let init = graph.initializer.iter().find(|t| t.name == name)?;
+    if init.data_type != FLOAT {
+        return None;
+    }
+    if !init.float_data.is_empty() {
+        return Some(init.float_data.clone());
+    }
+    Some(
+        init.raw_data
+            .as_chunks::<4>()
+            .0
+            .iter()
+            .map(|c| f32::from_le_bytes(*c))
+            .collect(),
+    )
 }
 
 fn node_known_wrong(

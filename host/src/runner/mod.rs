@@ -1,0 +1,314 @@
+//! How one model version's calls are run: answered from its response cache, batched with
+//! other requests' rows, or run on their own — inline on the async thread when the model
+//! answers in microseconds, else on the inference pool.
+//!
+//! The hand-off to a pool thread costs two cross-thread wake-ups (tens of microseconds),
+//! more than a small model's whole run; a model that takes milliseconds must not hold an
+//! async thread that long. So each version keeps the time a row of it takes (from its
+//! warm-up, then every run, as a moving average) and runs a call inline when the call's
+//! rows are expected to take under [`INLINE_BELOW`].
+//!
+//! Owns: the cache, the batching queue and worker, where a run happens, the run's timing
+//! and crash capture. Must not touch: routing, plugins, HTTP, request validation.
+
+mod batch;
+mod cache;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::backend::{RunError, Runnable};
+use crate::telemetry::SchedulingMeters;
+use crate::tensor::Tensor;
+
+pub use batch::BatchingConfig;
+pub use cache::{CacheConfig, ResponseCache};
+
+/// Calls expected to take less than this run on the async thread that received them.
+pub const INLINE_BELOW: Duration = Duration::from_micros(50);
+
+/// Why a call did not answer.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RunFailure {
+    /// The inputs hold values the model cannot take: the client's to fix.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("{0}")]
+    Failed(String),
+    /// The backend panicked; caught, and this call alone failed.
+    #[error("{0}")]
+    Crashed(String),
+    /// The batching queue holds `max_queue_size` requests already.
+    #[error("the batching queue is full ({0} requests wait)")]
+    QueueFull(usize),
+    /// The request's own `timeout` passed while it waited.
+    #[error("the request's timeout passed after {0:?} in the queue")]
+    TimedOut(Duration),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// A model version's series of queue time (called by name), run time and crashes.
+#[derive(Clone)]
+pub struct ModelMeters {
+    pub queue: crate::telemetry::Seconds,
+    pub inference: crate::telemetry::Seconds,
+    pub crashes: prometheus_client::metrics::counter::Counter,
+}
+
+/// What a run needs, shared with the batching worker.
+pub(crate) struct Core {
+    graph: Arc<dyn Runnable>,
+    meters: Option<ModelMeters>,
+    scheduling: Option<SchedulingMeters>,
+    /// Nanoseconds one row takes, a moving average; 0 until known.
+    row_nanos: AtomicU64,
+}
+
+impl Core {
+    /// Runs the model here and now: timed, its crash caught.
+    fn run_now(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunFailure> {
+        let rows = rows(&inputs);
+        let started = Instant::now();
+        // A backend that panics (tract on an input it does not expect) fails this run only.
+        // Unwinding drops the run's own state; the optimised plan is shared read-only and
+        // no lock of ours is held across the call, so the version is as fit for the next
+        // request as before.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.graph.run(inputs)));
+        let took = started.elapsed();
+        if let Some(meters) = &self.meters {
+            meters.inference.observe(took);
+        }
+        match result {
+            Ok(Ok(outputs)) => {
+                self.learn(took, rows);
+                Ok(outputs)
+            }
+            Ok(Err(RunError::Rejected(reason))) => Err(RunFailure::Rejected(reason)),
+            Ok(Err(RunError::Failed(reason))) => Err(RunFailure::Failed(reason)),
+            Err(panic) => {
+                if let Some(meters) = &self.meters {
+                    meters.crashes.inc();
+                }
+                // Logged once already, with where it happened, by the panic hook.
+                Err(RunFailure::Crashed(
+                    panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "no message".to_string()),
+                ))
+            }
+        }
+    }
+
+    fn learn(&self, took: Duration, rows: usize) {
+        let sample = u64::try_from(took.as_nanos() / rows.max(1) as u128).unwrap_or(u64::MAX);
+        let old = self.row_nanos.load(Ordering::Relaxed);
+        // An average over the last ~8 runs: one slow run does not send the model to the
+        // pool for good, nor a fast one bring a slow model inline.
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.row_nanos.store(new.max(1), Ordering::Relaxed);
+    }
+
+    fn runs_inline(&self, rows: usize) -> bool {
+        let per_row = self.row_nanos.load(Ordering::Relaxed);
+        per_row != 0 && u128::from(per_row) * rows.max(1) as u128 <= INLINE_BELOW.as_nanos()
+    }
+}
+
+fn rows(inputs: &[Tensor]) -> usize {
+    inputs
+        .first()
+        .and_then(|t| t.shape.first())
+        .copied()
+        .unwrap_or(1)
+}
+
+/// A model version's calls: its cache, its batching queue, its run-time estimate.
+pub struct Runner {
+    core: Arc<Core>,
+    cache: Option<ResponseCache>,
+    batching: Option<BatchingConfig>,
+    /// The batching queue, started by the first call (inside the server's runtime).
+    queue: OnceLock<mpsc::Sender<batch::Job>>,
+}
+
+impl Runner {
+    pub fn new(
+        graph: Arc<dyn Runnable>,
+        warm_run: Option<Duration>,
+        batching: Option<BatchingConfig>,
+        cache: Option<CacheConfig>,
+        meters: Option<ModelMeters>,
+        scheduling: Option<SchedulingMeters>,
+    ) -> Runner {
+        let core = Core {
+            graph,
+            meters,
+            scheduling: scheduling.clone(),
+            row_nanos: AtomicU64::new(0),
+        };
+        if let Some(took) = warm_run {
+            core.learn(took, 1);
+        }
+        Runner {
+            core: Arc::new(core),
+            cache: cache.map(|c| ResponseCache::new(c, scheduling)),
+            batching,
+            queue: OnceLock::new(),
+        }
+    }
+
+    /// The model this runs.
+    pub fn graph(&self) -> &Arc<dyn Runnable> {
+        &self.core.graph
+    }
+
+    /// Runs a call from the async request path: from the cache, through the batching
+    /// queue, inline, or on the pool (holding one of `slots`).
+    pub async fn run(
+        &self,
+        inputs: Vec<Tensor>,
+        slots: &Arc<Semaphore>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Tensor>, RunFailure> {
+        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(&inputs)) {
+            return Ok(hit);
+        }
+        let kept = self.cache.as_ref().map(|_| inputs.clone());
+        let outputs = match &self.batching {
+            Some(config) => self.queued(config, inputs, deadline)?.await?,
+            None => self.pooled(inputs, slots, deadline).await?,
+        };
+        if let (Some(cache), Some(inputs)) = (&self.cache, kept) {
+            cache.put(&inputs, &outputs);
+        }
+        Ok(outputs)
+    }
+
+    /// Runs a call from a thread of the inference pool (an endpoint's plugins run there):
+    /// from the cache, through the batching queue, or right here.
+    pub fn run_blocking(
+        &self,
+        inputs: Vec<Tensor>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Tensor>, RunFailure> {
+        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(&inputs)) {
+            return Ok(hit);
+        }
+        let kept = self.cache.as_ref().map(|_| inputs.clone());
+        let outputs = match &self.batching {
+            Some(config) => {
+                let answer = self.queued(config, inputs, deadline)?;
+                tokio::runtime::Handle::current().block_on(answer)?
+            }
+            None => {
+                if let Some(meters) = &self.core.meters {
+                    meters.queue.observe(Duration::ZERO);
+                }
+                self.core.run_now(inputs)?
+            }
+        };
+        if let (Some(cache), Some(inputs)) = (&self.cache, kept) {
+            cache.put(&inputs, &outputs);
+        }
+        Ok(outputs)
+    }
+
+    async fn pooled(
+        &self,
+        inputs: Vec<Tensor>,
+        slots: &Arc<Semaphore>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Tensor>, RunFailure> {
+        let queued = Instant::now();
+        let acquire = slots.clone().acquire_owned();
+        let slot = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), acquire)
+                .await
+                .map_err(|_| self.timed_out(queued))?,
+            None => acquire.await,
+        }
+        .map_err(|_| RunFailure::ShuttingDown)?;
+        if let Some(meters) = &self.core.meters {
+            meters.queue.observe(queued.elapsed());
+        }
+        if self.core.runs_inline(rows(&inputs)) {
+            let _slot = slot;
+            return self.core.run_now(inputs);
+        }
+        let core = self.core.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let _span = span.enter();
+            core.run_now(inputs)
+        })
+        .await
+        .unwrap_or_else(|join| Err(RunFailure::Crashed(join.to_string())))
+    }
+
+    fn timed_out(&self, queued: Instant) -> RunFailure {
+        if let Some(meters) = &self.core.scheduling {
+            meters.timed_out.inc();
+        }
+        RunFailure::TimedOut(queued.elapsed())
+    }
+
+    /// Queues the call for a batch; the answer comes when its batch has run.
+    fn queued(
+        &self,
+        config: &BatchingConfig,
+        inputs: Vec<Tensor>,
+        deadline: Option<Instant>,
+    ) -> Result<impl Future<Output = Result<Vec<Tensor>, RunFailure>> + use<>, RunFailure> {
+        let queue = self.queue.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(config.max_queue_size.max(1));
+            tokio::spawn(batch::worker(self.core.clone(), config.clone(), receiver));
+            sender
+        });
+        let (reply, answer) = oneshot::channel();
+        let enqueued = Instant::now();
+        let job = batch::Job {
+            inputs,
+            enqueued,
+            deadline,
+            reply,
+        };
+        queue.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                if let Some(meters) = &self.core.scheduling {
+                    meters.queue_full.inc();
+                }
+                RunFailure::QueueFull(config.max_queue_size)
+            }
+            mpsc::error::TrySendError::Closed(_) => RunFailure::ShuttingDown,
+        })?;
+        let scheduling = self.core.scheduling.clone();
+        Ok(async move {
+            let answer = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline.into(), answer).await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        // Dropping the receiver tells the worker to skip the job.
+                        if let Some(meters) = &scheduling {
+                            meters.timed_out.inc();
+                        }
+                        return Err(RunFailure::TimedOut(enqueued.elapsed()));
+                    }
+                },
+                None => answer.await,
+            };
+            answer.unwrap_or(Err(RunFailure::ShuttingDown))
+        })
+    }
+}
