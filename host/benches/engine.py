@@ -298,7 +298,8 @@ def engine(args, work: Path):
                     results.setdefault((model, threads, "ORT", c), []).append(r)
                 del sess
                 for backend in systems[1:]:
-                    toml = f'backend = "{backend}"\nthreads = {threads}\n'
+                    # Two sessions, as ONNX Runtime in-process runs two calls on one session at once.
+                    toml = f'backend = "{backend}"\nthreads = {threads}\ninstances = 2\n'
                     with serving(args, work, {model: (onnx_file(args, model), 1, toml)}, backend) as base:
                         diff = check(url, model, x, expected)
                         print(f"{model} on {backend}: max difference from ORT in-process {diff:.2e}", file=sys.stderr)
@@ -311,8 +312,9 @@ def engine(args, work: Path):
     print("One input per request: resnet18 one 224×224 image (602,112 bytes of FP32), bert-mini one row of "
           "128 token ids. ONNX Runtime in-process: Python's `InferenceSession.run` on one session from "
           "`concurrency` threads, CPU provider, `intra_op_num_threads` = threads, `inter_op_num_threads` = 1, "
-          "sequential execution, default graph optimisations. Modelyard: the same file, `backend` and "
-          "`threads` in its model.toml and every other setting at its default, driven by wrk "
+          "sequential execution, default graph optimisations. Modelyard: the same file, `backend`, "
+          "`threads` and `instances = 2` (two sessions: two runs at once, as in-process) in its "
+          "model.toml and every other setting at its default, driven by wrk "
           "(`concurrency` connections, one request in flight on each), binary tensor extension both ways "
           "(`binary_data_output`). The runs alternate between the three. Ratio: Modelyard's throughput "
           "over ONNX Runtime in-process at the same threads and concurrency.\n")

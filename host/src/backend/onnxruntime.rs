@@ -9,7 +9,7 @@
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
@@ -182,39 +182,37 @@ pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, O
     {
         return Err(OrtError::KnownWrong(reason));
     }
-    let (session, device, fallback) = match options.device {
-        Device::Cpu => (
-            session(runtime, bytes, options.threads, false)?,
-            Device::Cpu,
-            None,
-        ),
+    let (first, device, fallback) = match options.device {
+        Device::Cpu => (session(runtime, bytes, options.threads, false)?, Device::Cpu, None),
         Device::Cuda => match cuda_session(runtime, bytes, options.threads) {
             Ok(session) => (session, Device::Cuda, None),
             Err(reason) if options.require_device => return Err(OrtError::Device(reason)),
             Err(reason) => {
                 let session = session(runtime, bytes, options.threads, false)?;
-                (
-                    session,
-                    Device::Cpu,
-                    Some(format!("{reason}; running on the CPU")),
-                )
+                (session, Device::Cpu, Some(format!("{reason}; running on the CPU")))
             }
         },
     };
+    let mut sessions = vec![];
+    for _ in 1..options.instances.get() {
+        sessions.push(session(runtime, bytes, options.threads, device == Device::Cuda)?);
+    }
     let outlets = |kind, outlets: &[ort::value::Outlet]| {
         outlets
             .iter()
             .map(|o| tensor_spec(kind, o.name(), o.dtype()))
             .collect::<Result<Vec<_>, _>>()
     };
-    let mut inputs = outlets("input", session.inputs())?;
-    let mut outputs = outlets("output", session.outputs())?;
+    let mut inputs = outlets("input", first.inputs())?;
+    let mut outputs = outlets("output", first.outputs())?;
+    sessions.push(first);
     apply_overrides("input", &mut inputs, &options.inputs)?;
     apply_overrides("output", &mut outputs, &options.outputs)?;
     let threads = options.threads.map(NonZeroUsize::get);
     Ok(LoadedGraph {
         model: Arc::new(OrtGraph {
-            session: Mutex::new(session),
+            free: Mutex::new(sessions),
+            returned: Condvar::new(),
         }),
         inputs,
         outputs,
@@ -223,6 +221,7 @@ pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, O
             version: Some(runtime.version.clone()),
             device,
             threads,
+            instances: Some(options.instances.get()),
             fallback,
         },
     })
@@ -367,9 +366,41 @@ fn apply_overrides(
 }
 
 struct OrtGraph {
-    /// `ort` runs a session through `&mut`; one run at a time, each using the session's
-    /// intra-op threads.
-    session: Mutex<Session>,
+    /// `ort` runs a session through `&mut`, one run at a time: `instances` sessions of the
+    /// model (Triton's instance count) let that many requests run at once, each with the
+    /// session's intra-op threads. The idle ones wait here.
+    free: Mutex<Vec<Session>>,
+    returned: Condvar,
+}
+
+impl OrtGraph {
+    fn take(&self) -> Session {
+        // A run that panicked inside `ort` returned its session on unwinding; ONNX
+        // Runtime's own state is per run, so the lock's poison says nothing.
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(session) = free.pop() {
+                return session;
+            }
+            free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// A session out of the pool for one run, back in it when dropped.
+struct Lent<'a> {
+    graph: &'a OrtGraph,
+    session: Option<Session>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            let mut free = self.graph.free.lock().unwrap_or_else(|p| p.into_inner());
+            free.push(session);
+            self.graph.returned.notify_one();
+        }
+    }
 }
 
 impl Runnable for OrtGraph {
@@ -378,9 +409,13 @@ impl Runnable for OrtGraph {
             .into_iter()
             .map(|t| Ok((t.name.clone(), to_ort(t)?)))
             .collect::<Result<Vec<(String, DynValue)>, RunError>>()?;
-        // A run that panicked inside `ort` leaves the session as usable as before: ONNX
-        // Runtime's own state is per run.
-        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lent = Lent {
+            graph: self,
+            session: Some(self.take()),
+        };
+        let Some(session) = lent.session.as_mut() else {
+            return Err(RunError::Failed("no session to run on".into()));
+        };
         let outputs = session.run(values).map_err(|e| match e.code() {
             ort::ErrorCode::InvalidArgument => RunError::Rejected(e.message().to_string()),
             _ => RunError::Failed(e.message().to_string()),

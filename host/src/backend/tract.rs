@@ -177,6 +177,8 @@ impl TractBackend {
                 version: None,
                 device: Device::Cpu,
                 threads: Some(1),
+                // tract's plan runs any number of times at once.
+                instances: None,
                 fallback: None,
             },
         })

@@ -32,6 +32,8 @@ pub struct ModelConfig {
     pub require_device: bool,
     /// Threads one run may use (ONNX Runtime's intra-op threads).
     pub threads: Option<NonZeroUsize>,
+    /// Runs of the model that may go at once (ONNX Runtime keeps a session each; default 1).
+    pub instances: Option<NonZeroUsize>,
     /// Run each version once at load, before it serves (default: on).
     pub warmup: Option<bool>,
     /// Dynamic batching of requests' rows into shared runs.
@@ -47,6 +49,7 @@ impl ModelConfig {
             device: self.device,
             require_device: self.require_device,
             threads: self.threads,
+            instances: self.instances.unwrap_or(NonZeroUsize::MIN),
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
         }
