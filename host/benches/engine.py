@@ -230,11 +230,14 @@ def serving(args, work: Path, models, backend=None):
             sys.stderr.write(log.read_text(errors="replace")[-4000:])
             raise
         # A model may load on another backend than asked (backend = "auto", or a fallback):
-        # the log line says which it got.
-        for line in log.read_text(errors="replace").splitlines():
-            got = re.search(r'model version loaded.* backend="?([\w-]+)', line)
-            if backend and got and got.group(1) != backend:
-                sys.exit(f"asked for backend {backend}, but: {line}")
+        # the metadata says which it got; a model.toml naming its backend overrides `backend`.
+        for name, (_, _, toml) in models.items():
+            asked = re.search(r'^backend = "(\w+)"', toml, re.M)
+            wanted = asked.group(1) if asked else backend
+            with urllib.request.urlopen(f"{BASE}/v2/models/{name}") as r:
+                got = json.load(r)["engine"]["backend"]
+            if wanted and got != wanted:
+                sys.exit(f"{name}: asked for backend {wanted}, but it runs on {got}")
         yield BASE
     finally:
         proc.terminate()
@@ -384,6 +387,7 @@ def cache(args, work: Path):
         "resnet18": (onnx_file(args, "resnet18"), 1, plain + f"[cache]\nmax_bytes = {CACHE_BYTES}\n"),
         "resnet18-uncached": (onnx_file(args, "resnet18"), 1, plain),
         "iris": (onnx_file(args, "iris"), 2, plain),
+        "iris-tract": (onnx_file(args, "iris"), 2, 'backend = "tract"\n'),
     }
     x = sample("resnet18")
     expected = reference(args, "resnet18", x)
@@ -393,6 +397,7 @@ def cache(args, work: Path):
         ("resnet18, the same image again (cache hit)", f"{BASE}/v2/models/resnet18/infer", script),
         ("resnet18, no cache", f"{BASE}/v2/models/resnet18-uncached/infer", script),
         ("iris version 2, JSON, no cache", f"{BASE}/v2/models/iris/infer", iris_script),
+        ("iris version 2 on tract, JSON, no cache", f"{BASE}/v2/models/iris-tract/infer", iris_script),
     )
     for run in range(args.runs):
         with serving(args, work, served, args.backend):

@@ -571,3 +571,54 @@ fn the_cache_answers_repeats_misses_on_one_byte_evicts_and_empties_on_reload() {
     assert_eq!(reloaded["outputs"], first["outputs"]);
     assert_eq!((count("hits"), count("misses")), (hits, misses + 1.0));
 }
+
+#[test]
+fn an_endpoints_model_calls_batch_too_each_request_keeping_its_rows() {
+    let setup = crate::plugins::Setup::plugins(&["weighted", "iris-features"]);
+    std::fs::write(
+        setup.models.path().join("iris/model.toml"),
+        "[batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\n",
+    )
+    .unwrap();
+    let server = setup.start(
+        r#"
+[server]
+inference_threads = 8
+[endpoints.flowers]
+variants = { stable = "iris@2" }
+router = { plugin = "weighted", config = { weights = { stable = 1 } } }
+[[endpoints.flowers.processors]]
+plugin = "iris-features"
+"#,
+    );
+    // Two kinds of flower, told apart by the model: each client must get its own class.
+    let kinds = [
+        ([5.1, 3.5, 1.4, 0.2], "setosa"),
+        ([6.7, 3.0, 5.2, 2.3], "virginica"),
+    ];
+    let together = std::sync::Barrier::new(12);
+    std::thread::scope(|scope| {
+        for i in 0..12 {
+            let (server, together, kinds) = (&server, &together, &kinds);
+            scope.spawn(move || {
+                let (features, label) = kinds[i % 2];
+                let body = json!({"inputs": [{"name": "features", "datatype": "BYTES", "shape": [1],
+                    "data": [json!({"sepal_length": features[0], "sepal_width": features[1],
+                                    "petal_length": features[2], "petal_width": features[3]}).to_string()]}]});
+                together.wait();
+                let reply = server.post_json("/v2/models/flowers/infer", &body).ok();
+                let labels = reply["outputs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|o| o["name"] == "label")
+                    .unwrap()["data"]
+                    .clone();
+                assert_eq!(labels, json!([label]), "client {i}: {reply}");
+            });
+        }
+    });
+    let labels = [("model", "iris"), ("version", "2")];
+    assert_eq!(server.metric("modelyard_batch_size_sum", &labels), 12.0);
+    assert!(server.metric("modelyard_batch_size_count", &labels) < 12.0);
+}

@@ -173,6 +173,7 @@ fn library_version(path: &Path) -> Option<String> {
 /// Loads a model into an ONNX Runtime session, on the device `options` ask for.
 pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, OrtError> {
     let runtime = runtime()?;
+    let instances = options.instances.get();
     // A file tract cannot even parse is left for ONNX Runtime to refuse in its own words.
     if let Ok(proto) = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..])
         && let Some(reason) = proto
@@ -183,19 +184,41 @@ pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, O
         return Err(OrtError::KnownWrong(reason));
     }
     let (first, device, fallback) = match options.device {
-        Device::Cpu => (session(runtime, bytes, options.threads, false)?, Device::Cpu, None),
+        Device::Cpu => (
+            session(runtime, bytes, options.threads, true, false)?,
+            Device::Cpu,
+            None,
+        ),
         Device::Cuda => match cuda_session(runtime, bytes, options.threads) {
             Ok(session) => (session, Device::Cuda, None),
             Err(reason) if options.require_device => return Err(OrtError::Device(reason)),
             Err(reason) => {
-                let session = session(runtime, bytes, options.threads, false)?;
-                (session, Device::Cpu, Some(format!("{reason}; running on the CPU")))
+                let session = session(runtime, bytes, options.threads, true, false)?;
+                (
+                    session,
+                    Device::Cpu,
+                    Some(format!("{reason}; running on the CPU")),
+                )
             }
         },
     };
     let mut sessions = vec![];
-    for _ in 1..options.instances.get() {
-        sessions.push(session(runtime, bytes, options.threads, device == Device::Cuda)?);
+    // Idle intra-op threads spin, waiting for the next parallel step: right while a run has
+    // the cores to itself, wasteful when several runs share them. The first session spins
+    // and is lent first (the pool is last in, first out), so a lone request gets it; the
+    // others, lent only while it runs, do not.
+    for _ in 1..instances {
+        let extra = session(
+            runtime,
+            bytes,
+            options.threads,
+            false,
+            device == Device::Cuda,
+        )?;
+        sessions.push(Pooled {
+            session: extra,
+            spins: false,
+        });
     }
     let outlets = |kind, outlets: &[ort::value::Outlet]| {
         outlets
@@ -205,7 +228,10 @@ pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, O
     };
     let mut inputs = outlets("input", first.inputs())?;
     let mut outputs = outlets("output", first.outputs())?;
-    sessions.push(first);
+    sessions.push(Pooled {
+        session: first,
+        spins: true,
+    });
     apply_overrides("input", &mut inputs, &options.inputs)?;
     apply_overrides("output", &mut outputs, &options.outputs)?;
     let threads = options.threads.map(NonZeroUsize::get);
@@ -221,7 +247,7 @@ pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, O
             version: Some(runtime.version.clone()),
             device,
             threads,
-            instances: Some(options.instances.get()),
+            instances: Some(instances),
             fallback,
         },
     })
@@ -231,6 +257,7 @@ fn session(
     runtime: &Runtime,
     bytes: &[u8],
     threads: Option<NonZeroUsize>,
+    spin: bool,
     cuda: bool,
 ) -> Result<Session, OrtError> {
     let failed = |e: ort::Error<_>| OrtError::Load(e.to_string());
@@ -245,6 +272,9 @@ fn session(
         .map_err(failed)?;
     if let Some(threads) = threads {
         builder = builder.with_intra_threads(threads.get()).map_err(failed)?;
+    }
+    if !spin {
+        builder = builder.with_intra_op_spinning(false).map_err(failed)?;
     }
     if cuda {
         builder = builder
@@ -271,7 +301,7 @@ fn cuda_session(
             runtime.version
         ));
     }
-    session(runtime, bytes, threads, true)
+    session(runtime, bytes, threads, true, true)
         .map_err(|e| format!("the CUDA execution provider cannot start: {e}"))
 }
 
@@ -368,19 +398,25 @@ fn apply_overrides(
 struct OrtGraph {
     /// `ort` runs a session through `&mut`, one run at a time: `instances` sessions of the
     /// model (Triton's instance count) let that many requests run at once, each with the
-    /// session's intra-op threads. The idle ones wait here.
-    free: Mutex<Vec<Session>>,
+    /// session's intra-op threads. The idle ones wait here, the spinning one last (lent
+    /// first).
+    free: Mutex<Vec<Pooled>>,
     returned: Condvar,
 }
 
+struct Pooled {
+    session: Session,
+    spins: bool,
+}
+
 impl OrtGraph {
-    fn take(&self) -> Session {
+    fn take(&self) -> Pooled {
         // A run that panicked inside `ort` returned its session on unwinding; ONNX
         // Runtime's own state is per run, so the lock's poison says nothing.
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(session) = free.pop() {
-                return session;
+            if let Some(pooled) = free.pop() {
+                return pooled;
             }
             free = self.returned.wait(free).unwrap_or_else(|p| p.into_inner());
         }
@@ -390,14 +426,18 @@ impl OrtGraph {
 /// A session out of the pool for one run, back in it when dropped.
 struct Lent<'a> {
     graph: &'a OrtGraph,
-    session: Option<Session>,
+    pooled: Option<Pooled>,
 }
 
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
-        if let Some(session) = self.session.take() {
+        if let Some(pooled) = self.pooled.take() {
             let mut free = self.graph.free.lock().unwrap_or_else(|p| p.into_inner());
-            free.push(session);
+            if pooled.spins {
+                free.push(pooled);
+            } else {
+                free.insert(0, pooled);
+            }
             self.graph.returned.notify_one();
         }
     }
@@ -411,12 +451,12 @@ impl Runnable for OrtGraph {
             .collect::<Result<Vec<(String, DynValue)>, RunError>>()?;
         let mut lent = Lent {
             graph: self,
-            session: Some(self.take()),
+            pooled: Some(self.take()),
         };
-        let Some(session) = lent.session.as_mut() else {
+        let Some(pooled) = lent.pooled.as_mut() else {
             return Err(RunError::Failed("no session to run on".into()));
         };
-        let outputs = session.run(values).map_err(|e| match e.code() {
+        let outputs = pooled.session.run(values).map_err(|e| match e.code() {
             ort::ErrorCode::InvalidArgument => RunError::Rejected(e.message().to_string()),
             _ => RunError::Failed(e.message().to_string()),
         })?;

@@ -190,7 +190,7 @@ impl Runner {
             None => self.pooled(inputs, slots, deadline).await?,
         };
         if let (Some(cache), Some(inputs)) = (&self.cache, kept) {
-            cache.put(&inputs, &outputs);
+            cache.put(inputs, &outputs);
         }
         Ok(outputs)
     }
@@ -219,7 +219,7 @@ impl Runner {
             }
         };
         if let (Some(cache), Some(inputs)) = (&self.cache, kept) {
-            cache.put(&inputs, &outputs);
+            cache.put(inputs, &outputs);
         }
         Ok(outputs)
     }
