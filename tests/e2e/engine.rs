@@ -573,7 +573,7 @@ fn the_cache_answers_repeats_misses_on_one_byte_evicts_and_empties_on_reload() {
 }
 
 #[test]
-fn an_endpoints_model_calls_batch_too_each_request_keeping_its_rows() {
+fn an_endpoints_model_calls_and_its_shadows_batch_too_each_request_keeping_its_rows() {
     let setup = crate::plugins::Setup::plugins(&["weighted", "iris-features"]);
     std::fs::write(
         setup.models.path().join("iris/model.toml"),
@@ -585,8 +585,8 @@ fn an_endpoints_model_calls_batch_too_each_request_keeping_its_rows() {
 [server]
 inference_threads = 8
 [endpoints.flowers]
-variants = { stable = "iris@2" }
-router = { plugin = "weighted", config = { weights = { stable = 1 } } }
+variants = { stable = "iris@2", shadow = "iris@1" }
+router = { plugin = "weighted", config = { weights = { stable = 1 }, shadows = ["shadow"] } }
 [[endpoints.flowers.processors]]
 plugin = "iris-features"
 "#,
@@ -621,4 +621,19 @@ plugin = "iris-features"
     let labels = [("model", "iris"), ("version", "2")];
     assert_eq!(server.metric("modelyard_batch_size_sum", &labels), 12.0);
     assert!(server.metric("modelyard_batch_size_count", &labels) < 12.0);
+    // The shadow's calls (iris@1, batched too) come from the shadow thread.
+    let compared = |result: &str| {
+        let labels = [
+            ("endpoint", "flowers"),
+            ("variant", "shadow"),
+            ("result", result),
+        ];
+        server.metric("modelyard_shadow_comparisons_total", &labels)
+    };
+    server.wait_until("every shadow answer is compared", || {
+        compared("agreed") + compared("disagreed") == 12.0
+    });
+    assert_eq!(compared("failed"), 0.0);
+    let labels = [("model", "iris"), ("version", "1")];
+    assert_eq!(server.metric("modelyard_batch_size_sum", &labels), 12.0);
 }

@@ -72,13 +72,9 @@ fn random(node: &NodeProto) -> Option<&'static str> {
 }
 
 fn onnxruntime_known_wrong(node: &NodeProto, graph: &GraphProto) -> Option<&'static str> {
-    let int = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i);
-    let text = |name: &str| {
-        node.attribute
-            .iter()
-            .find(|a| a.name == name)
-            .map(|a| a.s.as_slice())
-    };
+    let attribute = |name: &str| node.attribute.iter().find(|a| a.name == name);
+    let int = |name: &str| attribute(name).map(|a| a.i);
+    let text = |name: &str| attribute(name).map(|a| a.s.as_slice());
     match node.op_type.as_str() {
         "Attention"
             if int("is_causal") == Some(1)
@@ -132,14 +128,10 @@ fn node_known_wrong(
     type_of: &dyn Fn(&str) -> Option<i32>,
     given: &dyn Fn(&str) -> bool,
 ) -> Option<&'static str> {
-    let int = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i);
-    let text = |name: &str| {
-        node.attribute
-            .iter()
-            .find(|a| a.name == name)
-            .map(|a| a.s.as_slice())
-    };
-    let float = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.f);
+    let attribute = |name: &str| node.attribute.iter().find(|a| a.name == name);
+    let int = |name: &str| attribute(name).map(|a| a.i);
+    let text = |name: &str| attribute(name).map(|a| a.s.as_slice());
+    let float = |name: &str| attribute(name).map(|a| a.f);
     let has_input = |ix: usize| node.input.get(ix).is_some_and(|n| !n.is_empty());
     // An input whose type cannot be told from the file counts as the case tract gets wrong.
     let input_type_in = |ix: usize, wanted: &[i32]| {

@@ -122,6 +122,17 @@ pub struct LoadedGraph {
     pub engine: Engine,
 }
 
+/// `model.toml` names an input or output the model does not have.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "model.toml describes {kind} '{name}', which the model does not have (it has: {available})"
+)]
+pub struct UnknownOverride {
+    pub kind: &'static str,
+    pub name: String,
+    pub available: String,
+}
+
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -181,6 +192,32 @@ pub fn warm_up(graph: &LoadedGraph, batches: &[usize]) -> Result<Duration, RunEr
         }
     }
     Ok(fastest)
+}
+
+/// A BYTES input's elements as the UTF-8 strings ONNX string tensors hold.
+fn strings(tensor: &Tensor) -> Result<Vec<String>, RunError> {
+    let rejected = |what: &str| RunError::Rejected(format!("input '{}': {what}", tensor.name));
+    Tensor::byte_elements(&tensor.data)
+        .ok_or_else(|| rejected("malformed BYTES data"))?
+        .into_iter()
+        .map(|b| String::from_utf8(b.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| rejected("ONNX string tensors hold UTF-8 text"))
+}
+
+/// An output's strings as BYTES data: each a little-endian u32 length, then its bytes.
+fn bytes_data<'a>(
+    name: &str,
+    strings: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<u8>, RunError> {
+    let mut data = Vec::new();
+    for s in strings {
+        let len = u32::try_from(s.len())
+            .map_err(|_| RunError::Failed(format!("output '{name}': a string over 4 GiB")))?;
+        data.extend_from_slice(&len.to_le_bytes());
+        data.extend_from_slice(s.as_bytes());
+    }
+    Ok(data)
 }
 
 fn zeros(spec: &TensorSpec, batch: usize) -> Result<Tensor, RunError> {

@@ -45,14 +45,8 @@ pub enum OrtError {
         name: String,
         what: String,
     },
-    #[error(
-        "model.toml describes {kind} '{name}', which the model does not have (it has: {available})"
-    )]
-    UnknownOverride {
-        kind: &'static str,
-        name: String,
-        available: String,
-    },
+    #[error(transparent)]
+    UnknownOverride(#[from] super::UnknownOverride),
     #[error(
         "model.toml declares {kind} '{name}' as {declared}, but the model file says {actual} \
          (ONNX Runtime takes types from the file)"
@@ -374,11 +368,11 @@ fn apply_overrides(
             .collect::<Vec<_>>()
             .join(", ");
         let Some(spec) = specs.iter_mut().find(|s| s.name == o.name) else {
-            return Err(OrtError::UnknownOverride {
+            return Err(OrtError::UnknownOverride(super::UnknownOverride {
                 kind,
                 name: o.name.clone(),
                 available,
-            });
+            }));
         };
         if let Some(declared) = o.datatype.filter(|&d| d != spec.datatype) {
             return Err(OrtError::OverrideType {
@@ -470,24 +464,25 @@ impl Runnable for OrtGraph {
 fn to_ort(tensor: Tensor) -> Result<DynValue, RunError> {
     let shape: Vec<i64> = tensor.shape.iter().map(|&d| d as i64).collect();
     if tensor.datatype == DataType::Bytes {
-        let strings = Tensor::byte_elements(&tensor.data)
-            .ok_or_else(|| {
-                RunError::Rejected(format!("input '{}': malformed BYTES data", tensor.name))
-            })?
-            .into_iter()
-            .map(|b| String::from_utf8(b.to_vec()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| {
-                RunError::Rejected(format!(
-                    "input '{}': ONNX string tensors hold UTF-8 text",
-                    tensor.name
-                ))
-            })?;
+        let strings = super::strings(&tensor)?;
         return ort::value::Tensor::from_string_array((shape, strings.as_slice()))
             .map(|t| t.into_dyn())
             .map_err(|e| RunError::Failed(format!("input '{}': {e}", tensor.name)));
     }
     let failed = |e: ort::Error| RunError::Failed(format!("input '{}': {e}", tensor.name));
+    // The copy below writes exactly this many bytes into a buffer of the shape's size.
+    let wanted = Tensor::element_count(&tensor.shape)
+        .zip(tensor.datatype.element_size())
+        .and_then(|(n, size)| n.checked_mul(size));
+    if wanted != Some(tensor.data.len()) {
+        return Err(RunError::Rejected(format!(
+            "input '{}' holds {} bytes, which its shape {:?} of {} does not",
+            tensor.name,
+            tensor.data.len(),
+            tensor.shape,
+            tensor.datatype
+        )));
+    }
     let mut value = DynTensor::new(
         &Allocator::default(),
         element_type(tensor.datatype),
@@ -497,7 +492,7 @@ fn to_ort(tensor: Tensor) -> Result<DynValue, RunError> {
     if !tensor.data.is_empty() {
         let target = value.data_ptr_mut().cast::<u8>();
         // SAFETY: the tensor was just allocated on the CPU for this shape and element type,
-        // whose size in bytes the pipeline checked `data` against.
+        // which is `data.len()` bytes (checked above).
         unsafe { std::ptr::copy_nonoverlapping(tensor.data.as_ptr(), target, tensor.data.len()) };
     }
     Ok(value.into_dyn())
@@ -515,13 +510,7 @@ fn from_ort(name: String, value: DynValue) -> Result<Tensor, RunError> {
         let (_, strings) = value
             .try_extract_strings()
             .map_err(|e| failed(e.to_string()))?;
-        let mut data = Vec::new();
-        for s in strings {
-            let len = u32::try_from(s.len()).map_err(|_| failed("a string over 4 GiB".into()))?;
-            data.extend_from_slice(&len.to_le_bytes());
-            data.extend_from_slice(s.as_bytes());
-        }
-        data
+        super::bytes_data(&name, &strings)?
     } else {
         let tensor = value
             .downcast::<DynTensorValueType>()

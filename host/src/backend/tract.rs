@@ -28,14 +28,8 @@ pub struct TensorOverride {
 pub enum TractError {
     #[error("not an ONNX model tract can read: {0:#}")]
     Parse(tract_onnx::prelude::TractError),
-    #[error(
-        "model.toml describes {kind} '{name}', which the model does not have (it has: {available})"
-    )]
-    UnknownOverride {
-        kind: &'static str,
-        name: String,
-        available: String,
-    },
+    #[error(transparent)]
+    UnknownOverride(#[from] super::UnknownOverride),
     #[error(
         "model.toml gives {kind} '{name}' the shape {shape:?}; dimensions are -1 or at least 0"
     )]
@@ -125,11 +119,11 @@ impl TractBackend {
         ] {
             for o in overrides {
                 let ix = names.iter().position(|n| *n == o.name).ok_or_else(|| {
-                    TractError::UnknownOverride {
+                    TractError::UnknownOverride(super::UnknownOverride {
                         kind,
                         name: o.name.clone(),
                         available: names.join(", "),
-                    }
+                    })
                 })?;
                 let current = if kind == "input" {
                     model.input_fact(ix)
@@ -341,19 +335,7 @@ fn to_tract(tensor: Tensor) -> Result<TractTensor, RunError> {
         ))
     })?;
     if tensor.datatype == DataType::Bytes {
-        let strings = Tensor::byte_elements(&tensor.data)
-            .ok_or_else(|| {
-                RunError::Rejected(format!("input '{}': malformed BYTES data", tensor.name))
-            })?
-            .into_iter()
-            .map(|b| String::from_utf8(b.to_vec()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| {
-                RunError::Rejected(format!(
-                    "input '{}': ONNX string tensors hold UTF-8 text",
-                    tensor.name
-                ))
-            })?;
+        let strings = super::strings(&tensor)?;
         return tract_ndarray::ArrayD::from_shape_vec(tensor.shape.as_slice(), strings)
             .map(TractTensor::from)
             .map_err(|e| RunError::Rejected(format!("input '{}': {e}", tensor.name)));
@@ -392,14 +374,7 @@ fn from_tract(name: String, value: &TValue) -> Result<Tensor, RunError> {
         let strings = value
             .to_plain_array_view::<String>()
             .map_err(|e| RunError::Failed(format!("output '{name}': {e}")))?;
-        let mut data = Vec::new();
-        for s in strings {
-            let len = u32::try_from(s.len())
-                .map_err(|_| RunError::Failed(format!("output '{name}': a string over 4 GiB")))?;
-            data.extend_from_slice(&len.to_le_bytes());
-            data.extend_from_slice(s.as_bytes());
-        }
-        data
+        super::bytes_data(&name, strings.iter())?
     } else {
         value.as_bytes().to_vec()
     };

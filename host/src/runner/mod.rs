@@ -137,8 +137,10 @@ fn rows(inputs: &[Tensor]) -> usize {
 pub struct Runner {
     core: Arc<Core>,
     cache: Option<ResponseCache>,
-    batching: Option<BatchingConfig>,
-    /// The batching queue, started by the first call (inside the server's runtime).
+    /// With the runtime its queue's worker runs on: the one loading the version. Calls
+    /// come from async tasks, pool threads and the shadow thread alike.
+    batching: Option<(BatchingConfig, tokio::runtime::Handle)>,
+    /// The batching queue, started by the first call.
     queue: OnceLock<mpsc::Sender<batch::Job>>,
 }
 
@@ -160,10 +162,12 @@ impl Runner {
         if let Some(took) = warm_run {
             core.learn(took, 1);
         }
+        // Outside a runtime (a unit test loading a model), calls run unbatched.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         Runner {
             core: Arc::new(core),
             cache: cache.map(|c| ResponseCache::new(c, scheduling)),
-            batching,
+            batching: batching.zip(runtime),
             queue: OnceLock::new(),
         }
     }
@@ -186,7 +190,7 @@ impl Runner {
         }
         let kept = self.cache.as_ref().map(|_| inputs.clone());
         let outputs = match &self.batching {
-            Some(config) => self.queued(config, inputs, deadline)?.await?,
+            Some((config, runtime)) => self.queued(config, runtime, inputs, deadline)?.await?,
             None => self.pooled(inputs, slots, deadline).await?,
         };
         if let (Some(cache), Some(inputs)) = (&self.cache, kept) {
@@ -207,9 +211,9 @@ impl Runner {
         }
         let kept = self.cache.as_ref().map(|_| inputs.clone());
         let outputs = match &self.batching {
-            Some(config) => {
-                let answer = self.queued(config, inputs, deadline)?;
-                tokio::runtime::Handle::current().block_on(answer)?
+            Some((config, runtime)) => {
+                let answer = self.queued(config, runtime, inputs, deadline)?;
+                runtime.block_on(answer)?
             }
             None => {
                 if let Some(meters) = &self.core.meters {
@@ -268,12 +272,13 @@ impl Runner {
     fn queued(
         &self,
         config: &BatchingConfig,
+        runtime: &tokio::runtime::Handle,
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
     ) -> Result<impl Future<Output = Result<Vec<Tensor>, RunFailure>> + use<>, RunFailure> {
         let queue = self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(config.max_queue_size.max(1));
-            tokio::spawn(batch::worker(self.core.clone(), config.clone(), receiver));
+            runtime.spawn(batch::worker(self.core.clone(), config.clone(), receiver));
             sender
         });
         let (reply, answer) = oneshot::channel();
