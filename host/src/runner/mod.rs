@@ -185,17 +185,15 @@ impl Runner {
         slots: &Arc<Semaphore>,
         deadline: Option<Instant>,
     ) -> Result<Vec<Tensor>, RunFailure> {
-        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(&inputs)) {
-            return Ok(hit);
-        }
-        let kept = self.cache.as_ref().map(|_| inputs.clone());
+        let kept = match self.recall(&inputs) {
+            Ok(hit) => return Ok(hit),
+            Err(kept) => kept,
+        };
         let outputs = match &self.batching {
             Some((config, runtime)) => self.queued(config, runtime, inputs, deadline)?.await?,
             None => self.pooled(inputs, slots, deadline).await?,
         };
-        if let (Some(cache), Some(inputs)) = (&self.cache, kept) {
-            cache.put(inputs, &outputs);
-        }
+        self.remember(kept, &outputs);
         Ok(outputs)
     }
 
@@ -206,10 +204,10 @@ impl Runner {
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
     ) -> Result<Vec<Tensor>, RunFailure> {
-        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(&inputs)) {
-            return Ok(hit);
-        }
-        let kept = self.cache.as_ref().map(|_| inputs.clone());
+        let kept = match self.recall(&inputs) {
+            Ok(hit) => return Ok(hit),
+            Err(kept) => kept,
+        };
         let outputs = match &self.batching {
             Some((config, runtime)) => {
                 let answer = self.queued(config, runtime, inputs, deadline)?;
@@ -222,10 +220,23 @@ impl Runner {
                 self.core.run_now(inputs)?
             }
         };
-        if let (Some(cache), Some(inputs)) = (&self.cache, kept) {
-            cache.put(inputs, &outputs);
-        }
+        self.remember(kept, &outputs);
         Ok(outputs)
+    }
+
+    /// The cached answer to `inputs`; on a miss, the copy of them to `remember` the answer
+    /// by (none without a cache).
+    fn recall(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Option<Vec<Tensor>>> {
+        let Some(cache) = &self.cache else {
+            return Err(None);
+        };
+        cache.get(inputs).ok_or_else(|| Some(inputs.to_vec()))
+    }
+
+    fn remember(&self, kept: Option<Vec<Tensor>>, outputs: &[Tensor]) {
+        if let (Some(cache), Some(inputs)) = (&self.cache, kept) {
+            cache.put(inputs, outputs);
+        }
     }
 
     async fn pooled(
