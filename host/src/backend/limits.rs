@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use tract_onnx::pb::{GraphProto, NodeProto, type_proto};
+use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, type_proto};
 
 use super::RunError;
 use crate::tensor::{DataType, Tensor};
@@ -65,6 +65,10 @@ pub(super) fn known_wrong(graph: &GraphProto, backend: Backend) -> Option<String
     None
 }
 
+fn attribute<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    node.attribute.iter().find(|a| a.name == name)
+}
+
 /// Dropout told to train draws at random: no answer is right to serve.
 fn random(node: &NodeProto) -> Option<&'static str> {
     (node.op_type == "Dropout" && node.input.get(2).is_some_and(|n| !n.is_empty()))
@@ -72,9 +76,8 @@ fn random(node: &NodeProto) -> Option<&'static str> {
 }
 
 fn onnxruntime_known_wrong(node: &NodeProto, graph: &GraphProto) -> Option<&'static str> {
-    let attribute = |name: &str| node.attribute.iter().find(|a| a.name == name);
-    let int = |name: &str| attribute(name).map(|a| a.i);
-    let text = |name: &str| attribute(name).map(|a| a.s.as_slice());
+    let int = |name: &str| attribute(node, name).map(|a| a.i);
+    let text = |name: &str| attribute(node, name).map(|a| a.s.as_slice());
     match node.op_type.as_str() {
         "Attention"
             if int("is_causal") == Some(1)
@@ -128,10 +131,9 @@ fn node_known_wrong(
     type_of: &dyn Fn(&str) -> Option<i32>,
     given: &dyn Fn(&str) -> bool,
 ) -> Option<&'static str> {
-    let attribute = |name: &str| node.attribute.iter().find(|a| a.name == name);
-    let int = |name: &str| attribute(name).map(|a| a.i);
-    let text = |name: &str| attribute(name).map(|a| a.s.as_slice());
-    let float = |name: &str| attribute(name).map(|a| a.f);
+    let int = |name: &str| attribute(node, name).map(|a| a.i);
+    let text = |name: &str| attribute(node, name).map(|a| a.s.as_slice());
+    let float = |name: &str| attribute(node, name).map(|a| a.f);
     let has_input = |ix: usize| node.input.get(ix).is_some_and(|n| !n.is_empty());
     // An input whose type cannot be told from the file counts as the case tract gets wrong.
     let input_type_in = |ix: usize, wanted: &[i32]| {
@@ -220,11 +222,7 @@ pub(super) fn index_bounds(graph: &GraphProto) -> Vec<IndexBound> {
         let Some(dims) = tables.get(data.as_str()) else {
             continue;
         };
-        let axis = node
-            .attribute
-            .iter()
-            .find(|a| a.name == "axis")
-            .map_or(0, |a| a.i);
+        let axis = attribute(node, "axis").map_or(0, |a| a.i);
         let axis = if axis < 0 {
             axis + dims.len() as i64
         } else {

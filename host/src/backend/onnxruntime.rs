@@ -299,24 +299,10 @@ fn cuda_session(
         .map_err(|e| format!("the CUDA execution provider cannot start: {e}"))
 }
 
+/// The protocol datatype of an ONNX element type, where there is one (float8, int4 and the
+/// like have none).
 fn datatype(ty: TensorElementType) -> Option<DataType> {
-    Some(match ty {
-        TensorElementType::Bool => DataType::Bool,
-        TensorElementType::Uint8 => DataType::Uint8,
-        TensorElementType::Uint16 => DataType::Uint16,
-        TensorElementType::Uint32 => DataType::Uint32,
-        TensorElementType::Uint64 => DataType::Uint64,
-        TensorElementType::Int8 => DataType::Int8,
-        TensorElementType::Int16 => DataType::Int16,
-        TensorElementType::Int32 => DataType::Int32,
-        TensorElementType::Int64 => DataType::Int64,
-        TensorElementType::Float16 => DataType::Fp16,
-        TensorElementType::Bfloat16 => DataType::Bf16,
-        TensorElementType::Float32 => DataType::Fp32,
-        TensorElementType::Float64 => DataType::Fp64,
-        TensorElementType::String => DataType::Bytes,
-        _ => return None,
-    })
+    DataType::ALL.into_iter().find(|&d| element_type(d) == ty)
 }
 
 fn element_type(datatype: DataType) -> TensorElementType {

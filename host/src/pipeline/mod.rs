@@ -723,11 +723,11 @@ impl Pipeline {
     }
 
     async fn slot(&self, what: &str) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
-        self.slots.clone().acquire_owned().await.map_err(|_| {
-            InferError::Lookup(LookupError::Unavailable(format!(
-                "the server is shutting down; '{what}' is not served any more"
-            )))
-        })
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| shutting_down(what))
     }
 
     async fn run(
@@ -780,9 +780,7 @@ fn model_failed(target: &LoadedVersion, failure: RunFailure) -> InferError {
             version,
             panic,
         },
-        RunFailure::ShuttingDown => InferError::Lookup(LookupError::Unavailable(format!(
-            "the server is shutting down; '{model}' is not served any more"
-        ))),
+        RunFailure::ShuttingDown => shutting_down(&model),
         overloaded @ (RunFailure::QueueFull(_) | RunFailure::TimedOut(_)) => {
             tracing::warn!(model = %model, version, reason = %overloaded, "request not run");
             InferError::Overloaded {
@@ -792,6 +790,13 @@ fn model_failed(target: &LoadedVersion, failure: RunFailure) -> InferError {
             }
         }
     }
+}
+
+/// No more inference slots: the server is stopping.
+fn shutting_down(what: &str) -> InferError {
+    InferError::Lookup(LookupError::Unavailable(format!(
+        "the server is shutting down; '{what}' is not served any more"
+    )))
 }
 
 /// The deadline a request's OIP `timeout` parameter (microseconds) sets on its wait in

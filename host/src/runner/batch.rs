@@ -84,22 +84,9 @@ pub(super) async fn worker(
         let Some(first) = admit(&core, first) else {
             continue;
         };
-        let mut batch = vec![first];
-        if let Some((key, mut rows)) = shape_of(&batch[0].inputs, config.max_batch_size) {
-            let key: Vec<(String, DataType, Vec<usize>)> = key
-                .into_iter()
-                .map(|(n, d, s)| (n.to_string(), d, s.to_vec()))
-                .collect();
-            let joins = |job: &Job, rows: usize| {
-                shape_of(&job.inputs, config.max_batch_size).is_some_and(|(k, r)| {
-                    rows + r <= config.max_batch_size
-                        && k.len() == key.len()
-                        && k.iter()
-                            .zip(&key)
-                            .all(|(a, b)| a.0 == b.0 && a.1 == b.1 && a.2 == b.2.as_slice())
-                })
-            };
-            let until = batch[0].enqueued + delay;
+        let mut joined = Vec::new();
+        if let Some((key, mut rows)) = shape_of(&first.inputs, config.max_batch_size) {
+            let until = first.enqueued + delay;
             while rows < config.max_batch_size {
                 // Those already waiting join at once; then the newcomers, until the delay.
                 let next = match held.pop_front() {
@@ -119,16 +106,23 @@ pub(super) async fn worker(
                 let Some(job) = admit(&core, job) else {
                     continue;
                 };
-                if joins(&job, rows) {
-                    rows += shape_of(&job.inputs, config.max_batch_size).map_or(0, |(_, r)| r);
-                    batch.push(job);
-                } else {
-                    // Keeps its place at the head of the queue for the next batch.
-                    held.push_front(job);
-                    break;
+                let fits = shape_of(&job.inputs, config.max_batch_size)
+                    .filter(|(k, r)| *k == key && rows + r <= config.max_batch_size)
+                    .map(|(_, r)| r);
+                match fits {
+                    Some(r) => {
+                        rows += r;
+                        joined.push(job);
+                    }
+                    None => {
+                        // Keeps its place at the head of the queue for the next batch.
+                        held.push_front(job);
+                        break;
+                    }
                 }
             }
         }
+        let batch = std::iter::once(first).chain(joined).collect();
         run(&core, batch).await;
     }
 }

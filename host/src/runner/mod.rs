@@ -172,11 +172,6 @@ impl Runner {
         }
     }
 
-    /// The model this runs.
-    pub fn graph(&self) -> &Arc<dyn Runnable> {
-        &self.core.graph
-    }
-
     /// Runs a call from the async request path: from the cache, through the batching
     /// queue, inline, or on the pool (holding one of `slots`).
     pub async fn run(
