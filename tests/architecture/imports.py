@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Checks that the host's modules import each other one way only.
+
+Reads every `.rs` file under `host/src` (tests excluded: a `#[cfg(test)]` block may reach
+anywhere), follows each `crate::`, `super::` and `self::` path to the file that defines
+the item (through `pub use` re-exports, so a re-export in a parent does not count as a
+dependency on the parent), and looks for circles at two levels:
+
+- files: `pipeline/shadow.rs` -> `pipeline/stats.rs` -> `pipeline/shadow.rs`;
+- top-level folders: `http` -> `pipeline` -> `http`.
+
+Prints each circle with one import line per edge and exits 1 if there is any; with
+`--graph`, prints the folder-level graph.
+
+    python3 tests/architecture/imports.py [host/src] [--graph]
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+USE_RE = re.compile(r"\b(?:pub(?:\([^)]*\))?\s+)?use\s+([^;]+);", re.S)
+PATH_RE = re.compile(r"\b((?:crate|super|self)(?:::(?:\w+|\{))+)")
+MOD_DECL_RE = re.compile(r"^\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;", re.M)
+
+
+def strip_noise(text: str) -> str:
+    """Drops comments, string literals and `#[cfg(test)]` items."""
+    text = re.sub(r"//[^\n]*", "", text)
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r'r#*"(?:.|\n)*?"#*', '""', text)
+    text = re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
+    out = []
+    i = 0
+    while True:
+        j = text.find("#[cfg(test)]", i)
+        if j < 0:
+            out.append(text[i:])
+            break
+        out.append(text[i:j])
+        # Skip the item: to the end of its first balanced `{…}` or to a `;`.
+        k = j + len("#[cfg(test)]")
+        depth = 0
+        while k < len(text):
+            c = text[k]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    k += 1
+                    break
+            elif c == ";" and depth == 0:
+                k += 1
+                break
+            k += 1
+        i = k
+    return "".join(out)
+
+
+def expand_use(tree: str) -> list[tuple[str, str]]:
+    """`a::{b, c::{d as e}}` -> [("a::b", "b"), ("a::c::d", "e")]."""
+    tree = re.sub(r"\s+", "", tree)
+
+    def split_top(s: str) -> list[str]:
+        parts, depth, cur = [], 0, ""
+        for c in s:
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+            if c == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += c
+        if cur:
+            parts.append(cur)
+        return parts
+
+    def walk(prefix: str, s: str) -> list[tuple[str, str]]:
+        brace = s.find("{")
+        if brace >= 0 and s.endswith("}"):
+            head = s[:brace].rstrip(":")
+            base = f"{prefix}::{head}" if prefix and head else prefix or head
+            out = []
+            for part in split_top(s[brace + 1 : -1]):
+                out += walk(base, part)
+            return out
+        full = f"{prefix}::{s}" if prefix else s
+        if full.endswith("::self"):
+            full = full[: -len("::self")]
+        name = full.split("::")[-1]
+        return [(full, name)]
+
+    return walk("", tree)
+
+
+class Crate:
+    def __init__(self, root: Path):
+        self.root = root
+        self.files: dict[tuple[str, ...], Path] = {}
+        self.text: dict[tuple[str, ...], str] = {}
+        self._discover(("crate",), root / "lib.rs")
+        self.reexports: dict[tuple[str, ...], dict[str, tuple[str, ...]]] = {}
+        for mod, text in self.text.items():
+            self.reexports[mod] = {}
+            for m in re.finditer(r"\bpub(?:\([^)]*\))?\s+use\s+([^;]+);", text, re.S):
+                for full, name in self._expand(m.group(1)):
+                    self.reexports[mod][name] = self.absolute(mod, full.split("::"))
+
+    def _discover(self, mod: tuple[str, ...], path: Path) -> None:
+        self.files[mod] = path
+        self.text[mod] = strip_noise(path.read_text())
+        here = path.parent if path.name in ("lib.rs", "mod.rs") else path.with_suffix("")
+        for name in MOD_DECL_RE.findall(self.text[mod]):
+            for child in (here / f"{name}.rs", here / name / "mod.rs"):
+                if child.exists():
+                    self._discover(mod + (name,), child)
+                    break
+
+    @staticmethod
+    def _expand(tree: str) -> list[tuple[str, str]]:
+        # `as` renames survive whitespace removal only if we split on them first.
+        tree = re.sub(r"\s+as\s+(\w+)", r"@\1", tree)
+        out = []
+        for full, _ in expand_use(tree):
+            if "@" in full:
+                path, alias = full.split("@", 1)
+                out.append((path, alias))
+            else:
+                out.append((full, full.split("::")[-1]))
+        return out
+
+    def absolute(self, mod: tuple[str, ...], segs: list[str]) -> tuple[str, ...]:
+        path = list(mod)
+        if segs[0] == "crate":
+            path, segs = ["crate"], segs[1:]
+        elif segs[0] in ("super", "self"):
+            while segs and segs[0] in ("super", "self"):
+                if segs[0] == "super":
+                    path = path[:-1]
+                segs = segs[1:]
+        elif mod + (segs[0],) in self.files:
+            pass  # a child module, named without `self::`
+        else:
+            return tuple(["extern"] + segs)
+        return tuple(path + segs)
+
+    def resolve(self, path: tuple[str, ...], seen: int = 0) -> tuple[str, ...] | None:
+        """The module (file) that defines what `path` names."""
+        if not path or path[0] != "crate" or seen > 16:
+            return None
+        i = len(path)
+        while i > 0 and path[:i] not in self.files:
+            i -= 1
+        mod = path[:i]
+        if i < len(path):
+            exported = self.reexports.get(mod, {}).get(path[i])
+            if exported is not None and exported != path[: i + 1]:
+                return self.resolve(exported + path[i + 1 :], seen + 1) or mod
+        return mod
+
+    def edges(self) -> dict[tuple[str, ...], dict[tuple[str, ...], str]]:
+        """module -> {module it depends on: the first import line that says so}."""
+        graph: dict[tuple[str, ...], dict[tuple[str, ...], str]] = {}
+        for mod, text in self.text.items():
+            deps: dict[tuple[str, ...], str] = {}
+            paths: list[str] = []
+            for m in USE_RE.finditer(text):
+                paths += [p for p, _ in self._expand(m.group(1))]
+            body = USE_RE.sub("", text)
+            paths += [p.rstrip(":{") for p in PATH_RE.findall(body)]
+            children = [m[-1] for m in self.files if m[:-1] == mod]
+            if children:
+                child_re = re.compile(rf"(?<![\w:])((?:{'|'.join(children)})(?:::\w+)+)")
+                paths += child_re.findall(body)
+            for p in paths:
+                segs = p.split("::")
+                target = self.resolve(self.absolute(mod, segs))
+                if target is None or target == mod:
+                    continue
+                deps.setdefault(target, p)
+            graph[mod] = deps
+        return graph
+
+
+def cycles(graph: dict) -> list[list]:
+    """Strongly connected components with more than one member (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10000)
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def name(mod: tuple[str, ...]) -> str:
+    return "::".join(mod[1:]) or "crate"
+
+
+def main() -> int:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    root = Path(args[0] if args else "host/src")
+    crate = Crate(root)
+    graph = crate.edges()
+
+    folders: dict[str, dict[str, str]] = {}
+    for mod, deps in graph.items():
+        top = mod[1] if len(mod) > 1 else "crate"
+        for dep, line in deps.items():
+            dtop = dep[1] if len(dep) > 1 else "crate"
+            if dtop != top:
+                folders.setdefault(top, {}).setdefault(dtop, f"{name(mod)}: {line}")
+        folders.setdefault(top, {})
+
+    if "--graph" in sys.argv:
+        for top in sorted(folders):
+            print(f"{top} -> {', '.join(sorted(folders[top])) or '(nothing)'}")
+
+    found = 0
+    for level, g, label in (("file", graph, name), ("folder", folders, str)):
+        for comp in cycles(g):
+            found += 1
+            print(f"circle among {level}s: {', '.join(label(m) for m in comp)}")
+            members = set(comp)
+            for m in comp:
+                for dep, line in g[m].items():
+                    if dep in members:
+                        print(f"    {label(m)} -> {label(dep)}   ({line})")
+    n_files = len(graph)
+    if found:
+        print(f"{found} circle(s) among {n_files} modules")
+        return 1
+    print(f"no import circle among {n_files} modules ({len(folders)} folders)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
