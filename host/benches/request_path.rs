@@ -12,8 +12,9 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use modelyard::backend::TractBackend;
 use modelyard::config::Config;
+use modelyard::endpoint::{Build, EndpointSet};
 use modelyard::http::{OutputEncoding, decode_request, encode_response};
-use modelyard::pipeline::{Build, EndpointSet, InferRequest, Options, Pipeline};
+use modelyard::pipeline::{InferRequest, Options, Pipeline};
 use modelyard::plugins::{
     Datatype, Direction, Library, Limits, Plugin, PluginEngine, RequestContext, Tensor,
     VariantStats,

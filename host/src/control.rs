@@ -11,7 +11,8 @@ use std::time::Duration;
 use notify::RecursiveMode;
 
 use crate::config::{Config, EndpointConfig};
-use crate::pipeline::{Build, EndpointSet, Pipeline};
+use crate::endpoint::{Build, EndpointSet};
+use crate::pipeline::Pipeline;
 use crate::plugins::{Library, Limits, PluginEngine, PluginError};
 use crate::telemetry::{Change, audit};
 use crate::watch::{Watch, WatchError};

@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod endpoint;
 pub mod http;
 pub mod pipeline;
 pub mod plugins;

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::{ApiError, HttpState};
 use crate::config::Role;
-use crate::pipeline::{ActError, Endpoint, EndpointSet, compare};
+use crate::endpoint::{ActError, Endpoint, EndpointSet, compare};
 use crate::telemetry::{self, Change};
 
 type AppState = State<Arc<HttpState>>;
@@ -75,7 +75,7 @@ async fn admin_plugins(
 }
 
 /// A plugin as one endpoint binds it: its failures there and the last one's reason.
-fn binding<W: crate::plugins::World>(bound: &crate::pipeline::Bound<W>) -> serde_json::Value {
+fn binding<W: crate::plugins::World>(bound: &crate::endpoint::Bound<W>) -> serde_json::Value {
     json!({
         "plugin": bound.plugin,
         "failures": bound.pool.failures(),

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::codec::{self, HEADER_LENGTH};
 use super::trace::Traced;
 use super::{ApiError, HttpState, VARIANT_HEADER};
-use crate::pipeline::Feedback;
+use crate::endpoint::Feedback;
 use crate::registry::LoadedVersion;
 use crate::telemetry::{self, RequestLabels};
 
@@ -471,7 +471,7 @@ async fn feedback(
             format!(
                 "the answer '{}' has no `label` output or class scores to compare a label with, or more than {} rows; send a reward instead",
                 request.id,
-                crate::pipeline::LABELLED_ROWS
+                crate::endpoint::LABELLED_ROWS
             ),
         )),
         Feedback::Rows { expected, got } => Err(ApiError::new(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::endpoints::Endpoint;
+use crate::endpoint::Endpoint;
 use crate::telemetry::VariantFailure;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -138,7 +138,7 @@ impl Attempt {
                 let charged = &endpoint.variants[variant];
                 charged.stats.record(budget, true);
                 charged.stats.enter_past_budget();
-                super::charge(endpoint, charged, VariantFailure::Timeout);
+                charged.charge(&endpoint.name, VariantFailure::Timeout);
                 Some(variant)
             }
             Phase::Waiting | Phase::Abandoned(_) => None,

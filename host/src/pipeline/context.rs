@@ -1,9 +1,9 @@
 //! What plugins see of a request, and tensors in the plugins' form and back. Tensor data
 //! moves across without re-encoding: both sides keep elements as little-endian bytes.
 
-use super::endpoints::{Endpoint, Variant};
-use super::{Headers, InferRequest};
-use crate::plugins::{Datatype, RequestContext, Tensor as PluginTensor, VariantStats};
+use super::request::{Headers, InferRequest};
+use crate::endpoint::Endpoint;
+use crate::plugins::{Datatype, RequestContext, Tensor as PluginTensor};
 use crate::tensor::{DataType, Tensor};
 
 /// The request context for `endpoint`: targeting key from the `targeting_key` parameter or
@@ -45,23 +45,7 @@ pub fn build(
         targeting_key,
         attributes,
         seed,
-        now_ms: super::now_ms(),
-    }
-}
-
-pub fn variant_stats(variant: &Variant) -> VariantStats {
-    let (stats, recent) = variant.stats.snapshot_with_recent();
-    VariantStats {
-        name: variant.name.clone(),
-        model: variant.model.clone(),
-        version: variant.version.map(|v| v.to_string()).unwrap_or_default(),
-        requests: stats.requests,
-        errors: stats.errors,
-        latency_p50_us: stats.latency_p50_us,
-        latency_p99_us: stats.latency_p99_us,
-        reward_count: stats.reward_count,
-        reward_sum: stats.reward_sum,
-        recent_latency_us: recent,
+        now_ms: crate::telemetry::now_ms(),
     }
 }
 

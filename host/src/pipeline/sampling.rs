@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::{InferError, InferResponse};
+use super::request::{InferError, InferResponse};
 use crate::telemetry::{self, RequestRecord};
 use serde_json::value::RawValue;
 

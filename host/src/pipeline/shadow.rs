@@ -5,92 +5,17 @@
 //! shadow answer is compared with the primary's: top-class agreement for classifier
 //! outputs and labels, mean absolute difference for other numbers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use super::endpoints::Endpoint;
-use super::stats::{StatsSnapshot, VariantCounters};
-use super::{InferRequest, serve_variant};
+use super::request::InferRequest;
+use super::variant::serve_variant;
+use crate::endpoint::{Agreement, Endpoint};
 use crate::plugins::RequestContext;
 use crate::registry::ModelRepository;
-use crate::telemetry::{self, Comparison};
+use crate::telemetry::{self, ShadowOutcome};
 use crate::tensor::{DataType, Tensor};
-
-/// What one variant did in the shadow of an endpoint.
-#[derive(Default)]
-pub struct ShadowCounters {
-    /// Runs, errors and latency of the shadow's own answers.
-    runs: VariantCounters,
-    dropped: AtomicU64,
-    agreement: Mutex<Agreement>,
-}
-
-/// How a shadow's answers compared with the primary's.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Agreement {
-    /// Rows of class scores (argmax) and label elements compared, and how many matched.
-    pub compared: u64,
-    pub agreed: u64,
-    /// Other numbers compared, and the sum of their absolute differences.
-    pub values: u64,
-    pub abs_diff_sum: f64,
-    /// Outputs the shadow lacked or gave in another shape or datatype.
-    pub mismatched: u64,
-}
-
-impl Agreement {
-    fn add(&mut self, other: Agreement) {
-        self.compared += other.compared;
-        self.agreed += other.agreed;
-        self.values += other.values;
-        self.abs_diff_sum += other.abs_diff_sum;
-        self.mismatched += other.mismatched;
-    }
-}
-
-/// A copy of the counters for the admin API.
-#[derive(Debug, serde::Serialize)]
-pub struct ShadowReport {
-    pub runs: u64,
-    pub errors: u64,
-    pub dropped: u64,
-    pub latency_p50_us: u64,
-    pub latency_p99_us: u64,
-    /// Share of compared rows whose top class (or label) matched the primary's.
-    pub agreement: Option<f64>,
-    pub compared: u64,
-    pub mean_abs_diff: Option<f64>,
-    pub mismatched_outputs: u64,
-}
-
-impl ShadowCounters {
-    pub fn report(&self) -> ShadowReport {
-        let StatsSnapshot {
-            requests,
-            errors,
-            latency_p50_us,
-            latency_p99_us,
-            ..
-        } = self.runs.snapshot();
-        let a = *self
-            .agreement
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        ShadowReport {
-            runs: requests,
-            errors,
-            dropped: self.dropped.load(Ordering::Relaxed),
-            latency_p50_us,
-            latency_p99_us,
-            agreement: (a.compared > 0).then(|| a.agreed as f64 / a.compared as f64),
-            compared: a.compared,
-            mean_abs_diff: (a.values > 0).then(|| a.abs_diff_sum / a.values as f64),
-            mismatched_outputs: a.mismatched,
-        }
-    }
-}
 
 /// One request to replay on a shadow variant.
 pub struct ShadowJob {
@@ -129,7 +54,7 @@ impl ShadowQueue {
             self.jobs.try_send(job)
         {
             let variant = &job.endpoint.variants[job.variant];
-            variant.shadow.dropped.fetch_add(1, Ordering::Relaxed);
+            variant.shadow.dropped();
             if let Some(metrics) = telemetry::metrics() {
                 metrics.shadow_dropped(&job.endpoint.name, &variant.name);
             }
@@ -150,32 +75,22 @@ fn work(queue: &Receiver<ShadowJob>, repository: &ModelRepository) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serve_variant(repository, &job.endpoint, variant, &job.ctx, request)
         }));
-        let counters = &variant.shadow;
-        counters
-            .runs
-            .record(started.elapsed(), !matches!(result, Ok(Ok(_))));
-        let outcome = match &result {
-            Ok(Ok(answer)) => {
-                let agreement = compare(&job.primary, &answer.outputs);
-                counters
-                    .agreement
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .add(agreement);
-                if agreement.agreed < agreement.compared || agreement.mismatched > 0 {
-                    Comparison::Disagreed
-                } else {
-                    Comparison::Agreed
-                }
-            }
+        let compared = match &result {
+            Ok(Ok(answer)) => Some(compare(&job.primary, &answer.outputs)),
             Ok(Err(error)) => {
                 tracing::debug!(endpoint = %job.endpoint.name, shadow = %variant.name, %error, "shadow failed");
-                Comparison::Failed
+                None
             }
             Err(_) => {
                 tracing::warn!(endpoint = %job.endpoint.name, shadow = %variant.name, "shadow crashed");
-                Comparison::Failed
+                None
             }
+        };
+        variant.shadow.record(started.elapsed(), compared);
+        let outcome = match compared {
+            Some(a) if a.agreed < a.compared || a.mismatched > 0 => ShadowOutcome::Disagreed,
+            Some(_) => ShadowOutcome::Agreed,
+            None => ShadowOutcome::Failed,
         };
         if let Some(metrics) = telemetry::metrics() {
             metrics.shadow_compared(&job.endpoint.name, &variant.name, outcome);

@@ -2,7 +2,7 @@
 //! every mistake a client can make is a 400 that says what and where, and the backend
 //! only ever sees inputs it declared.
 
-use super::InferError;
+use super::request::InferError;
 use crate::registry::LoadedVersion;
 use crate::tensor::{Tensor, TensorSpec};
 

@@ -195,7 +195,7 @@ impl Load {
 
 /// How a shadow's answer compared with the primary's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Comparison {
+pub enum ShadowOutcome {
     /// Every compared row or label matched (or only numbers were compared).
     Agreed,
     Disagreed,
@@ -580,15 +580,15 @@ impl Metrics {
         outcome.count(&self.model_loads, model);
     }
 
-    pub fn shadow_compared(&self, endpoint: &str, variant: &str, result: Comparison) {
+    pub fn shadow_compared(&self, endpoint: &str, variant: &str, result: ShadowOutcome) {
         self.shadow_comparisons
             .get_or_create(&ComparisonLabels {
                 endpoint: endpoint.to_string(),
                 variant: variant.to_string(),
                 result: match result {
-                    Comparison::Agreed => "agreed",
-                    Comparison::Disagreed => "disagreed",
-                    Comparison::Failed => "failed",
+                    ShadowOutcome::Agreed => "agreed",
+                    ShadowOutcome::Disagreed => "disagreed",
+                    ShadowOutcome::Failed => "failed",
                 },
             })
             .inc();

@@ -23,8 +23,8 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use metrics::{
-    Comparison, InFlight, Load, Metrics, PluginFailure, PluginMeter, RequestLabels,
-    SchedulingMeters, Seconds, VariantFailure,
+    InFlight, Load, Metrics, PluginFailure, PluginMeter, RequestLabels, SchedulingMeters, Seconds,
+    ShadowOutcome, VariantFailure,
 };
 pub use store::{
     Change, Page, Query, RequestRecord, RouterState, StoreError, StoredChange, rfc3339,

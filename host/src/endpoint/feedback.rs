@@ -178,7 +178,7 @@ fn host_seq(id: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::stats::StatsBook;
+    use crate::endpoint::StatsBook;
 
     fn recorded(variant: &str, labels: Option<(u64, u64)>) -> Feedback {
         Feedback::Recorded {

@@ -4,7 +4,7 @@
 
 use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
 
-use super::StatsSnapshot;
+use super::stats::StatsSnapshot;
 
 /// One treatment compared with the control.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

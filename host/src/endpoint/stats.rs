@@ -1,6 +1,7 @@
 //! Per-variant counters the host keeps for routers: requests, errors and latency (a
 //! whole-life histogram, and the latencies of the most recent successful answers for
-//! judges of distributions over a window). They live outside the endpoint set, keyed by
+//! judges of distributions over a window); and what each variant did as a shadow (its own
+//! runs, copies dropped, agreement with the primary). They live outside the endpoint set, keyed by
 //! endpoint and variant, so a plugin swap or a configuration edit loses none of them.
 
 use std::collections::{HashMap, VecDeque};
@@ -11,7 +12,6 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use super::performance::Performance;
-use super::shadow::ShadowCounters;
 
 // How many of the latest successful answers' latencies routers see: the SDK's promise.
 use modelyard_sdk::RECENT_LATENCIES;
@@ -140,6 +140,96 @@ impl VariantCounters {
             reward_sum_squares,
         };
         (snapshot, also(&latency))
+    }
+}
+
+/// What one variant did in the shadow of an endpoint.
+#[derive(Default)]
+pub struct ShadowCounters {
+    /// Runs, errors and latency of the shadow's own answers.
+    runs: VariantCounters,
+    dropped: AtomicU64,
+    agreement: Mutex<Agreement>,
+}
+
+/// How a shadow's answers compared with the primary's.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Agreement {
+    /// Rows of class scores (argmax) and label elements compared, and how many matched.
+    pub compared: u64,
+    pub agreed: u64,
+    /// Other numbers compared, and the sum of their absolute differences.
+    pub values: u64,
+    pub abs_diff_sum: f64,
+    /// Outputs the shadow lacked or gave in another shape or datatype.
+    pub mismatched: u64,
+}
+
+impl Agreement {
+    fn add(&mut self, other: Agreement) {
+        self.compared += other.compared;
+        self.agreed += other.agreed;
+        self.values += other.values;
+        self.abs_diff_sum += other.abs_diff_sum;
+        self.mismatched += other.mismatched;
+    }
+}
+
+/// A copy of the counters for the admin API.
+#[derive(Debug, serde::Serialize)]
+pub struct ShadowReport {
+    pub runs: u64,
+    pub errors: u64,
+    pub dropped: u64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    /// Share of compared rows whose top class (or label) matched the primary's.
+    pub agreement: Option<f64>,
+    pub compared: u64,
+    pub mean_abs_diff: Option<f64>,
+    pub mismatched_outputs: u64,
+}
+
+impl ShadowCounters {
+    /// A copy that found the shadow queue full.
+    pub fn dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A shadow run that took `took`: how its answer compared, or `None` if it failed.
+    pub fn record(&self, took: Duration, compared: Option<Agreement>) {
+        self.runs.record(took, compared.is_none());
+        if let Some(agreement) = compared {
+            self.agreement
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .add(agreement);
+        }
+    }
+
+    pub fn report(&self) -> ShadowReport {
+        let StatsSnapshot {
+            requests,
+            errors,
+            latency_p50_us,
+            latency_p99_us,
+            ..
+        } = self.runs.snapshot();
+        let a = *self
+            .agreement
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        ShadowReport {
+            runs: requests,
+            errors,
+            dropped: self.dropped.load(Ordering::Relaxed),
+            latency_p50_us,
+            latency_p99_us,
+            agreement: (a.compared > 0).then(|| a.agreed as f64 / a.compared as f64),
+            compared: a.compared,
+            mean_abs_diff: (a.values > 0).then(|| a.abs_diff_sum / a.values as f64),
+            mismatched_outputs: a.mismatched,
+        }
     }
 }
 

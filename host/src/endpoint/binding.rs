@@ -6,13 +6,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::shadow::ShadowCounters;
-use super::stats::{StatsBook, VariantCounters};
-use super::strategy::{Recent, StrategyState};
+use super::decisions::Recent;
+use super::stats::{ShadowCounters, StatsBook, VariantCounters};
+use super::strategy::{ActError, StrategyState};
 use crate::config::{EndpointConfig, PluginRef, ProcessorFailure};
 use crate::plugins::{
-    FlagInfo, FlagsWorld, Library, Plugin, PluginEngine, Pool, ProcessorWorld, RouterWorld, World,
+    FlagInfo, FlagsWorld, Library, Plugin, PluginEngine, PluginError, Pool, ProcessorWorld,
+    RouterWorld, VariantStats, World,
 };
+use crate::telemetry::{VariantFailure, now_ms};
 
 /// One variant: a model, at a version or at its default.
 pub struct Variant {
@@ -21,6 +23,33 @@ pub struct Variant {
     pub version: Option<u64>,
     pub stats: Arc<VariantCounters>,
     pub shadow: Arc<ShadowCounters>,
+}
+
+impl Variant {
+    /// Counts a failure charged to this variant in the metrics; its statistics are
+    /// recorded where the failure is known, with the time it took.
+    pub fn charge(&self, endpoint: &str, failure: VariantFailure) {
+        if let Some(metrics) = crate::telemetry::metrics() {
+            metrics.variant_failed(endpoint, &self.name, failure);
+        }
+    }
+
+    /// The variant's counters as routers see them.
+    fn plugin_stats(&self) -> VariantStats {
+        let (stats, recent) = self.stats.snapshot_with_recent();
+        VariantStats {
+            name: self.name.clone(),
+            model: self.model.clone(),
+            version: self.version.map(|v| v.to_string()).unwrap_or_default(),
+            requests: stats.requests,
+            errors: stats.errors,
+            latency_p50_us: stats.latency_p50_us,
+            latency_p99_us: stats.latency_p99_us,
+            reward_count: stats.reward_count,
+            reward_sum: stats.reward_sum,
+            recent_latency_us: recent,
+        }
+    }
 }
 
 /// A flag whose value picks the variant: `(flag variant, index into variants)` pairs.
@@ -64,6 +93,65 @@ pub struct Endpoint {
     pub queue_seconds: Option<crate::telemetry::Seconds>,
     pub strategy: Arc<StrategyState>,
     pub recent: Arc<Recent>,
+}
+
+impl Endpoint {
+    /// Applies an operator's `action` (JSON `args`) through the router; returns the router's
+    /// description of the new state.
+    pub fn act(&self, action: &str, args: &str) -> Result<serde_json::Value, ActError> {
+        let router = self
+            .router
+            .as_ref()
+            .ok_or_else(|| ActError::NoRouter(self.name.clone()))?;
+        for _ in 0..8 {
+            let stats = self.stats();
+            let seen = self.strategy.load();
+            let new = router
+                .pool
+                .act(action, args, &seen, &stats, now_ms())
+                .map_err(|error| match error {
+                    PluginError::Failed { message, .. } => ActError::Refused {
+                        endpoint: self.name.clone(),
+                        message,
+                    },
+                    source => ActError::Plugin {
+                        endpoint: self.name.clone(),
+                        source,
+                    },
+                })?;
+            if self.strategy.replace(&seen, new) {
+                return Ok(self.describe_strategy().unwrap_or_default());
+            }
+        }
+        Err(ActError::Contended(self.name.clone()))
+    }
+
+    /// The router's account of its state; `None` without a router.
+    pub fn describe_strategy(&self) -> Option<serde_json::Value> {
+        let router = self.router.as_ref()?;
+        let described = router
+            .pool
+            .describe(&self.strategy.load(), &self.stats())
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
+        Some(described.unwrap_or_else(|error| serde_json::json!({ "error": error })))
+    }
+
+    /// Each flags plugin's flags, or why it cannot say.
+    pub fn flag_infos(&self) -> Vec<(String, Result<Vec<FlagInfo>, String>)> {
+        self.flags
+            .iter()
+            .map(|f| {
+                let infos = f.pool.describe(now_ms()).map_err(|e| e.to_string());
+                (f.plugin.clone(), infos)
+            })
+            .collect()
+    }
+
+    /// Every variant's statistics, as routers see them.
+    pub fn stats(&self) -> Vec<VariantStats> {
+        self.variants.iter().map(Variant::plugin_stats).collect()
+    }
 }
 
 /// Every endpoint, and why those that cannot serve cannot.
@@ -397,7 +485,7 @@ fn as_flags(plugin: Plugin) -> Result<Pool<FlagsWorld>, &'static str> {
 fn flag_definitions(endpoint: &str, flags: &[Bound<FlagsWorld>]) -> BTreeMap<String, FlagInfo> {
     let mut declared = BTreeMap::new();
     for bound in flags {
-        match bound.pool.describe(super::now_ms()) {
+        match bound.pool.describe(now_ms()) {
             Ok(infos) => {
                 for info in infos.iter().filter(|f| f.expired) {
                     let expiry = info

@@ -1,0 +1,160 @@
+//! A request on its way through the pipeline: the decoded request, the answer, the errors
+//! it can end in, and the rules every path shares (the queue deadline a request sets, the
+//! outputs it asks for, a failed model call as the request's error).
+
+use std::time::Instant;
+
+use crate::registry::{LoadedVersion, LookupError};
+use crate::runner::RunFailure;
+use crate::telemetry::VariantFailure;
+use crate::tensor::Tensor;
+
+/// A decoded inference request.
+#[derive(Clone, Debug, Default)]
+pub struct InferRequest {
+    pub id: Option<String>,
+    pub inputs: Vec<Tensor>,
+    /// The outputs wanted, in the order wanted; `None` for all of them.
+    pub outputs: Option<Vec<String>>,
+    /// The request's OIP `parameters` with scalar values, as text: plugins see them as
+    /// attributes (`targeting_key` becomes the targeting key).
+    pub parameters: Vec<(String, String)>,
+    /// The W3C trace the request belongs to, for the request log.
+    pub trace_id: Option<String>,
+}
+
+/// What the model answered, ready to encode.
+#[derive(Debug)]
+pub struct InferResponse {
+    /// The name the client called: the model's, or the endpoint's.
+    pub model: String,
+    /// The model that ran: for an endpoint, the answering variant's.
+    pub source_model: String,
+    pub version: u64,
+    pub id: Option<String>,
+    pub outputs: Vec<Tensor>,
+    /// The endpoint variant that answered, if an endpoint was called.
+    pub variant: Option<String>,
+    /// Whether the endpoint's fallback variant answered because the routed one failed or
+    /// was too slow.
+    pub fallback: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// The request does not fit the model; the message says where.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("model '{model}' version {version} failed to run: {reason}")]
+    Backend {
+        model: String,
+        version: u64,
+        reason: String,
+    },
+    /// The backend panicked running the model; caught, and this run alone failed.
+    #[error("model '{model}' version {version} failed to run: the backend crashed ({panic})")]
+    Crashed {
+        model: String,
+        version: u64,
+        panic: String,
+    },
+    /// The model's queue is full, or the request's timeout passed while it waited: 503,
+    /// to be retried.
+    #[error("model '{model}' version {version} is overloaded: {reason}")]
+    Overloaded {
+        model: String,
+        version: u64,
+        reason: String,
+    },
+    /// A processor failed and the endpoint's policy is to fail the request.
+    #[error("endpoint '{endpoint}': {reason}")]
+    Plugin { endpoint: String, reason: String },
+    /// Any of the above, from the endpoint variant that was serving the request.
+    #[error("{error}")]
+    Variant {
+        variant: String,
+        error: Box<InferError>,
+    },
+}
+
+impl InferError {
+    /// How a variant that failed this way is charged.
+    pub(super) fn failure(&self) -> VariantFailure {
+        match self {
+            InferError::Crashed { .. } => VariantFailure::Crash,
+            InferError::Overloaded { .. } => VariantFailure::Refused,
+            _ => VariantFailure::Error,
+        }
+    }
+}
+
+/// Looks a request header up by lowercase name.
+pub type Headers<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
+
+/// A failed model call as the request's error, naming the model and version.
+pub(super) fn model_failed(target: &LoadedVersion, failure: RunFailure) -> InferError {
+    let (model, version) = (target.model.clone(), target.version);
+    match failure {
+        RunFailure::Rejected(reason) => InferError::Invalid(format!(
+            "model '{model}' version {version} cannot take this input: {reason}"
+        )),
+        RunFailure::Failed(reason) => InferError::Backend {
+            model,
+            version,
+            reason,
+        },
+        RunFailure::Crashed(panic) => InferError::Crashed {
+            model,
+            version,
+            panic,
+        },
+        RunFailure::ShuttingDown => shutting_down(&model),
+        overloaded @ (RunFailure::QueueFull(_) | RunFailure::TimedOut(_)) => {
+            tracing::warn!(model = %model, version, reason = %overloaded, "request not run");
+            InferError::Overloaded {
+                model,
+                version,
+                reason: overloaded.to_string(),
+            }
+        }
+    }
+}
+
+/// No more inference slots: the server is stopping.
+pub(super) fn shutting_down(what: &str) -> InferError {
+    InferError::Lookup(LookupError::Unavailable(format!(
+        "the server is shutting down; '{what}' is not served any more"
+    )))
+}
+
+/// The deadline a request's OIP `timeout` parameter (microseconds) sets on its wait in
+/// the queue.
+pub(super) fn queue_deadline(
+    parameters: &[(String, String)],
+) -> Result<Option<Instant>, InferError> {
+    let Some((_, timeout)) = parameters.iter().find(|(k, _)| k == "timeout") else {
+        return Ok(None);
+    };
+    let micros: u64 = timeout.parse().map_err(|_| {
+        InferError::Invalid(format!(
+            "parameter 'timeout' is '{timeout}'; it is a whole number of microseconds"
+        ))
+    })?;
+    Ok(Instant::now().checked_add(std::time::Duration::from_micros(micros)))
+}
+
+/// The `wanted` outputs, in that order; all of them when nothing was asked for.
+pub(super) fn select(mut outputs: Vec<Tensor>, wanted: Option<Vec<String>>) -> Vec<Tensor> {
+    let Some(wanted) = wanted else {
+        return outputs;
+    };
+    wanted
+        .into_iter()
+        .filter_map(|name| {
+            let ix = outputs.iter().position(|t| t.name == name)?;
+            Some(outputs.swap_remove(ix))
+        })
+        .collect()
+}
