@@ -20,6 +20,7 @@ use modelyard::plugins::{
     VariantStats,
 };
 use modelyard::registry::ModelRepository;
+use modelyard::telemetry::Telemetry;
 use tract_onnx::prelude::*;
 
 const ROW: [f32; 4] = [5.1, 3.5, 1.4, 0.2];
@@ -139,7 +140,11 @@ fn benches(c: &mut Criterion) {
     });
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let repository = Arc::new(ModelRepository::new(models().to_path_buf()));
+    let telemetry = Telemetry::off();
+    let repository = Arc::new(ModelRepository::new(
+        models().to_path_buf(),
+        telemetry.clone(),
+    ));
     let pipeline = Pipeline::new(
         repository.clone(),
         Options {
@@ -149,6 +154,7 @@ fn benches(c: &mut Criterion) {
             shadow_queue: 1024,
             seed: Some(7),
         },
+        telemetry,
     );
     runtime.block_on(async {
         let _watch = repository.watch().unwrap();
@@ -386,7 +392,12 @@ fn plugin_chain(
     // The same, with the pooling allocator, where this host allows its reservation.
     match PluginEngine::new(Limits::default(), None, true) {
         Ok(pooled) => {
-            let library = Library::scan(&pooled, plugins.path(), &Library::default());
+            let library = Library::scan(
+                &pooled,
+                plugins.path(),
+                &Library::default(),
+                &Telemetry::off(),
+            );
             let prepared = library.files["weighted"].prepared.clone().unwrap();
             let config = r#"{"weights":{"stable":1,"candidate":1}}"#.to_string();
             let Ok(Plugin::Router(router)) = pooled.bind(&prepared, config) else {
@@ -424,13 +435,15 @@ fn plugin_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 /// pipeline's statistics.
 fn bind(pipeline: &Pipeline, plugins: &Path, config: &Config) -> (Library, EndpointSet) {
     let engine = PluginEngine::new(Limits::default(), None, false).unwrap();
-    let library = Library::scan(&engine, plugins, &Library::default());
+    let telemetry = Telemetry::off();
+    let library = Library::scan(&engine, plugins, &Library::default(), &telemetry);
     let endpoints = Build {
         configs: &config.endpoints,
         library: &library,
         engine: &engine,
         previous: &EndpointSet::default(),
         stats: pipeline.stats(),
+        telemetry: &telemetry,
         resume: false,
     }
     .run();

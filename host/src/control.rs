@@ -14,7 +14,7 @@ use crate::config::{Config, EndpointConfig};
 use crate::endpoint::{Build, EndpointSet};
 use crate::pipeline::Pipeline;
 use crate::plugins::{Library, Limits, PluginEngine, PluginError};
-use crate::telemetry::{Change, audit};
+use crate::telemetry::{Change, Telemetry};
 use crate::watch::{Watch, WatchError};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,7 @@ struct Control {
     endpoints: BTreeMap<String, EndpointConfig>,
     library: Library,
     pipeline: Arc<Pipeline>,
+    telemetry: Arc<Telemetry>,
     /// Each flag's state and default variant, `(endpoint, flag)` → summary, as of the last
     /// refresh: what a flag flip is told by. `None` before the first refresh, whose flags
     /// are the starting point, not flips.
@@ -51,7 +52,7 @@ impl Control {
                 Ok(config) if config.endpoints != self.endpoints => {
                     // One entry per endpoint, so the trail filtered by endpoint finds it.
                     for (endpoint, how) in changed_endpoints(&self.endpoints, &config.endpoints) {
-                        audit(Change {
+                        self.telemetry.audit(Change {
                             endpoint: Some(endpoint.to_string()),
                             detail: Some(format!("endpoint '{endpoint}' {how}")),
                             ..Change::new("config.applied", "file", file.display().to_string())
@@ -62,14 +63,19 @@ impl Control {
                 Ok(_) => {}
                 Err(error) => {
                     tracing::error!(%error, "configuration edit refused; the previous configuration stays in force");
-                    audit(Change {
+                    self.telemetry.audit(Change {
                         detail: Some(error.to_string()),
                         ..Change::new("config.refused", "file", file.display().to_string())
                     });
                 }
             }
         }
-        self.library = Library::scan(&self.engine, &self.plugin_dir, &self.library);
+        self.library = Library::scan(
+            &self.engine,
+            &self.plugin_dir,
+            &self.library,
+            &self.telemetry,
+        );
         let previous = self.pipeline.endpoints();
         let endpoints = Build {
             configs: &self.endpoints,
@@ -77,13 +83,14 @@ impl Control {
             engine: &self.engine,
             previous: &previous,
             stats: self.pipeline.stats(),
+            telemetry: &self.telemetry,
             // `flags` is set at the end of the first refresh: this is the one at start.
             resume: self.flags.is_none(),
         }
         .run();
         for (name, error) in &endpoints.errors {
             if previous.errors.get(name) != Some(error) {
-                audit(Change {
+                self.telemetry.audit(Change {
                     endpoint: Some(name.clone()),
                     detail: Some(error.clone()),
                     ..Change::new("endpoint.refused", "file", name.clone())
@@ -95,7 +102,7 @@ impl Control {
             for ((endpoint, flag), now) in &flags {
                 let before = previous.get(&(endpoint.clone(), flag.clone()));
                 if before != Some(now) {
-                    audit(Change {
+                    self.telemetry.audit(Change {
                         endpoint: Some(endpoint.clone()),
                         from: before.cloned(),
                         to: Some(now.clone()),
@@ -150,6 +157,7 @@ pub async fn start(
     config: &Config,
     config_file: Option<PathBuf>,
     pipeline: Arc<Pipeline>,
+    telemetry: Arc<Telemetry>,
 ) -> Result<tokio::task::JoinHandle<()>, ControlError> {
     let plugin_dir = config.plugins.dir.clone();
     std::fs::create_dir_all(&plugin_dir).map_err(|source| ControlError::PluginDir {
@@ -210,6 +218,7 @@ pub async fn start(
         endpoints: config.endpoints.clone(),
         library: Library::default(),
         pipeline,
+        telemetry,
         flags: None,
     });
     control = refresh(control).await;

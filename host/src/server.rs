@@ -12,7 +12,7 @@ use crate::control;
 use crate::http::{self, HttpState};
 use crate::pipeline::{Options, Pipeline};
 use crate::registry::{ModelRepository, WatchError};
-use crate::telemetry::{self, drift};
+use crate::telemetry::{self, Telemetry, drift};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -46,12 +46,15 @@ pub async fn run(
         Some(addr) if config.server.metrics => Some(bind(addr).await?),
         _ => None,
     };
-    telemetry::install(&config.monitoring, config.server.metrics)?;
+    let telemetry = Telemetry::start(&config.monitoring, config.server.metrics)?;
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     if let Some(library) = &config.models.onnxruntime_library {
         crate::backend::onnxruntime::configure(library.clone());
     }
-    let repository = Arc::new(ModelRepository::new(config.models.dir.clone()));
+    let repository = Arc::new(ModelRepository::new(
+        config.models.dir.clone(),
+        telemetry.clone(),
+    ));
     let watcher = repository.watch()?;
     let pipeline = Arc::new(Pipeline::new(
         repository,
@@ -64,14 +67,17 @@ pub async fn run(
             shadow_queue: config.server.shadow_queue,
             seed: config.server.seed,
         },
+        telemetry.clone(),
     ));
-    let control = control::start(config, config_file, pipeline.clone()).await?;
+    let control = control::start(config, config_file, pipeline.clone(), telemetry.clone()).await?;
     let drift = tokio::spawn(judge_drift(
         pipeline.repository().clone(),
+        telemetry.clone(),
         Duration::from_millis(config.monitoring.drift_interval_ms.max(10)),
     ));
     let state = Arc::new(HttpState {
         pipeline,
+        telemetry: telemetry.clone(),
         max_body_bytes: config.server.max_body_bytes,
         tokens,
         metrics_here: metrics_listener.is_none(),
@@ -81,7 +87,7 @@ pub async fn run(
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving /metrics");
         }
-        tokio::spawn(http::serve_metrics(listener))
+        tokio::spawn(http::serve_metrics(listener, telemetry.clone()))
     });
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -106,7 +112,7 @@ pub async fn run(
     watcher.abort();
     control.abort();
     drift.abort();
-    telemetry::shutdown();
+    telemetry.shutdown();
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();
     }
@@ -125,7 +131,7 @@ async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
 
 /// Recomputes every model version's drift on a timer, so that metrics stay current and
 /// flips are logged without anyone asking.
-async fn judge_drift(repository: Arc<ModelRepository>, every: Duration) {
+async fn judge_drift(repository: Arc<ModelRepository>, telemetry: Arc<Telemetry>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -136,7 +142,7 @@ async fn judge_drift(repository: Arc<ModelRepository>, every: Duration) {
         for model in snapshot.models.values() {
             for (version, entry) in &model.versions {
                 if let Some(monitor) = entry.loaded.as_ref().and_then(|l| l.drift.as_ref()) {
-                    drift::judge(&model.name, *version, monitor);
+                    drift::judge(&telemetry, &model.name, *version, monitor);
                 }
             }
         }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, type_proto};
 
-use super::RunError;
+use super::graph::RunError;
 use crate::tensor::{DataType, Tensor};
 
 /// ONNX's element type numbers (`TensorProto.DataType`) that the checks below tell apart.

@@ -21,7 +21,11 @@ use wasmtime_wasi_nn::Graph;
 use wasmtime_wasi_nn::backend::{BackendError, BackendFromDir, BackendInner};
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
 
-use super::{Device, Engine, LoadOptions, LoadedGraph, RunError, Runnable, limits};
+use super::graph::{
+    Device, Engine, LoadOptions, LoadedGraph, RunError, Runnable, TensorOverride, UnknownOverride,
+    bytes_data, strings,
+};
+use super::limits;
 use crate::tensor::{DataType, Tensor, TensorSpec};
 
 const LIBRARY: &str = "libonnxruntime.so";
@@ -46,7 +50,7 @@ pub enum OrtError {
         what: String,
     },
     #[error(transparent)]
-    UnknownOverride(#[from] super::UnknownOverride),
+    UnknownOverride(#[from] UnknownOverride),
     #[error(
         "model.toml declares {kind} '{name}' as {declared}, but the model file says {actual} \
          (ONNX Runtime takes types from the file)"
@@ -345,7 +349,7 @@ fn tensor_spec(kind: &'static str, name: &str, ty: &ValueType) -> Result<TensorS
 fn apply_overrides(
     kind: &'static str,
     specs: &mut [TensorSpec],
-    overrides: &[super::TensorOverride],
+    overrides: &[TensorOverride],
 ) -> Result<(), OrtError> {
     for o in overrides {
         let available = specs
@@ -354,7 +358,7 @@ fn apply_overrides(
             .collect::<Vec<_>>()
             .join(", ");
         let Some(spec) = specs.iter_mut().find(|s| s.name == o.name) else {
-            return Err(OrtError::UnknownOverride(super::UnknownOverride {
+            return Err(OrtError::UnknownOverride(UnknownOverride {
                 kind,
                 name: o.name.clone(),
                 available,
@@ -450,7 +454,7 @@ impl Runnable for OrtGraph {
 fn to_ort(tensor: Tensor) -> Result<DynValue, RunError> {
     let shape: Vec<i64> = tensor.shape.iter().map(|&d| d as i64).collect();
     if tensor.datatype == DataType::Bytes {
-        let strings = super::strings(&tensor)?;
+        let strings = strings(&tensor)?;
         return ort::value::Tensor::from_string_array((shape, strings.as_slice()))
             .map(|t| t.into_dyn())
             .map_err(|e| RunError::Failed(format!("input '{}': {e}", tensor.name)));
@@ -496,7 +500,7 @@ fn from_ort(name: String, value: DynValue) -> Result<Tensor, RunError> {
         let (_, strings) = value
             .try_extract_strings()
             .map_err(|e| failed(e.to_string()))?;
-        super::bytes_data(&name, &strings)?
+        bytes_data(&name, &strings)?
     } else {
         let tensor = value
             .downcast::<DynTensorValueType>()

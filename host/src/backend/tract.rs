@@ -11,25 +11,19 @@ use wasmtime_wasi_nn::Graph;
 use wasmtime_wasi_nn::backend::{BackendError, BackendFromDir, BackendInner};
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
 
-use super::{Device, Engine, LoadedGraph, RunError, Runnable, limits};
+use super::graph::{
+    Device, Engine, LoadedGraph, RunError, Runnable, TensorOverride, UnknownOverride, bytes_data,
+    strings,
+};
+use super::limits;
 use crate::tensor::{DataType, Tensor, TensorSpec};
-
-/// What `model.toml` may say about an input or output the ONNX file leaves open: its
-/// datatype, its shape (with `-1` for a dimension that varies per request), or both.
-#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TensorOverride {
-    pub name: String,
-    pub datatype: Option<DataType>,
-    pub shape: Option<Vec<i64>>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TractError {
     #[error("not an ONNX model tract can read: {0:#}")]
     Parse(tract_onnx::prelude::TractError),
     #[error(transparent)]
-    UnknownOverride(#[from] super::UnknownOverride),
+    UnknownOverride(#[from] UnknownOverride),
     #[error(
         "model.toml gives {kind} '{name}' the shape {shape:?}; dimensions are -1 or at least 0"
     )]
@@ -119,7 +113,7 @@ impl TractBackend {
         ] {
             for o in overrides {
                 let ix = names.iter().position(|n| *n == o.name).ok_or_else(|| {
-                    TractError::UnknownOverride(super::UnknownOverride {
+                    TractError::UnknownOverride(UnknownOverride {
                         kind,
                         name: o.name.clone(),
                         available: names.join(", "),
@@ -335,7 +329,7 @@ fn to_tract(tensor: Tensor) -> Result<TractTensor, RunError> {
         ))
     })?;
     if tensor.datatype == DataType::Bytes {
-        let strings = super::strings(&tensor)?;
+        let strings = strings(&tensor)?;
         return tract_ndarray::ArrayD::from_shape_vec(tensor.shape.as_slice(), strings)
             .map(TractTensor::from)
             .map_err(|e| RunError::Rejected(format!("input '{}': {e}", tensor.name)));
@@ -374,7 +368,7 @@ fn from_tract(name: String, value: &TValue) -> Result<Tensor, RunError> {
         let strings = value
             .to_plain_array_view::<String>()
             .map_err(|e| RunError::Failed(format!("output '{name}': {e}")))?;
-        super::bytes_data(&name, strings.iter())?
+        bytes_data(&name, strings.iter())?
     } else {
         value.as_bytes().to_vec()
     };

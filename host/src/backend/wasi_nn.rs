@@ -11,7 +11,7 @@ use wasmtime_wasi_nn::backend::{
 use wasmtime_wasi_nn::wit::TensorType;
 use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor as NnTensor};
 
-use super::{LoadedGraph, RunError, Runnable};
+use super::graph::{LoadedGraph, RunError, Runnable};
 use crate::tensor::{DataType, Tensor};
 
 impl From<RunError> for BackendError {

@@ -14,7 +14,7 @@ use crate::plugins::{
     FlagInfo, FlagsWorld, Library, Plugin, PluginEngine, PluginError, Pool, ProcessorWorld,
     RouterWorld, VariantStats, World,
 };
-use crate::telemetry::{VariantFailure, now_ms};
+use crate::telemetry::{Telemetry, VariantFailure, now_ms};
 
 /// One variant: a model, at a version or at its default.
 pub struct Variant {
@@ -26,14 +26,6 @@ pub struct Variant {
 }
 
 impl Variant {
-    /// Counts a failure charged to this variant in the metrics; its statistics are
-    /// recorded where the failure is known, with the time it took.
-    pub fn charge(&self, endpoint: &str, failure: VariantFailure) {
-        if let Some(metrics) = crate::telemetry::metrics() {
-            metrics.variant_failed(endpoint, &self.name, failure);
-        }
-    }
-
     /// The variant's counters as routers see them.
     fn plugin_stats(&self) -> VariantStats {
         let (stats, recent) = self.stats.snapshot_with_recent();
@@ -93,9 +85,19 @@ pub struct Endpoint {
     pub queue_seconds: Option<crate::telemetry::Seconds>,
     pub strategy: Arc<StrategyState>,
     pub recent: Arc<Recent>,
+    /// Where its metrics, audit records and router state go.
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Endpoint {
+    /// Counts a failure charged to `variant` in the metrics; its statistics are recorded
+    /// where the failure is known, with the time it took.
+    pub fn charge(&self, variant: &Variant, failure: VariantFailure) {
+        if let Some(metrics) = self.telemetry.metrics() {
+            metrics.variant_failed(&self.name, &variant.name, failure);
+        }
+    }
+
     /// Applies an operator's `action` (JSON `args`) through the router; returns the router's
     /// description of the new state.
     pub fn act(&self, action: &str, args: &str) -> Result<serde_json::Value, ActError> {
@@ -218,6 +220,7 @@ pub struct Build<'a> {
     pub engine: &'a PluginEngine,
     pub previous: &'a EndpointSet,
     pub stats: &'a StatsBook,
+    pub telemetry: &'a Arc<Telemetry>,
     /// The first build since the server started: routers continue from the state the
     /// database kept for them.
     pub resume: bool,
@@ -334,6 +337,10 @@ impl Build<'_> {
             .map(|(i, f)| self.bind(f, before.and_then(|b| b.flags.get(i)), as_flags))
             .collect::<Result<_, _>>()?;
         let flag_definitions = flag_definitions(name, &flags);
+        if let Some(metrics) = self.telemetry.metrics() {
+            let declared = flag_definitions.iter();
+            metrics.know_endpoint(name, declared.map(|(k, f)| (k.as_str(), &f.variants[..])));
+        }
         // The router's state belongs to this router, these settings and these variants: it
         // carries over while they stay, and so does what the database keeps of it. A state
         // written for `canary = "iris@1"` means nothing once the canary is `iris@3`.
@@ -348,7 +355,12 @@ impl Build<'_> {
                     tracing::info!(endpoint = %name, state = %dropped, "the router, its configuration or the variants changed; its state starts afresh");
                 }
                 Arc::new(identity.map_or_else(Default::default, |identity| {
-                    StrategyState::kept(name, identity, self.resume && before.is_none())
+                    StrategyState::kept(
+                        self.telemetry.clone(),
+                        name,
+                        identity,
+                        self.resume && before.is_none(),
+                    )
                 }))
             }
         };
@@ -376,9 +388,10 @@ impl Build<'_> {
             flag_route,
             segment_by: config.segment_by.clone(),
             flag_definitions,
-            queue_seconds: crate::telemetry::metrics().map(|m| m.queue_seconds(name)),
+            queue_seconds: self.telemetry.metrics().map(|m| m.queue_seconds(name)),
             strategy,
             recent: before.map(|b| b.recent.clone()).unwrap_or_default(),
+            telemetry: self.telemetry.clone(),
         })
     }
 
@@ -454,7 +467,7 @@ impl Build<'_> {
             plugin: wanted.plugin.clone(),
             hash: file.hash.clone(),
             config,
-            pool: Arc::new(pool),
+            pool: Arc::new(pool.metered(self.telemetry.metrics())),
         })
     }
 }

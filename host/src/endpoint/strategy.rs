@@ -9,37 +9,65 @@ use std::sync::{Arc, Mutex, PoisonError};
 use arc_swap::ArcSwap;
 
 use crate::plugins::PluginError;
-use crate::telemetry;
+use crate::telemetry::{RouterState, Telemetry};
 
 /// The router's state as it last returned it (JSON; empty at first).
 #[derive(Default)]
 pub struct StrategyState {
     state: ArcSwap<String>,
-    /// The endpoint and the router (plugin, configuration, variants) it is kept under.
-    kept_as: Option<(String, String)>,
+    /// Where the state is kept, for an endpoint with a router.
+    kept_as: Option<Kept>,
     /// Orders each change with its write to the database, so the database never ends on
     /// an older state than memory (a rollback racing a request's change).
     writing: Mutex<()>,
+}
+
+/// The endpoint and the router (plugin, configuration, variants) a state is kept under.
+struct Kept {
+    endpoint: String,
+    router: String,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Kept {
+    /// Writes the state to the database, for a restart to continue from.
+    fn keep(&self, state: String) {
+        self.telemetry.keep_router_state(RouterState {
+            endpoint: self.endpoint.clone(),
+            router: self.router.clone(),
+            state,
+        });
+    }
 }
 
 impl StrategyState {
     /// The state of `endpoint`'s `router`, kept in the database as it changes; with
     /// `resume`, starting from what the database kept for exactly that router, otherwise
     /// empty (written so, so that a restart does not bring back an older router's state).
-    pub fn kept(endpoint: &str, router: String, resume: bool) -> StrategyState {
-        let kept = resume
-            .then(|| telemetry::kept_router_state(endpoint, &router))
+    pub fn kept(
+        telemetry: Arc<Telemetry>,
+        endpoint: &str,
+        router: String,
+        resume: bool,
+    ) -> StrategyState {
+        let state = resume
+            .then(|| telemetry.kept_router_state(endpoint, &router))
             .flatten()
             .filter(|state| !state.is_empty());
-        match &kept {
+        let kept = Kept {
+            endpoint: endpoint.to_string(),
+            router,
+            telemetry,
+        };
+        match &state {
             Some(state) => {
                 tracing::info!(endpoint, %state, "the router continues from the state kept before the restart");
             }
-            None => keep(endpoint, &router, String::new()),
+            None => kept.keep(String::new()),
         }
         StrategyState {
-            state: ArcSwap::from_pointee(kept.unwrap_or_default()),
-            kept_as: Some((endpoint.to_string(), router)),
+            state: ArcSwap::from_pointee(state.unwrap_or_default()),
+            kept_as: Some(kept),
             writing: Mutex::new(()),
         }
     }
@@ -50,7 +78,7 @@ impl StrategyState {
 
     /// The router the state belongs to; `None` for an endpoint without one.
     pub fn router(&self) -> Option<&str> {
-        self.kept_as.as_ref().map(|(_, router)| router.as_str())
+        self.kept_as.as_ref().map(|kept| kept.router.as_str())
     }
 
     /// Replaces `seen` with `new` unless someone replaced it meanwhile (an operator's
@@ -60,20 +88,11 @@ impl StrategyState {
         let new = Arc::new(new);
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let replaced = Arc::ptr_eq(&self.state.compare_and_swap(seen, new.clone()), seen);
-        if replaced && let Some((endpoint, router)) = &self.kept_as {
-            keep(endpoint, router, new.to_string());
+        if replaced && let Some(kept) = &self.kept_as {
+            kept.keep(new.to_string());
         }
         replaced
     }
-}
-
-/// Writes `endpoint`'s router state to the database, for a restart to continue from.
-fn keep(endpoint: &str, router: &str, state: String) {
-    telemetry::keep_router_state(telemetry::RouterState {
-        endpoint: endpoint.to_string(),
-        router: router.to_string(),
-        state,
-    });
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -12,10 +12,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use super::{ApiError, HttpState};
+use super::error::{ApiError, blocking};
+use super::monitor;
+use super::state::HttpState;
 use crate::config::Role;
 use crate::endpoint::{ActError, Endpoint, EndpointSet, compare};
-use crate::telemetry::{self, Change};
+use crate::telemetry::Change;
 
 type AppState = State<Arc<HttpState>>;
 
@@ -26,11 +28,11 @@ pub(super) fn routes() -> Router<Arc<HttpState>> {
         .route("/admin/endpoints", get(admin_endpoints))
         .route("/admin/endpoints/{endpoint}", get(admin_endpoint))
         .route("/admin/endpoints/{endpoint}/{action}", post(admin_act))
-        .route("/admin/audit", get(super::monitor::audit))
-        .route("/admin/requests", get(super::monitor::requests))
-        .route("/admin/drift/{model}", get(super::monitor::drift))
-        .route("/admin/models/{model}/card", get(super::monitor::card))
-        .route("/admin/status", get(super::monitor::status))
+        .route("/admin/audit", get(monitor::audit))
+        .route("/admin/requests", get(monitor::requests))
+        .route("/admin/drift/{model}", get(monitor::drift))
+        .route("/admin/models/{model}/card", get(monitor::card))
+        .route("/admin/status", get(monitor::status))
 }
 
 fn unix_seconds(time: Option<std::time::SystemTime>) -> serde_json::Value {
@@ -139,19 +141,6 @@ fn endpoint(set: &EndpointSet, name: &str) -> Result<Arc<Endpoint>, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no endpoint '{name}'")))
 }
 
-/// Plugin calls may block (WASI), so they run on the blocking pool.
-pub(super) async fn blocking<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(|join| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{what} crashed ({join})"),
-        )
-    })
-}
-
 /// One endpoint in full: its summary, the router's strategy state, its flags (with
 /// expired ones marked), the last routing decisions and what its shadows did.
 async fn admin_endpoint(
@@ -248,13 +237,17 @@ async fn admin_act(
                 "promote" => "endpoint.promote",
                 _ => "endpoint.rollback",
             };
-            telemetry::audit(change(kind, format!("{action} {args}")));
+            state
+                .telemetry
+                .audit(change(kind, format!("{action} {args}")));
             Ok(Json(
                 json!({ "endpoint": name, "action": action, "strategy": strategy }),
             ))
         }
         Err(error) => {
-            telemetry::audit(change("admin.refused", format!("{action} {args}: {error}")));
+            state
+                .telemetry
+                .audit(change("admin.refused", format!("{action} {args}: {error}")));
             let status = match error {
                 ActError::Refused { .. } => StatusCode::BAD_REQUEST,
                 ActError::NoRouter(_) | ActError::Contended(_) => StatusCode::CONFLICT,

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::ApiError;
+use super::error::ApiError;
 use crate::config::{Role, TokenConfig};
 
 #[derive(Debug, thiserror::Error)]

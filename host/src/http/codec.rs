@@ -14,6 +14,10 @@ use crate::tensor::{DataType, Tensor, TensorData};
 /// The header that marks a binary-extension body and gives its JSON part's length.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
+/// Names the endpoint variant that answered (or failed), beside `parameters.variant` in a
+/// successful body.
+pub const VARIANT_HEADER: &str = "x-modelyard-variant";
+
 #[derive(Deserialize)]
 struct RequestJson<'a> {
     id: Option<String>,

@@ -3,7 +3,7 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::codec::DecodeError;
+use super::codec::{DecodeError, VARIANT_HEADER};
 use crate::pipeline::InferError;
 use crate::registry::LookupError;
 
@@ -13,6 +13,8 @@ pub struct ApiError {
     message: String,
     /// The endpoint variant that failed, named in the response like a successful one.
     variant: Option<String>,
+    /// The model that failed (the variant's, or the one called by name).
+    model: Option<String>,
     /// Sent as `Retry-After` (seconds): the server is overloaded, not the request wrong.
     retry_after: Option<u32>,
 }
@@ -23,6 +25,7 @@ impl ApiError {
             status,
             message: message.into(),
             variant: None,
+            model: None,
             retry_after: None,
         }
     }
@@ -30,20 +33,41 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+}
 
-    /// The endpoint variant that failed, if one did.
-    pub fn variant(&self) -> Option<&str> {
-        self.variant.as_deref()
-    }
+/// Who answered an inference request, or failed it, as far as the host knows: carried on
+/// the response for the request metrics (the model or endpoint called is in the path).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Served {
+    pub variant: Option<String>,
+    pub model: Option<String>,
+    pub version: Option<u64>,
+}
+
+/// A failure of the server's own, carried on the response for `/admin/status`.
+#[derive(Clone, Debug)]
+pub(super) struct ServerFault(pub String);
+
+/// Work that may block (a plugin's WASI calls, the database) runs on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|join| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{what} crashed ({join})"),
+        )
+    })
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // A failure of the server's own (not "not ready yet", which readiness probes ask
         // about all day) is logged as an error and kept for `/admin/status`.
-        if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
+        let fault = self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE;
+        if fault {
             tracing::error!(status = self.status.as_u16(), variant = self.variant.as_deref(), error = %self.message, "request failed");
-            crate::telemetry::note_error("request", self.message.clone());
         } else {
             tracing::debug!(status = self.status.as_u16(), error = %self.message, "request refused");
         }
@@ -57,11 +81,21 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if let Some(variant) = self.variant.and_then(|v| HeaderValue::from_str(&v).ok()) {
-            response
-                .headers_mut()
-                .insert(super::VARIANT_HEADER, variant);
+        if fault {
+            response.extensions_mut().insert(ServerFault(self.message));
         }
+        if let Some(variant) = self
+            .variant
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            response.headers_mut().insert(VARIANT_HEADER, variant);
+        }
+        response.extensions_mut().insert(Served {
+            variant: self.variant,
+            model: self.model,
+            version: None,
+        });
         response
     }
 }
@@ -89,8 +123,13 @@ impl From<InferError> for ApiError {
             | InferError::Plugin { .. }) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
-            InferError::Variant { variant, error } => ApiError {
-                variant: Some(variant),
+            InferError::Charged {
+                variant,
+                model,
+                error,
+            } => ApiError {
+                variant,
+                model: Some(model),
                 ..ApiError::from(*error)
             },
         }

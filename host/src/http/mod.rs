@@ -1,15 +1,21 @@
 //! The Open Inference Protocol (KServe v2) over HTTP/1.1: routes, body limits, the JSON and
 //! binary encodings, and errors as `{"error": "..."}`.
 //!
-//! Owns: everything about the wire. Must not touch: model files, backends, or what happens
-//! to a request between decoding and encoding (that is the pipeline's).
+//! Owns: everything about the wire, and the request metrics (one layer around the infer
+//! routes). Must not touch: model files, backends, or what happens to a request between
+//! decoding and encoding (that is the pipeline's).
+//!
+//! The files go one way: `codec`, `trace` ← `error` ← `auth` ← `state` ← `observe` ←
+//! `monitor` ← `admin` ← `routes` ← this file (the listeners).
 
 mod admin;
 mod auth;
 mod codec;
 mod error;
 mod monitor;
+mod observe;
 mod routes;
+mod state;
 mod trace;
 
 use std::future::Future;
@@ -18,27 +24,12 @@ use std::sync::Arc;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
-use crate::pipeline::Pipeline;
+use crate::telemetry::Telemetry;
 
 pub use auth::{TokenError, Tokens};
 pub use codec::{DecodeError, OutputEncoding, decode_request, encode_response};
 pub use error::ApiError;
-
-/// Names the endpoint variant that answered (or failed), beside `parameters.variant` in a
-/// successful body.
-const VARIANT_HEADER: &str = "x-modelyard-variant";
-
-/// What every handler shares.
-pub struct HttpState {
-    pub pipeline: Arc<Pipeline>,
-    /// Request bodies above this many bytes are refused with 413.
-    pub max_body_bytes: usize,
-    /// Who may read and change things under `/admin/`.
-    pub tokens: Tokens,
-    /// Whether `/metrics` is on this port (it is not when `monitoring.metrics_listen`
-    /// gives it one of its own).
-    pub metrics_here: bool,
-}
+pub use state::HttpState;
 
 /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
 pub async fn serve(
@@ -58,7 +49,11 @@ pub async fn serve(
 }
 
 /// Serves `/metrics` alone on its own listener, until the task is aborted.
-pub async fn serve_metrics(listener: TcpListener) -> std::io::Result<()> {
-    let router = axum::Router::new().route("/metrics", axum::routing::get(routes::metrics));
+pub async fn serve_metrics(
+    listener: TcpListener,
+    telemetry: Arc<Telemetry>,
+) -> std::io::Result<()> {
+    let metrics = move || async move { observe::metrics(&telemetry) };
+    let router = axum::Router::new().route("/metrics", axum::routing::get(metrics));
     axum::serve(listener, router).await
 }

@@ -11,11 +11,11 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
 
-use super::admin::blocking;
-use super::{ApiError, HttpState};
+use super::error::{ApiError, blocking};
+use super::state::HttpState;
 use crate::config::Role;
 use crate::registry::Model;
-use crate::telemetry::{self, ReadError, drift};
+use crate::telemetry::{self, ReadError, Telemetry, drift};
 
 type AppState = State<Arc<HttpState>>;
 
@@ -96,11 +96,13 @@ fn unreadable(error: ReadError) -> ApiError {
 
 /// One page from the store, read off the reactor.
 async fn read<T: Send + 'static>(
+    state: &HttpState,
     what: &str,
     query: telemetry::Query,
-    read: fn(&telemetry::Query) -> Result<telemetry::Page<T>, ReadError>,
+    read: fn(&Telemetry, &telemetry::Query) -> Result<telemetry::Page<T>, ReadError>,
 ) -> Result<Result<telemetry::Page<T>, ReadError>, ApiError> {
-    blocking(what, move || read(&query)).await
+    let telemetry = state.telemetry.clone();
+    blocking(what, move || read(&telemetry, &query)).await
 }
 
 /// `GET /admin/audit`: every recorded change, newest first.
@@ -111,7 +113,7 @@ pub(super) async fn audit(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
     let query = filters(params)?;
-    let page = read("reading the audit trail", query, telemetry::changes)
+    let page = read(&state, "reading the audit trail", query, Telemetry::changes)
         .await?
         .map_err(unreadable)?;
     Ok(Json(json!({ "changes": page.items, "next": page.next })))
@@ -130,9 +132,14 @@ pub(super) async fn requests(
             "requests are filtered by endpoint, since, until, limit and before",
         ));
     }
-    let page = read("reading the request log", query, telemetry::requests)
-        .await?
-        .map_err(unreadable)?;
+    let page = read(
+        &state,
+        "reading the request log",
+        query,
+        Telemetry::requests,
+    )
+    .await?
+    .map_err(unreadable)?;
     let items: Vec<_> = page.items.into_iter().map(|(_, record)| record).collect();
     Ok(Json(json!({ "requests": items, "next": page.next })))
 }
@@ -151,7 +158,7 @@ fn versions(model: &Model) -> Vec<serde_json::Value> {
 }
 
 /// Every loaded version's drift figures, fresh.
-fn drift_of(model: &Model) -> Vec<serde_json::Value> {
+fn drift_of(telemetry: &Telemetry, model: &Model) -> Vec<serde_json::Value> {
     model
         .versions
         .iter()
@@ -164,7 +171,7 @@ fn drift_of(model: &Model) -> Vec<serde_json::Value> {
                 "min_samples": monitor.config.min_samples,
                 "ks_threshold": monitor.config.ks_threshold,
                 "psi_threshold": monitor.config.psi_threshold,
-                "features": drift::judge(&model.name, *version, monitor),
+                "features": drift::judge(telemetry, &model.name, *version, monitor),
             }),
             None => json!({
                 "version": version,
@@ -184,7 +191,9 @@ pub(super) async fn drift(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
     let model = model(&state, &name)?;
-    Ok(Json(json!({ "model": name, "versions": drift_of(&model) })))
+    Ok(Json(
+        json!({ "model": name, "versions": drift_of(&state.telemetry, &model) }),
+    ))
 }
 
 /// `GET /admin/models/{m}/card`: the card from `model.toml`, the versions served and
@@ -203,7 +212,14 @@ pub(super) async fn card(
         limit: MAX_LIMIT,
         ..telemetry::Query::default()
     };
-    let history = match read("reading the model's history", query, telemetry::changes).await? {
+    let history = match read(
+        &state,
+        "reading the model's history",
+        query,
+        Telemetry::changes,
+    )
+    .await?
+    {
         Ok(page) => json!(page.items),
         Err(ReadError::Off) => json!(null),
         Err(error) => return Err(unreadable(error)),
@@ -358,6 +374,6 @@ pub(super) async fn status(
         "models": models,
         "plugins": plugins,
         "endpoints": endpoints,
-        "recent_errors": telemetry::recent_errors(),
+        "recent_errors": state.telemetry.recent_errors(),
     })))
 }

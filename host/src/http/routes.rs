@@ -12,27 +12,41 @@ use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
-use super::codec::{self, HEADER_LENGTH};
+use super::codec::{self, HEADER_LENGTH, VARIANT_HEADER};
+use super::error::{ApiError, Served};
+use super::observe;
+use super::state::HttpState;
 use super::trace::Traced;
-use super::{ApiError, HttpState, VARIANT_HEADER};
 use crate::endpoint::Feedback;
 use crate::registry::LoadedVersion;
-use crate::telemetry::{self, RequestLabels};
 
 type AppState = State<Arc<HttpState>>;
 
 pub(super) fn router(state: Arc<HttpState>) -> Router {
     let mut router = Router::new();
     if state.metrics_here {
-        router = router.route("/metrics", get(metrics));
+        router = router.route(
+            "/metrics",
+            get(|State(state): AppState| async move { observe::metrics(&state.telemetry) }),
+        );
     }
+    let infer_routes = Router::new()
+        .route("/v2/models/{model}/infer", post(model_infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(version_infer),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::count_requests,
+        ));
     router
+        .merge(infer_routes)
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/infer", post(model_infer))
         .route(
             "/v2/models/{model}/versions/{version}",
             get(version_metadata),
@@ -40,10 +54,6 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
         .route(
             "/v2/models/{model}/versions/{version}/ready",
             get(version_ready),
-        )
-        .route(
-            "/v2/models/{model}/versions/{version}/infer",
-            post(version_infer),
         )
         .route("/v2/models/{model}/feedback", post(feedback))
         .merge(super::admin::routes())
@@ -59,6 +69,10 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
                 "method not allowed on this endpoint",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::note_faults,
+        ))
         .layer(axum::middleware::from_fn(super::trace::traced))
         .with_state(state)
 }
@@ -170,7 +184,7 @@ async fn model_infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    measured(&state, &model, None, &traced, &headers, body).await
+    infer(&state, &model, None, &traced, &headers, body).await
 }
 
 async fn version_infer(
@@ -180,99 +194,7 @@ async fn version_infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    measured(&state, &model, Some(&version), &traced, &headers, body).await
-}
-
-/// Who answered, for the metrics.
-#[derive(Clone)]
-struct Served {
-    variant: Option<String>,
-    model: String,
-    version: u64,
-}
-
-/// `infer`, counted: in flight while it runs, then by endpoint, variant, model, version and
-/// status, with its duration.
-async fn measured(
-    state: &HttpState,
-    name: &str,
-    version: Option<&str>,
-    traced: &Traced,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let Some(metrics) = telemetry::metrics() else {
-        return infer(state, name, version, traced, headers, body).await;
-    };
-    let in_flight = metrics.in_flight();
-    let started = std::time::Instant::now();
-    let result = infer(state, name, version, traced, headers, body).await;
-    drop(in_flight);
-    let labels = match &result {
-        Ok(reply) => {
-            let served = reply.extensions().get::<Served>();
-            RequestLabels {
-                endpoint: name.to_string(),
-                variant: served.and_then(|s| s.variant.clone()).unwrap_or_default(),
-                model: served.map(|s| s.model.clone()).unwrap_or_default(),
-                version: served.map(|s| s.version.to_string()).unwrap_or_default(),
-                status: reply.status().as_u16().to_string(),
-            }
-        }
-        Err(error) => failed_labels(state, name, error),
-    };
-    metrics.answered(labels, started.elapsed());
-    result
-}
-
-/// The labels of a failed request. Label values come from the configuration and the
-/// repository only: a name that is neither is `unknown`, so clients cannot grow the number
-/// of series.
-fn failed_labels(state: &HttpState, name: &str, error: &ApiError) -> RequestLabels {
-    let variant = error.variant().map(str::to_string);
-    let endpoint = state.pipeline.endpoints().endpoints.get(name).cloned();
-    let model = match &endpoint {
-        Some(e) => variant
-            .as_ref()
-            .and_then(|v| e.variants.iter().find(|x| x.name == *v))
-            .map(|x| x.model.clone()),
-        None => state
-            .pipeline
-            .repository()
-            .snapshot()
-            .ok()
-            .and_then(|s| s.model(name).ok().map(|_| name.to_string())),
-    };
-    let known = model.is_some() || endpoint.is_some();
-    RequestLabels {
-        endpoint: if known { name } else { "unknown" }.to_string(),
-        variant: variant.unwrap_or_default(),
-        model: model.unwrap_or_default(),
-        version: String::new(),
-        status: error.status().as_u16().to_string(),
-    }
-}
-
-/// Every metric, in the OpenMetrics text format Prometheus scrapes.
-pub(super) async fn metrics() -> Result<Response, ApiError> {
-    let metrics = telemetry::metrics().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "metrics are off: set server.metrics = true",
-        )
-    })?;
-    let text = metrics.encode().map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot encode the metrics: {e}"),
-        )
-    })?;
-    let mut reply = Response::new(Body::from(text));
-    reply.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    Ok(reply)
+    infer(&state, &model, Some(&version), &traced, &headers, body).await
 }
 
 async fn infer(
@@ -313,12 +235,7 @@ async fn infer(
     drop(body);
     // The client's id, else one of the server's: a trace spans many requests, so its id
     // (in every log line beside this one) cannot name one.
-    let id = request
-        .id
-        .clone()
-        .unwrap_or_else(|| state.pipeline.new_id());
-    traced.set_id(&id);
-    request.id = Some(id);
+    traced.set_id(state.pipeline.identify(&mut request));
     request.trace_id = Some(traced.trace.trace_id.clone());
     let lookup = |name: &str| {
         headers
@@ -337,11 +254,11 @@ async fn infer(
         )
     })?;
     let mut reply = Response::new(Body::from(bytes));
-    if telemetry::metrics().is_some() {
+    if state.telemetry.metrics().is_some() {
         reply.extensions_mut().insert(Served {
             variant: response.variant.clone(),
-            model: response.source_model.clone(),
-            version: response.version,
+            model: Some(response.source_model.clone()),
+            version: Some(response.version),
         });
     }
     let headers = reply.headers_mut();

@@ -199,7 +199,7 @@ impl Answering {
             if finishing.is_some() && running >= past_budget_limit {
                 // Too slow to take more work: charged, and the fallback answers.
                 chosen.stats.record(started.elapsed(), true);
-                chosen.charge(&serving.name, VariantFailure::Refused);
+                serving.charge(chosen, VariantFailure::Refused);
                 return answered(Err(InferError::Lookup(LookupError::Unavailable(format!(
                     "variant '{}' has {running} answers past the latency budget still running; not starting another",
                     chosen.name
@@ -215,7 +215,7 @@ impl Answering {
             drop(finishing);
             chosen.stats.record(started.elapsed(), result.is_err());
             if let Err(error) = &result {
-                chosen.charge(&serving.name, error.failure());
+                serving.charge(chosen, error.failure());
             }
             if let (Some(inputs), Ok(response)) = (inputs, &result) {
                 let primary = Arc::new(response.outputs.clone());
@@ -241,7 +241,7 @@ impl Answering {
                 if let Some(v) = watched.as_ref().and_then(|a| a.routed()).or(variant) {
                     let charged = &endpoint.variants[v];
                     charged.stats.record(started.elapsed(), true);
-                    charged.charge(&endpoint.name, VariantFailure::Error);
+                    endpoint.charge(charged, VariantFailure::Error);
                 }
                 let crashed = InferError::Plugin {
                     endpoint: endpoint.name.clone(),

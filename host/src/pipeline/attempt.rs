@@ -138,7 +138,7 @@ impl Attempt {
                 let charged = &endpoint.variants[variant];
                 charged.stats.record(budget, true);
                 charged.stats.enter_past_budget();
-                charged.charge(&endpoint.name, VariantFailure::Timeout);
+                endpoint.charge(charged, VariantFailure::Timeout);
                 Some(variant)
             }
             Phase::Waiting | Phase::Abandoned(_) => None,

@@ -38,6 +38,7 @@ use arc_swap::ArcSwap;
 use crate::endpoint::{DecisionRecord, Endpoint, EndpointSet, Feedback, FeedbackBook, StatsBook};
 use crate::plugins::Library;
 use crate::registry::{LookupError, ModelRepository};
+use crate::telemetry::Telemetry;
 use answer::Answering;
 use request::{queue_deadline, select};
 use sampling::{Outcome, Sampled};
@@ -52,6 +53,7 @@ pub struct Pipeline {
     /// Where each request's seed comes from: seeded from the configuration when a test or
     /// an investigation needs the same decisions again.
     seeds: std::sync::Mutex<fastrand::Rng>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// How a pipeline is sized.
@@ -69,7 +71,11 @@ pub struct Options {
 }
 
 impl Pipeline {
-    pub fn new(repository: Arc<ModelRepository>, options: Options) -> Pipeline {
+    pub fn new(
+        repository: Arc<ModelRepository>,
+        options: Options,
+        telemetry: Arc<Telemetry>,
+    ) -> Pipeline {
         let feedback = FeedbackBook::new(
             options.feedback_memory,
             u64::try_from(options.performance_bucket.as_millis()).unwrap_or(u64::MAX),
@@ -88,6 +94,7 @@ impl Pipeline {
             endpoints: ArcSwap::from_pointee(EndpointSet::default()),
             plugins: ArcSwap::from_pointee(Library::default()),
             stats: StatsBook::default(),
+            telemetry,
         }
     }
 
@@ -111,9 +118,13 @@ impl Pipeline {
         self.answering.feedback.score(endpoint, id, reward, labels)
     }
 
-    /// A fresh request id, for requests that came without one.
-    pub fn new_id(&self) -> String {
-        self.answering.feedback.host_id()
+    /// The request's id, given one of the server's if it came without: every answer has
+    /// an id, so that feedback can name it. Idempotent; the HTTP layer calls it first so
+    /// that the id is in every log line of the request.
+    pub fn identify<'r>(&self, request: &'r mut InferRequest) -> &'r str {
+        request
+            .id
+            .get_or_insert_with(|| self.answering.feedback.host_id())
     }
 
     pub fn endpoints(&self) -> Arc<EndpointSet> {
@@ -137,15 +148,16 @@ impl Pipeline {
         &self,
         name: &str,
         version: Option<&str>,
-        request: InferRequest,
+        mut request: InferRequest,
         headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
+        let id = self.identify(&mut request).to_string();
         if version.is_none() {
             let endpoints = self.endpoints.load();
             if let Some(endpoint) = endpoints.endpoints.get(name) {
                 let endpoint = endpoint.clone();
                 drop(endpoints);
-                return self.infer_endpoint(endpoint, request, headers).await;
+                return self.infer_endpoint(endpoint, id, request, headers).await;
             }
             if let Some(error) = endpoints.errors.get(name) {
                 return Err(LookupError::Unavailable(format!(
@@ -154,12 +166,12 @@ impl Pipeline {
                 .into());
             }
         }
-        let sampled = Sampled::start(&request.inputs);
-        let (id, trace_id) = (request.id.clone(), request.trace_id.clone());
+        let sampled = Sampled::start(&self.telemetry, &request.inputs);
+        let trace_id = request.trace_id.clone();
         let result = self.infer_model(name, version, request).await;
         if let Some(sampled) = sampled {
             sampled.finish(Outcome {
-                id: id.unwrap_or_default(),
+                id,
                 trace_id,
                 endpoint: name,
                 variant: None,
@@ -181,8 +193,14 @@ impl Pipeline {
             .answering
             .repository
             .snapshot()?
-            .resolve(name, version)?;
-        validate::inputs(&target, &request.inputs)?;
+            .resolve(name, version)
+            .map_err(|error| match error {
+                // A model that exists but cannot answer is charged with it.
+                LookupError::Unavailable(_) => InferError::charged(None, name, error.into()),
+                not_found => not_found.into(),
+            })?;
+        let charged = |error| InferError::charged(None, &target.model, error);
+        validate::inputs(&target, &request.inputs).map_err(charged)?;
         let wanted = request
             .outputs
             .map(|requested| {
@@ -190,12 +208,14 @@ impl Pipeline {
                 let owner = format!("model '{}' version {}", target.model, target.version);
                 validate::output_names(&owner, &names, requested)
             })
-            .transpose()?;
-        let deadline = queue_deadline(&request.parameters)?;
+            .transpose()
+            .map_err(charged)?;
+        let deadline = queue_deadline(&request.parameters).map_err(charged)?;
         let outputs = self
             .answering
             .run(&target, request.inputs, deadline)
-            .await?;
+            .await
+            .map_err(charged)?;
         Ok(InferResponse {
             model: target.model.clone(),
             source_model: target.model.clone(),
@@ -210,17 +230,13 @@ impl Pipeline {
     async fn infer_endpoint(
         &self,
         endpoint: Arc<Endpoint>,
+        id: String,
         request: InferRequest,
         headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
         let started = Instant::now();
-        let sampled = Sampled::start(&request.inputs);
+        let sampled = Sampled::start(&self.telemetry, &request.inputs);
         let trace_id = request.trace_id.clone();
-        // Every answer of an endpoint has an id, so that feedback can name it.
-        let id = request
-            .id
-            .clone()
-            .unwrap_or_else(|| self.answering.feedback.host_id());
         let seed = self
             .seeds
             .lock()
@@ -269,9 +285,7 @@ impl Pipeline {
             fallback,
             ok: result.is_ok(),
         });
-        result.map_err(|error| InferError::Variant {
-            variant: variant.clone(),
-            error: Box::new(error),
-        })
+        let model = &endpoint.variants[answered.variant].model;
+        result.map_err(|error| InferError::charged(Some(variant), model, error))
     }
 }

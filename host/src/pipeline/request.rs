@@ -71,15 +71,26 @@ pub enum InferError {
     /// A processor failed and the endpoint's policy is to fail the request.
     #[error("endpoint '{endpoint}': {reason}")]
     Plugin { endpoint: String, reason: String },
-    /// Any of the above, from the endpoint variant that was serving the request.
+    /// Any of the above, charged to what was serving the request: the endpoint variant
+    /// (and its model), or the model called by name.
     #[error("{error}")]
-    Variant {
-        variant: String,
+    Charged {
+        variant: Option<String>,
+        model: String,
         error: Box<InferError>,
     },
 }
 
 impl InferError {
+    /// `error`, charged to `variant` (of an endpoint) and `model`.
+    pub(super) fn charged(variant: Option<&str>, model: &str, error: InferError) -> InferError {
+        InferError::Charged {
+            variant: variant.map(str::to_string),
+            model: model.to_string(),
+            error: Box::new(error),
+        }
+    }
+
     /// How a variant that failed this way is charged.
     pub(super) fn failure(&self) -> VariantFailure {
         match self {

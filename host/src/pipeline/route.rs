@@ -5,7 +5,7 @@
 
 use crate::endpoint::Endpoint;
 use crate::plugins::RequestContext;
-use crate::telemetry::{self, Change};
+use crate::telemetry::Change;
 
 /// Which variant answers a request, and why.
 pub(super) struct Routing {
@@ -25,17 +25,9 @@ pub(super) fn evaluate_flags(endpoint: &Endpoint, ctx: &RequestContext) -> Flagg
     for flags in &endpoint.flags {
         match flags.pool.evaluate(ctx) {
             Ok(evaluations) => {
-                if let Some(metrics) = telemetry::metrics() {
+                if let Some(metrics) = endpoint.telemetry.metrics() {
                     for e in &evaluations {
-                        // Label values only from what the plugin declared, however it answers.
-                        let (flag, variant) = match endpoint.flag_definitions.get(&e.flag) {
-                            Some(definition) if definition.variants.contains(&e.variant) => {
-                                (e.flag.as_str(), e.variant.as_str())
-                            }
-                            Some(_) => (e.flag.as_str(), "other"),
-                            None => ("other", "other"),
-                        };
-                        metrics.flag_evaluated(&endpoint.name, flag, variant);
+                        metrics.flag_evaluated(&endpoint.name, &e.flag, &e.variant);
                     }
                 }
                 evaluated.extend(evaluations.into_iter().map(|e| (e.flag, e.variant)));
@@ -81,7 +73,7 @@ pub(super) fn route(endpoint: &Endpoint, ctx: &RequestContext) -> Routing {
     if let Some(new) = decision.state
         && endpoint.strategy.replace(&state, new)
     {
-        telemetry::audit(Change {
+        endpoint.telemetry.audit(Change {
             kind: "endpoint.state",
             actor: format!("plugin:{}", router.plugin),
             subject: endpoint.name.clone(),

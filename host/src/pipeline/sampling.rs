@@ -4,13 +4,14 @@
 use std::time::Instant;
 
 use super::request::{InferError, InferResponse};
-use crate::telemetry::{self, RequestRecord};
+use crate::telemetry::{RequestRecord, Telemetry, now_ms};
 use serde_json::value::RawValue;
 
 use crate::tensor::{Tensor, TensorJson};
 
 /// A request picked for the log, from its start.
-pub(super) struct Sampled {
+pub(super) struct Sampled<'t> {
+    telemetry: &'t Telemetry,
     started: Instant,
     at_ms: u64,
     payloads: bool,
@@ -34,14 +35,15 @@ fn tensors(tensors: &[Tensor]) -> Option<Box<RawValue>> {
     serde_json::value::to_raw_value(&objects).ok()
 }
 
-impl Sampled {
+impl<'t> Sampled<'t> {
     /// `Some` when this request is to be recorded; its inputs are copied now, before the
     /// pipeline consumes them, only when payloads are kept.
-    pub fn start(inputs: &[Tensor]) -> Option<Sampled> {
-        let payloads = telemetry::sample()?;
+    pub fn start(telemetry: &'t Telemetry, inputs: &[Tensor]) -> Option<Sampled<'t>> {
+        let payloads = telemetry.sample()?;
         Some(Sampled {
+            telemetry,
             started: Instant::now(),
-            at_ms: telemetry::now_ms(),
+            at_ms: now_ms(),
             payloads,
             inputs: if payloads { tensors(inputs) } else { None },
         })
@@ -61,7 +63,7 @@ impl Sampled {
             ),
             Err(error) => (None, None, None, Some(error.to_string())),
         };
-        telemetry::record_request(RequestRecord {
+        self.telemetry.record_request(RequestRecord {
             id: outcome.id,
             trace_id: outcome.trace_id,
             at_ms: self.at_ms,

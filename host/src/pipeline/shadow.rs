@@ -14,7 +14,7 @@ use super::variant::serve_variant;
 use crate::endpoint::{Agreement, Endpoint};
 use crate::plugins::RequestContext;
 use crate::registry::ModelRepository;
-use crate::telemetry::{self, ShadowOutcome};
+use crate::telemetry::ShadowOutcome;
 use crate::tensor::{DataType, Tensor};
 
 /// One request to replay on a shadow variant.
@@ -55,7 +55,7 @@ impl ShadowQueue {
         {
             let variant = &job.endpoint.variants[job.variant];
             variant.shadow.dropped();
-            if let Some(metrics) = telemetry::metrics() {
+            if let Some(metrics) = job.endpoint.telemetry.metrics() {
                 metrics.shadow_dropped(&job.endpoint.name, &variant.name);
             }
         }
@@ -92,7 +92,7 @@ fn work(queue: &Receiver<ShadowJob>, repository: &ModelRepository) {
             Some(_) => ShadowOutcome::Agreed,
             None => ShadowOutcome::Failed,
         };
-        if let Some(metrics) = telemetry::metrics() {
+        if let Some(metrics) = job.endpoint.telemetry.metrics() {
             metrics.shadow_compared(&job.endpoint.name, &variant.name, outcome);
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::{PluginEngine, Prepared, component_hash};
-use crate::telemetry::{self, Change, Load};
+use crate::telemetry::{Change, Load, Telemetry};
 use crate::watch::is_ignored;
 
 /// One `*.wasm` file of the plugin directory.
@@ -35,7 +35,12 @@ pub struct Library {
 impl Library {
     /// Rescans `dir`: unchanged files keep their prepared component, changed and new ones
     /// are prepared, removed ones are dropped.
-    pub fn scan(engine: &PluginEngine, dir: &Path, previous: &Library) -> Library {
+    pub fn scan(
+        engine: &PluginEngine,
+        dir: &Path,
+        previous: &Library,
+        telemetry: &Telemetry,
+    ) -> Library {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(error) => {
@@ -57,7 +62,7 @@ impl Library {
             }
             let before = previous.files.get(name);
             let file = match std::fs::read(&path) {
-                Ok(bytes) => Self::prepare(engine, name, &path, &bytes, before),
+                Ok(bytes) => Self::prepare(engine, name, &path, &bytes, before, telemetry),
                 Err(error) => {
                     tracing::warn!(file = %path.display(), %error, "cannot read plugin file");
                     continue;
@@ -68,6 +73,7 @@ impl Library {
         for gone in previous.files.keys().filter(|n| !files.contains_key(*n)) {
             tracing::info!(plugin = %gone, "plugin file removed");
             report(
+                telemetry,
                 Load::Unloaded,
                 Change::new("plugin.removed", "file", gone.as_str()),
             );
@@ -81,6 +87,7 @@ impl Library {
         path: &Path,
         bytes: &[u8],
         before: Option<&PluginFile>,
+        telemetry: &Telemetry,
     ) -> PluginFile {
         let seen = component_hash(bytes);
         if let Some(before) = before.filter(|b| b.seen == seen) {
@@ -97,6 +104,7 @@ impl Library {
                 };
                 let to = format!("{} world, sha256 {seen}", prepared.world.as_str());
                 report(
+                    telemetry,
                     Load::Loaded,
                     Change {
                         from,
@@ -116,6 +124,7 @@ impl Library {
             Err(error) => {
                 tracing::error!(plugin = name, file = %path.display(), %error, "plugin file refused; the previous version keeps serving");
                 report(
+                    telemetry,
                     Load::Refused,
                     Change {
                         from: before.and_then(|b| b.hash.clone()),
@@ -138,9 +147,9 @@ impl Library {
 }
 
 /// Counts a plugin file's load outcome and records the change in the audit trail.
-fn report(outcome: Load, change: Change) {
-    if let Some(metrics) = telemetry::metrics() {
+fn report(telemetry: &Telemetry, outcome: Load, change: Change) {
+    if let Some(metrics) = telemetry.metrics() {
         metrics.plugin_load(&change.subject, outcome);
     }
-    telemetry::audit(change);
+    telemetry.audit(change);
 }

@@ -17,7 +17,7 @@ use super::bindings::{
 };
 use super::sandbox::{Budget, OverBudget, Sandbox, on_epoch};
 use super::{Limits, PluginError};
-use crate::telemetry::{PluginFailure, PluginMeter};
+use crate::telemetry::{Metrics, PluginFailure, PluginMeter};
 
 /// What differs between the worlds when instantiating and configuring.
 pub trait World: Sized + 'static {
@@ -118,11 +118,17 @@ impl<W: World> Pool<W> {
             idle: Mutex::new(Vec::new()),
             failures: AtomicU64::new(0),
             last_failure: Mutex::new(None),
-            meter: crate::telemetry::metrics().map(|m| m.plugin_meter(&name, W::NAME)),
+            meter: None,
         };
         let first = pool.fresh()?;
         pool.give_back(first);
         Ok(pool)
+    }
+
+    /// Counts its calls, their time and failures in `metrics`.
+    pub fn metered(mut self, metrics: Option<&Metrics>) -> Self {
+        self.meter = metrics.map(|m| m.plugin_meter(&self.name, W::NAME));
+        self
     }
 
     fn fresh(&self) -> Result<Live<W>, PluginError> {

@@ -3,24 +3,24 @@
 
 use std::sync::Arc;
 
-use super::{LoadedVersion, Snapshot};
-use crate::telemetry::{self, Change, Load};
+use super::snapshot::{LoadedVersion, Snapshot};
+use crate::telemetry::{Change, Load, Telemetry};
 
-fn count(model: &str, outcome: Load) {
-    if let Some(metrics) = telemetry::metrics() {
+fn count(telemetry: &Telemetry, model: &str, outcome: Load) {
+    if let Some(metrics) = telemetry.metrics() {
         metrics.model_load(model, outcome);
     }
 }
 
 /// A version that stops serving (or is replaced) takes its drift series with it.
-fn forget_drift(gone: &LoadedVersion) {
-    if let (Some(metrics), Some(drift)) = (telemetry::metrics(), &gone.drift) {
+fn forget_drift(telemetry: &Telemetry, gone: &LoadedVersion) {
+    if let (Some(metrics), Some(drift)) = (telemetry.metrics(), &gone.drift) {
         let features = drift.reference.features.iter().map(|f| f.name.as_str());
         metrics.forget_drift(&gone.model, gone.version, features);
     }
 }
 
-pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
+pub(super) fn report(previous: &Snapshot, next: &Snapshot, telemetry: &Telemetry) {
     for (name, model) in &next.models {
         let before = previous.models.get(name);
         for (version, entry) in &model.versions {
@@ -35,8 +35,8 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
                 && !Arc::ptr_eq(old, loaded)
             {
                 // The same model file with a new drift reference: not a load.
-                forget_drift(old);
-                telemetry::audit(Change {
+                forget_drift(telemetry, old);
+                telemetry.audit(Change {
                     to: Some(format!("version {version}")),
                     detail: Some(match &loaded.drift {
                         Some(_) => "drift reference reread".to_string(),
@@ -47,11 +47,11 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
             } else if let Some(loaded) = &entry.loaded
                 && !old_loaded.is_some_and(|o| Arc::ptr_eq(o, loaded))
             {
-                count(name, Load::Loaded);
+                count(telemetry, name, Load::Loaded);
                 if let Some(old) = old_loaded {
-                    forget_drift(old);
+                    forget_drift(telemetry, old);
                 }
-                telemetry::audit(Change {
+                telemetry.audit(Change {
                     from: old_loaded.map(|_| format!("version {version} (previous file)")),
                     to: Some(format!("version {version}")),
                     detail: loaded
@@ -64,8 +64,8 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
             if let Some(refused) = &entry.refused
                 && old.and_then(|o| o.refused.as_ref()) != Some(refused)
             {
-                count(name, Load::Refused);
-                telemetry::audit(Change {
+                count(telemetry, name, Load::Refused);
+                telemetry.audit(Change {
                     to: Some(format!("version {version}")),
                     detail: Some(refused.to_string()),
                     ..Change::new("model.refused", "file", name.as_str())
@@ -75,7 +75,7 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
         if let Some(refused) = &model.refused_config
             && before.and_then(|b| b.refused_config.as_ref()) != Some(refused)
         {
-            telemetry::audit(Change {
+            telemetry.audit(Change {
                 detail: Some(refused.to_string()),
                 ..Change::new("model.config_refused", "file", name.as_str())
             });
@@ -89,9 +89,9 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot) {
                 .and_then(|m| m.versions.get(version))
                 .is_some_and(|e| e.loaded.is_some());
             if let Some(gone) = entry.loaded.as_ref().filter(|_| !still) {
-                forget_drift(gone);
-                count(name, Load::Unloaded);
-                telemetry::audit(Change {
+                forget_drift(telemetry, gone);
+                count(telemetry, name, Load::Unloaded);
+                telemetry.audit(Change {
                     from: Some(format!("version {version}")),
                     ..Change::new("model.unloaded", "file", name.as_str())
                 });

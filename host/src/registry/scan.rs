@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
 
-use super::{LoadedVersion, Model, ModelConfig, Snapshot, VersionEntry};
+use super::model_config::ModelConfig;
+use super::snapshot::{FileStamp, LoadedVersion, Model, Snapshot, VersionEntry};
 use crate::backend;
 use crate::runner::{ModelMeters, Runner};
+use crate::telemetry::Telemetry;
 use crate::telemetry::drift::{DriftMonitor, Reference};
 use crate::tensor::TensorSpec;
 use crate::watch::is_ignored;
@@ -19,23 +20,6 @@ const MODEL_FILE: &str = "model.onnx";
 const CONFIG_FILE: &str = "model.toml";
 /// Beside a version's model file: its training inputs' distribution, for drift detection.
 const REFERENCE_FILE: &str = "reference.json";
-
-/// Enough of a file's metadata to tell that it changed since it was last read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct FileStamp {
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-impl FileStamp {
-    fn of(path: &Path) -> Option<FileStamp> {
-        let meta = fs::metadata(path).ok().filter(|m| m.is_file())?;
-        Some(FileStamp {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        })
-    }
-}
 
 fn subdirectories(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
     let entries = match fs::read_dir(dir) {
@@ -53,18 +37,19 @@ fn subdirectories(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
         .collect()
 }
 
-pub(super) fn scan(dir: &Path, previous: &Snapshot) -> Snapshot {
+pub(super) fn scan(dir: &Path, previous: &Snapshot, telemetry: &Telemetry) -> Snapshot {
     let models = subdirectories(dir)
         .into_iter()
         .map(|(name, path)| {
-            let model = scan_model(&path, &name, previous.models.get(&name).map(Arc::as_ref));
+            let before = previous.models.get(&name).map(Arc::as_ref);
+            let model = scan_model(&path, &name, before, telemetry);
             (name, Arc::new(model))
         })
         .collect();
     Snapshot { models }
 }
 
-fn scan_model(dir: &Path, name: &str, previous: Option<&Model>) -> Model {
+fn scan_model(dir: &Path, name: &str, previous: Option<&Model>, telemetry: &Telemetry) -> Model {
     let config_path = dir.join(CONFIG_FILE);
     let config_stamp = FileStamp::of(&config_path);
     let unchanged = previous.filter(|p| p.config_stamp == config_stamp);
@@ -91,7 +76,15 @@ fn scan_model(dir: &Path, name: &str, previous: Option<&Model>) -> Model {
         .into_iter()
         .map(|version| {
             let before = previous.and_then(|p| p.versions.get(&version));
-            let entry = scan_version(dir, name, version, &config, before, config_changed);
+            let entry = scan_version(
+                dir,
+                name,
+                version,
+                &config,
+                before,
+                config_changed,
+                telemetry,
+            );
             (version, entry)
         })
         .collect::<BTreeMap<_, _>>();
@@ -112,6 +105,7 @@ fn scan_version(
     config: &ModelConfig,
     before: Option<&VersionEntry>,
     config_changed: bool,
+    telemetry: &Telemetry,
 ) -> VersionEntry {
     let path = dir.join(version.to_string()).join(MODEL_FILE);
     let stamp = FileStamp::of(&path);
@@ -123,9 +117,9 @@ fn scan_version(
         }
         // Only the drift reference changed: the model that serves stays, with a new monitor.
         if let Some(old) = &before.loaded {
-            let drift = reference_stamp
-                .as_ref()
-                .and_then(|_| drift_monitor(&reference, name, version, config, &old.inputs));
+            let drift = reference_stamp.as_ref().and_then(|_| {
+                drift_monitor(&reference, name, version, config, &old.inputs, telemetry)
+            });
             return VersionEntry {
                 loaded: Some(Arc::new(LoadedVersion {
                     model: old.model.clone(),
@@ -180,10 +174,10 @@ fn scan_version(
                 device = ?graph.engine.device,
                 "model version loaded"
             );
-            let drift = reference_stamp
-                .as_ref()
-                .and_then(|_| drift_monitor(&reference, name, version, config, &graph.inputs));
-            let metrics = crate::telemetry::metrics();
+            let drift = reference_stamp.as_ref().and_then(|_| {
+                drift_monitor(&reference, name, version, config, &graph.inputs, telemetry)
+            });
+            let metrics = telemetry.metrics();
             VersionEntry {
                 loaded: Some(Arc::new(LoadedVersion {
                     model: name.to_string(),
@@ -238,6 +232,7 @@ fn drift_monitor(
     version: u64,
     config: &ModelConfig,
     inputs: &[TensorSpec],
+    telemetry: &Telemetry,
 ) -> Option<Arc<DriftMonitor>> {
     let monitor = fs::read(path)
         .map_err(|e| e.to_string())
@@ -247,10 +242,7 @@ fn drift_monitor(
         Ok(monitor) => Some(Arc::new(monitor)),
         Err(reason) => {
             tracing::error!(model = name, version, file = %path.display(), %reason, "drift reference refused; the version serves without drift detection");
-            crate::telemetry::note_error(
-                "drift.reference",
-                format!("{}: {reason}", path.display()),
-            );
+            telemetry.note_error("drift.reference", format!("{}: {reason}", path.display()));
             None
         }
     }
@@ -279,9 +271,9 @@ mod tests {
     #[test]
     fn unchanged_files_keep_their_graph_and_corrupt_ones_keep_the_old() {
         let dir = temp_repo("keep");
-        let first = scan(&dir, &Snapshot::default());
+        let first = scan(&dir, &Snapshot::default(), &Telemetry::off());
         let loaded = first.resolve("iris", Some("1")).unwrap();
-        let second = scan(&dir, &first);
+        let second = scan(&dir, &first, &Telemetry::off());
         assert!(Arc::ptr_eq(
             &loaded,
             &second.resolve("iris", Some("1")).unwrap()
@@ -292,7 +284,7 @@ mod tests {
             b"garbage, and longer than before",
         )
         .unwrap();
-        let third = scan(&dir, &second);
+        let third = scan(&dir, &second, &Telemetry::off());
         assert!(Arc::ptr_eq(
             &loaded,
             &third.resolve("iris", Some("1")).unwrap()
@@ -310,7 +302,7 @@ mod tests {
         let dir = temp_repo("ignore");
         fs::create_dir_all(dir.join(".cache/1")).unwrap();
         fs::create_dir_all(dir.join("iris/latest")).unwrap();
-        let snapshot = scan(&dir, &Snapshot::default());
+        let snapshot = scan(&dir, &Snapshot::default(), &Telemetry::off());
         assert_eq!(snapshot.models.keys().collect::<Vec<_>>(), vec!["iris"]);
         assert_eq!(
             snapshot.models["iris"].versions.keys().collect::<Vec<_>>(),
@@ -322,14 +314,14 @@ mod tests {
     #[test]
     fn unknown_versions_and_models_are_not_found() {
         let dir = temp_repo("lookup");
-        let snapshot = scan(&dir, &Snapshot::default());
+        let snapshot = scan(&dir, &Snapshot::default(), &Telemetry::off());
         assert!(matches!(
             snapshot.resolve("nope", None),
-            Err(super::super::LookupError::NotFound(_))
+            Err(crate::registry::LookupError::NotFound(_))
         ));
         assert!(matches!(
             snapshot.resolve("iris", Some("9")),
-            Err(super::super::LookupError::NotFound(_))
+            Err(crate::registry::LookupError::NotFound(_))
         ));
         assert_eq!(snapshot.resolve("iris", None).unwrap().version, 1);
         fs::remove_dir_all(dir).unwrap();

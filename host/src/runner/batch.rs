@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Core, RunFailure};
+use super::core::{Core, RunFailure};
 use crate::tensor::{DataType, Tensor};
 
 /// `[batching]` in `model.toml`.

@@ -13,125 +13,22 @@
 
 mod batch;
 mod cache;
+mod core;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::backend::{RunError, Runnable};
+use crate::backend::Runnable;
 use crate::telemetry::SchedulingMeters;
 use crate::tensor::Tensor;
 
 pub use batch::BatchingConfig;
 pub use cache::{CacheConfig, ResponseCache};
-
-/// Calls expected to take less than this run on the async thread that received them.
-pub const INLINE_BELOW: Duration = Duration::from_micros(50);
-
-/// Why a call did not answer.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum RunFailure {
-    /// The inputs hold values the model cannot take: the client's to fix.
-    #[error("{0}")]
-    Rejected(String),
-    #[error("{0}")]
-    Failed(String),
-    /// The backend panicked; caught, and this call alone failed.
-    #[error("{0}")]
-    Crashed(String),
-    /// The batching queue holds `max_queue_size` requests already.
-    #[error("the batching queue is full ({0} requests wait)")]
-    QueueFull(usize),
-    /// The request's own `timeout` passed while it waited.
-    #[error("the request's timeout passed after {0:?} in the queue")]
-    TimedOut(Duration),
-    #[error("the server is shutting down")]
-    ShuttingDown,
-}
-
-/// A model version's series of queue time (called by name), run time and crashes.
-#[derive(Clone)]
-pub struct ModelMeters {
-    pub queue: crate::telemetry::Seconds,
-    pub inference: crate::telemetry::Seconds,
-    pub crashes: prometheus_client::metrics::counter::Counter,
-}
-
-/// What a run needs, shared with the batching worker.
-pub(crate) struct Core {
-    graph: Arc<dyn Runnable>,
-    meters: Option<ModelMeters>,
-    scheduling: Option<SchedulingMeters>,
-    /// Nanoseconds one row takes, a moving average; 0 until known.
-    row_nanos: AtomicU64,
-}
-
-impl Core {
-    /// Runs the model here and now: timed, its crash caught.
-    fn run_now(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunFailure> {
-        let rows = rows(&inputs);
-        let started = Instant::now();
-        // A backend that panics (tract on an input it does not expect) fails this run only.
-        // Unwinding drops the run's own state; the optimised plan is shared read-only and
-        // no lock of ours is held across the call, so the version is as fit for the next
-        // request as before.
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.graph.run(inputs)));
-        let took = started.elapsed();
-        if let Some(meters) = &self.meters {
-            meters.inference.observe(took);
-        }
-        match result {
-            Ok(Ok(outputs)) => {
-                self.learn(took, rows);
-                Ok(outputs)
-            }
-            Ok(Err(RunError::Rejected(reason))) => Err(RunFailure::Rejected(reason)),
-            Ok(Err(RunError::Failed(reason))) => Err(RunFailure::Failed(reason)),
-            Err(panic) => {
-                if let Some(meters) = &self.meters {
-                    meters.crashes.inc();
-                }
-                // Logged once already, with where it happened, by the panic hook.
-                Err(RunFailure::Crashed(
-                    panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "no message".to_string()),
-                ))
-            }
-        }
-    }
-
-    fn learn(&self, took: Duration, rows: usize) {
-        let sample = u64::try_from(took.as_nanos() / rows.max(1) as u128).unwrap_or(u64::MAX);
-        let old = self.row_nanos.load(Ordering::Relaxed);
-        // An average over the last ~8 runs: one slow run does not send the model to the
-        // pool for good, nor a fast one bring a slow model inline.
-        let new = if old == 0 {
-            sample
-        } else {
-            old - old / 8 + sample / 8
-        };
-        self.row_nanos.store(new.max(1), Ordering::Relaxed);
-    }
-
-    fn runs_inline(&self, rows: usize) -> bool {
-        let per_row = self.row_nanos.load(Ordering::Relaxed);
-        per_row != 0 && u128::from(per_row) * rows.max(1) as u128 <= INLINE_BELOW.as_nanos()
-    }
-}
-
-fn rows(inputs: &[Tensor]) -> usize {
-    inputs
-        .first()
-        .and_then(|t| t.shape.first())
-        .copied()
-        .unwrap_or(1)
-}
+use core::{Core, rows};
+pub use core::{INLINE_BELOW, ModelMeters, RunFailure};
 
 /// A model version's calls: its cache, its batching queue, its run-time estimate.
 pub struct Runner {

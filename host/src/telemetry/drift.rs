@@ -8,6 +8,8 @@
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
+use super::hub::Telemetry;
+use super::store::Change;
 use crate::tensor::{DataType, Tensor, TensorSpec};
 
 /// What the training script wrote: the quantiles of each feature of one input tensor.
@@ -345,9 +347,14 @@ fn psi(quantiles: &[f64], sorted: &[f64]) -> f64 {
 }
 
 /// Evaluates one version's monitor, updates its metrics, and logs and audits the flips.
-pub fn judge(model: &str, version: u64, monitor: &DriftMonitor) -> Vec<FeatureDrift> {
+pub fn judge(
+    telemetry: &Telemetry,
+    model: &str,
+    version: u64,
+    monitor: &DriftMonitor,
+) -> Vec<FeatureDrift> {
     let (figures, flips) = monitor.evaluate();
-    if let Some(metrics) = super::metrics() {
+    if let Some(metrics) = telemetry.metrics() {
         for f in figures.iter().filter(|f| f.ks.is_some()) {
             metrics.drift(
                 model,
@@ -376,10 +383,10 @@ pub fn judge(model: &str, version: u64, monitor: &DriftMonitor) -> Vec<FeatureDr
         if flip.drifted {
             tracing::warn!(model, version, feature = %flip.feature, ks = flip.ks, psi = flip.psi, "input drift detected");
         }
-        super::audit(super::Change {
+        telemetry.audit(Change {
             to: Some(format!("{}: {verdict}", flip.feature)),
             detail: Some(detail),
-            ..super::Change::new(kind, "host", model)
+            ..Change::new(kind, "host", model)
         });
     }
     figures

@@ -1,9 +1,12 @@
 //! The metrics Prometheus scrapes at `/metrics`, in the OpenMetrics text format. Every
 //! label value comes from the configuration, the model repository, the plugin directory or
 //! a small fixed set (status, outcome, reason), never from a request as sent, so the
-//! number of series stays bounded whatever clients send.
+//! number of series stays bounded whatever clients send: the values a request or a plugin
+//! brings are checked here against the names the host declared (`know_*`).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,7 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// One kind of answer: who was called, who answered, and how it went.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The endpoint or model called; `unknown` for names that are neither.
     pub endpoint: String,
@@ -229,6 +232,18 @@ pub struct Metrics {
     drift_psi: Family<FeatureLabels, Ratio>,
     drifted: Family<FeatureLabels, Gauge>,
     request_log_dropped: Counter,
+    known: RwLock<Known>,
+}
+
+/// The label values a request or a plugin may bring that the metrics accept: the names of
+/// endpoints and models that exist (or did), and the flags and flag variants the flags
+/// plugins declared. Anything else is counted under one shared value, so clients cannot
+/// grow the number of series.
+#[derive(Default)]
+struct Known {
+    names: HashSet<String>,
+    /// `(endpoint, flag)` → the flag's declared variants.
+    flags: HashMap<(String, String), HashSet<String>>,
 }
 
 /// A model version's response cache, batching and queue series, looked up once at load.
@@ -269,17 +284,15 @@ pub struct PluginMeter {
     labels: PluginLabels,
     calls: Counter,
     seconds: Histogram,
+    failures: Family<PluginFailureLabels, Counter>,
 }
 
 impl PluginMeter {
     pub fn call(&self, took: Duration, failure: Option<PluginFailure>) {
         self.calls.inc();
         self.seconds.observe(took.as_secs_f64());
-        if let Some(failure) = failure
-            && let Some(metrics) = super::metrics()
-        {
-            metrics
-                .plugin_failures
+        if let Some(failure) = failure {
+            self.failures
                 .get_or_create(&PluginFailureLabels {
                     plugin: self.labels.plugin.clone(),
                     world: self.labels.world.clone(),
@@ -473,6 +486,7 @@ impl Default for Metrics {
             drift_psi,
             drifted,
             request_log_dropped,
+            known: RwLock::default(),
         }
     }
 }
@@ -483,7 +497,48 @@ impl Metrics {
         InFlight(self)
     }
 
-    pub fn answered(&self, labels: RequestLabels, took: Duration) {
+    /// `name` is a model of the repository: requests may name it.
+    pub fn know_model(&self, name: &str) {
+        self.known
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .names
+            .insert(name.to_string());
+    }
+
+    /// `name` is a configured endpoint, whose flags plugins declared these flags and their
+    /// variants: requests may name it, and its flag evaluations count under them.
+    pub fn know_endpoint<'a>(
+        &self,
+        name: &str,
+        flags: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    ) {
+        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+        known.names.insert(name.to_string());
+        for (flag, variants) in flags {
+            known.flags.insert(
+                (name.to_string(), flag.to_string()),
+                variants.iter().cloned().collect(),
+            );
+        }
+    }
+
+    /// Counts one answered inference request. A name that is neither an endpoint nor a
+    /// model is counted as `unknown`, with no variant, model or version.
+    pub fn answered(&self, mut labels: RequestLabels, took: Duration) {
+        let known = self
+            .known
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .names
+            .contains(&labels.endpoint);
+        if !known {
+            labels = RequestLabels {
+                endpoint: "unknown".to_string(),
+                status: labels.status,
+                ..RequestLabels::default()
+            };
+        }
         self.request_seconds
             .get_or_create(&EndpointLabel {
                 endpoint: labels.endpoint.clone(),
@@ -568,6 +623,7 @@ impl Metrics {
         PluginMeter {
             calls: self.plugin_calls.get_or_create(&labels).clone(),
             seconds: self.plugin_seconds.get_or_create(&labels).clone(),
+            failures: self.plugin_failures.clone(),
             labels,
         }
     }
@@ -603,7 +659,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a flag evaluation under the flag and variant its plugin declared; an
+    /// undeclared variant counts as `other`, and so does an undeclared flag.
     pub fn flag_evaluated(&self, endpoint: &str, flag: &str, variant: &str) {
+        let (flag, variant) = {
+            let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+            match known.flags.get(&(endpoint.to_string(), flag.to_string())) {
+                Some(variants) if variants.contains(variant) => (flag, variant),
+                Some(_) => (flag, "other"),
+                None => ("other", "other"),
+            }
+        };
         self.flag_evaluations
             .get_or_create(&FlagLabels {
                 endpoint: endpoint.to_string(),
@@ -645,8 +711,9 @@ impl Metrics {
         }
     }
 
-    pub fn request_log_dropped(&self) {
-        self.request_log_dropped.inc();
+    /// Sampled requests the store or the sink had to drop.
+    pub fn request_log_dropped(&self) -> Counter {
+        self.request_log_dropped.clone()
     }
 
     /// Every metric in the OpenMetrics text format.

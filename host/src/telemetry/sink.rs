@@ -6,7 +6,10 @@
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::Duration;
 
-use super::store::{RequestRecord, rfc3339};
+use prometheus_client::metrics::counter::Counter;
+
+use super::clock::rfc3339;
+use super::store::RequestRecord;
 
 /// Events waiting for the sink at most.
 const QUEUE: usize = 1024;
@@ -19,11 +22,12 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn start(url: String) -> std::io::Result<Sink> {
+    /// Starts the thread that posts to `url`; events it cannot deliver count in `dropped`.
+    pub fn start(url: String, dropped: Option<Counter>) -> std::io::Result<Sink> {
         let (events, queue) = std::sync::mpsc::sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("modelyard-cloudevents".to_string())
-            .spawn(move || post(&url, &queue))?;
+            .spawn(move || post(&url, &queue, dropped.as_ref()))?;
         Ok(Sink { events })
     }
 
@@ -36,7 +40,7 @@ impl Sink {
     }
 }
 
-fn post(url: &str, queue: &Receiver<RequestRecord>) {
+fn post(url: &str, queue: &Receiver<RequestRecord>, dropped: Option<&Counter>) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .http_status_as_error(true)
@@ -66,9 +70,9 @@ fn post(url: &str, queue: &Receiver<RequestRecord>) {
             .header("content-type", "application/json")
             .send(&body[..]);
         if sent.is_err()
-            && let Some(metrics) = super::metrics()
+            && let Some(dropped) = dropped
         {
-            metrics.request_log_dropped();
+            dropped.inc();
         }
         match sent {
             Ok(_) if failing => {

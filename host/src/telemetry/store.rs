@@ -10,6 +10,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::clock::{now_ms, rfc3339};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter, types::Value};
 
 /// Sampled requests waiting for the writer at most; more are dropped and counted.
@@ -380,17 +381,6 @@ fn where_clause(query: &Query, changes: bool) -> (String, Vec<Value>) {
     }
 }
 
-/// Unix milliseconds as RFC 3339 (UTC).
-pub fn rfc3339(at_ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 fn write(mut db: Connection, queue: &Receiver<Write>, pending: &AtomicUsize, retention: u64) {
     let mut since_prune = 0u64;
     while let Ok(first) = queue.recv() {
@@ -426,7 +416,7 @@ fn write(mut db: Connection, queue: &Receiver<Write>, pending: &AtomicUsize, ret
                              ON CONFLICT (endpoint) DO UPDATE SET router = ?2, state = ?3, at_ms = ?4",
                         )?
                         .execute(rusqlite::params![
-                            kept.endpoint, kept.router, kept.state, super::now_ms() as i64
+                            kept.endpoint, kept.router, kept.state, now_ms() as i64
                         ])?;
                     }
                     Write::Request(record) => {
