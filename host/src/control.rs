@@ -245,3 +245,106 @@ async fn refresh(control: Option<Control>) -> Option<Control> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MonitoringConfig;
+    use crate::registry::ModelRepository;
+    use crate::telemetry::Query;
+    use crate::testing::{pipeline, sample_models};
+
+    /// Writes `text` as the configuration the way an editor that renames would.
+    fn write(file: &std::path::Path, text: &str) {
+        let temporary = file.with_extension("tmp");
+        std::fs::write(&temporary, text).unwrap();
+        std::fs::rename(&temporary, file).unwrap();
+    }
+
+    const AB: &str =
+        "[plugins]\ndir = \"plugins\"\n[endpoints.ab]\nvariants = { a = \"iris@1\" }\n";
+
+    /// Waits for `done` for up to 20 s.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..400 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what} did not happen within 20 s");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn endpoints_follow_the_configuration_file_and_refusals_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("modelyard.toml");
+        let broken =
+            "[endpoints.broken]\nvariants = { a = \"iris\" }\nrouter = { plugin = \"nope\" }\n";
+        write(&file, &format!("{AB}{broken}"));
+        let config = Config::load(&file).unwrap();
+        let monitoring = MonitoringConfig {
+            database: dir.path().join("modelyard.db"),
+            ..MonitoringConfig::default()
+        };
+        let telemetry = Telemetry::start(&monitoring, false).unwrap();
+        let repository = Arc::new(ModelRepository::new(sample_models(), telemetry.clone()));
+        let pipeline = pipeline(repository, telemetry.clone());
+        let control = start(
+            &config,
+            Some(file.clone()),
+            pipeline.clone(),
+            telemetry.clone(),
+        )
+        .await
+        .unwrap();
+        // The first refresh is done when `start` returns.
+        let set = pipeline.endpoints();
+        assert!(set.endpoints.contains_key("ab"));
+        assert!(
+            set.errors["broken"].contains("no plugin 'nope'"),
+            "{:?}",
+            set.errors
+        );
+        assert!(dir.path().join("plugins").is_dir());
+
+        write(
+            &file,
+            &format!("{AB}[endpoints.cd]\nvariants = {{ c = \"iris@2\" }}\n"),
+        );
+        until("the new endpoint", || {
+            pipeline.endpoints().endpoints.contains_key("cd")
+        })
+        .await;
+        assert!(!pipeline.endpoints().errors.contains_key("broken"));
+
+        // A file that does not parse changes nothing, and says so in the audit trail.
+        write(&file, "[endpoints.ab\n");
+        let refused = || {
+            telemetry.shutdown();
+            let query = Query {
+                kind: Some("config.refused".to_string()),
+                limit: 10,
+                ..Query::default()
+            };
+            !telemetry.changes(&query).unwrap().items.is_empty()
+        };
+        until("the refusal in the audit trail", refused).await;
+        let set = pipeline.endpoints();
+        assert!(set.endpoints.contains_key("ab") && set.endpoints.contains_key("cd"));
+        let query = Query {
+            kind: Some("endpoint".to_string()),
+            limit: 10,
+            ..Query::default()
+        };
+        let kinds: Vec<String> = telemetry
+            .changes(&query)
+            .unwrap()
+            .items
+            .iter()
+            .map(|c| c.change.kind.clone())
+            .collect();
+        assert!(kinds.contains(&"endpoint.refused".to_string()), "{kinds:?}");
+        control.abort();
+    }
+}

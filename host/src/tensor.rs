@@ -1,7 +1,7 @@
 //! The tensor vocabulary every concern shares: the Open Inference Protocol datatypes and a
 //! tensor whose data is raw little-endian bytes, the form the binary extension, wasi-nn and
-//! (later) plugins all carry, so a tensor crosses from HTTP to the backend without
-//! re-encoding.
+//! plugins all carry, so a tensor crosses from HTTP through plugins to the backend without
+//! re-encoding; and a tensor's JSON form.
 
 use std::fmt;
 

@@ -9,10 +9,13 @@ dependency on the parent), and looks for circles at two levels:
 - files: `pipeline/shadow.rs` -> `pipeline/stats.rs` -> `pipeline/shadow.rs`;
 - top-level folders: `http` -> `pipeline` -> `http`.
 
-Prints each circle with one import line per edge and exits 1 if there is any; with
-`--graph`, prints the folder-level graph.
+and, with `--readme README.md`, that the README's architecture map lists every part of
+`host/src` in an order the imports respect: each part uses only parts listed above it.
 
-    python3 tests/architecture/imports.py [host/src] [--graph]
+Prints each circle (or out-of-order import) with the import line that makes it and exits
+1 if there is any; with `--graph`, prints the folder-level graph.
+
+    python3 tests/architecture/imports.py [host/src] [--graph] [--readme README.md]
 """
 
 from __future__ import annotations
@@ -58,6 +61,27 @@ def strip_noise(text: str) -> str:
             k += 1
         i = k
     return "".join(out)
+
+
+def inline_modules(mod: tuple[str, ...], text: str) -> list[tuple[tuple[str, ...], str]]:
+    """The file's text outside inline `mod x { … }` blocks, under `mod`, and each block's
+    body under `mod::x`: `super::` inside a block names the file's own module."""
+    parts = []
+    rest, i = [], 0
+    for m in re.finditer(r"\bmod\s+(\w+)\s*\{", text):
+        if m.start() < i:
+            continue
+        depth, k = 0, m.end() - 1
+        while k < len(text):
+            depth += {"{": 1, "}": -1}.get(text[k], 0)
+            if depth == 0:
+                break
+            k += 1
+        rest.append(text[i : m.start()])
+        parts += inline_modules(mod + (m.group(1),), text[m.end() : k])
+        i = k + 1
+    rest.append(text[i:])
+    return [(mod, "".join(rest))] + parts
 
 
 def expand_use(tree: str) -> list[tuple[str, str]]:
@@ -163,26 +187,30 @@ class Crate:
                 return self.resolve(exported + path[i + 1 :], seen + 1) or mod
         return mod
 
+    def _paths(self, mod: tuple[str, ...], text: str) -> list[str]:
+        """Every path in `text` that may name something of this crate."""
+        paths: list[str] = []
+        for m in USE_RE.finditer(text):
+            paths += [p for p, _ in self._expand(m.group(1))]
+        body = USE_RE.sub("", text)
+        paths += [p.rstrip(":{") for p in PATH_RE.findall(body)]
+        children = [m[-1] for m in self.files if m[:-1] == mod]
+        if children:
+            child_re = re.compile(rf"(?<![\w:])((?:{'|'.join(children)})(?:::\w+)+)")
+            paths += child_re.findall(body)
+        return paths
+
     def edges(self) -> dict[tuple[str, ...], dict[tuple[str, ...], str]]:
         """module -> {module it depends on: the first import line that says so}."""
         graph: dict[tuple[str, ...], dict[tuple[str, ...], str]] = {}
         for mod, text in self.text.items():
             deps: dict[tuple[str, ...], str] = {}
-            paths: list[str] = []
-            for m in USE_RE.finditer(text):
-                paths += [p for p, _ in self._expand(m.group(1))]
-            body = USE_RE.sub("", text)
-            paths += [p.rstrip(":{") for p in PATH_RE.findall(body)]
-            children = [m[-1] for m in self.files if m[:-1] == mod]
-            if children:
-                child_re = re.compile(rf"(?<![\w:])((?:{'|'.join(children)})(?:::\w+)+)")
-                paths += child_re.findall(body)
-            for p in paths:
-                segs = p.split("::")
-                target = self.resolve(self.absolute(mod, segs))
-                if target is None or target == mod:
-                    continue
-                deps.setdefault(target, p)
+            for scope, part in inline_modules(mod, text):
+                for p in self._paths(scope, part):
+                    target = self.resolve(self.absolute(scope, p.split("::")))
+                    if target is None or target == mod:
+                        continue
+                    deps.setdefault(target, p)
             graph[mod] = deps
         return graph
 
@@ -225,8 +253,33 @@ def name(mod: tuple[str, ...]) -> str:
     return "::".join(mod[1:]) or "crate"
 
 
+def check_map(readme: Path, folders: dict[str, dict[str, str]]) -> int:
+    """Problems with the README's map: parts missing, or importing parts listed below them."""
+    text = readme.read_text()
+    start = text.find("## Architecture")
+    block = text[start : text.find("```", text.find("```", start) + 3)] if start >= 0 else ""
+    order = re.findall(r"^\s+src/(\w+)(?:/|\.rs)", block, re.M)
+    problems = 0
+    for part in sorted(set(folders) - {"crate"} - set(order)):
+        problems += 1
+        print(f"{readme}: the architecture map does not list src/{part}")
+    position = {part: i for i, part in enumerate(order)}
+    for part, deps in sorted(folders.items()):
+        for dep, line in sorted(deps.items()):
+            if part in position and dep in position and position[dep] > position[part]:
+                problems += 1
+                print(f"{readme}: src/{part} is listed above src/{dep}, but imports it   ({line})")
+    return problems
+
+
 def main() -> int:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    argv = sys.argv[1:]
+    readme = None
+    if "--readme" in argv:
+        i = argv.index("--readme")
+        readme = Path(argv[i + 1])
+        del argv[i : i + 2]
+    args = [a for a in argv if not a.startswith("--")]
     root = Path(args[0] if args else "host/src")
     crate = Crate(root)
     graph = crate.edges()
@@ -254,9 +307,11 @@ def main() -> int:
                 for dep, line in g[m].items():
                     if dep in members:
                         print(f"    {label(m)} -> {label(dep)}   ({line})")
+    if readme is not None:
+        found += check_map(readme, folders)
     n_files = len(graph)
     if found:
-        print(f"{found} circle(s) among {n_files} modules")
+        print(f"{found} problem(s) among {n_files} modules")
         return 1
     print(f"no import circle among {n_files} modules ({len(folders)} folders)")
     return 0

@@ -308,3 +308,88 @@ async fn admin_experiment(
         "performance": performance,
     })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::routes::tests::{app, send};
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reading_is_open_until_a_token_exists_and_changing_needs_an_admin() {
+        let (open, _) = app(None, &[]).await;
+        let (status, _, body) = send(&open, "GET", "/admin/endpoints", &[], "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.to_string().contains("\"ab\""), "{body}");
+        let (status, _, body) = send(&open, "POST", "/admin/endpoints/ab/rollback", &[], "").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("configure an admin token")
+        );
+
+        let tokens = [
+            ("viewer", "look", Role::Read),
+            ("ops", "change", Role::Admin),
+        ];
+        let (guarded, _) = app(None, &tokens).await;
+        let (status, _, _) = send(&guarded, "GET", "/admin/endpoints", &[], "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let viewer = [("authorization", "Bearer look")];
+        let (status, _, _) = send(&guarded, "GET", "/admin/endpoints/ab", &viewer, "").await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, _) = send(
+            &guarded,
+            "POST",
+            "/admin/endpoints/ab/rollback",
+            &viewer,
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_action_the_endpoint_cannot_take_is_refused_and_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = [("ops", "change", Role::Admin)];
+        let (app, telemetry) = app(Some(dir.path()), &tokens).await;
+        let ops = [("authorization", "Bearer change")];
+        let cases = [
+            (
+                "/admin/endpoints/ab/rollback",
+                StatusCode::CONFLICT,
+                "no router",
+            ),
+            (
+                "/admin/endpoints/ab/explode",
+                StatusCode::NOT_FOUND,
+                "no action 'explode'",
+            ),
+            (
+                "/admin/endpoints/nope/rollback",
+                StatusCode::NOT_FOUND,
+                "nope",
+            ),
+        ];
+        for (uri, want, says) in cases {
+            let (status, _, body) = send(&app, "POST", uri, &ops, "{}").await;
+            assert_eq!(status, want, "{uri}: {body}");
+            assert!(
+                body["error"].as_str().unwrap().contains(says),
+                "{uri}: {body}"
+            );
+        }
+        telemetry.shutdown();
+        let (status, _, audit) =
+            send(&app, "GET", "/admin/audit?kind=admin.refused", &ops, "").await;
+        assert_eq!(status, StatusCode::OK, "{audit}");
+        let refused = &audit["changes"][0];
+        assert_eq!(
+            (&refused["actor"], &refused["subject"]),
+            (&json!("ops"), &json!("ab")),
+            "{audit}"
+        );
+    }
+}

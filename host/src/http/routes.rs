@@ -414,3 +414,213 @@ async fn feedback(
         )),
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::collections::BTreeMap;
+
+    use axum::http::{HeaderMap, Request};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::{MonitoringConfig, Role, TokenConfig};
+    use crate::http::Tokens;
+    use crate::telemetry::Telemetry;
+    use crate::testing::{bind, loaded_repository, pipeline};
+
+    /// The routes over the sample models and endpoint `ab` (variant `a` = iris@1), with
+    /// metrics, a database under `dir` when one is given, and `tokens`.
+    pub(in crate::http) async fn app(
+        dir: Option<&std::path::Path>,
+        tokens: &[(&str, &str, Role)],
+    ) -> (Router, Arc<Telemetry>) {
+        let monitoring = MonitoringConfig {
+            database: dir.map(|d| d.join("modelyard.db")).unwrap_or_default(),
+            ..MonitoringConfig::default()
+        };
+        let telemetry = Telemetry::start(&monitoring, true).unwrap();
+        let repository = loaded_repository(telemetry.clone()).await;
+        let pipeline = pipeline(repository, telemetry.clone());
+        bind(
+            &pipeline,
+            &telemetry,
+            "[endpoints.ab]\nvariants = { a = \"iris@1\" }",
+        );
+        let tokens: BTreeMap<String, TokenConfig> = tokens
+            .iter()
+            .map(|(name, token, role)| {
+                let config = TokenConfig {
+                    token: Some(token.to_string()),
+                    token_env: None,
+                    role: *role,
+                };
+                (name.to_string(), config)
+            })
+            .collect();
+        let state = Arc::new(HttpState {
+            pipeline,
+            telemetry: telemetry.clone(),
+            max_body_bytes: 4096,
+            tokens: Tokens::new(&tokens).unwrap(),
+            metrics_here: true,
+        });
+        (router(state), telemetry)
+    }
+
+    /// One request through the routes, in process: status, headers and the body as JSON
+    /// (or as a JSON string when it is text).
+    pub(in crate::http) async fn send(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let mut request = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Body::from(body.to_string())).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        (parts.status, parts.headers, value)
+    }
+
+    const SETOSA: &str = r#"{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [5.1, 3.5, 1.4, 0.2]}]}"#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn infer_answers_in_json_and_names_the_variant() {
+        let (app, _) = app(None, &[]).await;
+        let (status, headers, body) = send(&app, "POST", "/v2/models/ab/infer", &[], SETOSA).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(headers[VARIANT_HEADER], "a");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(body["model_name"], "ab");
+        assert_eq!(body["model_version"], "1");
+        assert!(
+            body["id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{body}"
+        );
+        let (status, _, body) = send(&app, "GET", "/v2/models/iris", &[], "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["name"], "iris");
+        let (status, _, body) = send(&app, "GET", "/v2", &[], "").await;
+        assert_eq!(
+            (status, &body["name"]),
+            (StatusCode::OK, &json!("modelyard"))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_come_as_json_with_the_status_the_protocol_uses() {
+        let (app, _) = app(None, &[]).await;
+        // Method, path, headers, body, the status and what the error says.
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            String,
+            StatusCode,
+            &'a str,
+        );
+        let cases: [Case; 6] = [
+            (
+                "GET",
+                "/nowhere",
+                &[],
+                String::new(),
+                StatusCode::NOT_FOUND,
+                "start with /v2",
+            ),
+            (
+                "DELETE",
+                "/v2/models/iris",
+                &[],
+                String::new(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "not allowed",
+            ),
+            (
+                "POST",
+                "/v2/models/nope/infer",
+                &[],
+                SETOSA.to_string(),
+                StatusCode::NOT_FOUND,
+                "unknown model 'nope'",
+            ),
+            (
+                "POST",
+                "/v2/models/iris/infer",
+                &[],
+                "{".to_string(),
+                StatusCode::BAD_REQUEST,
+                "",
+            ),
+            (
+                "POST",
+                "/v2/models/iris/infer",
+                &[("content-encoding", "gzip")],
+                SETOSA.to_string(),
+                StatusCode::BAD_REQUEST,
+                "uncompressed",
+            ),
+            (
+                "POST",
+                "/v2/models/iris/infer",
+                &[],
+                "x".repeat(5000),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "max_body_bytes",
+            ),
+        ];
+        for (method, uri, headers, body, want, says) in cases {
+            let (status, _, answer) = send(&app, method, uri, headers, &body).await;
+            assert_eq!(status, want, "{method} {uri}: {answer}");
+            let message = answer["error"].as_str().unwrap_or_default();
+            assert!(message.contains(says), "{method} {uri}: {answer}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn request_metrics_count_known_names_and_pool_the_others() {
+        let (app, _) = app(None, &[]).await;
+        for uri in [
+            "/v2/models/iris/infer",
+            "/v2/models/ab/infer",
+            "/v2/models/nope/infer",
+            "/v2/models/other/infer",
+        ] {
+            send(&app, "POST", uri, &[], SETOSA).await;
+        }
+        send(
+            &app,
+            "POST",
+            "/v2/models/iris/versions/7/infer",
+            &[],
+            SETOSA,
+        )
+        .await;
+        let (status, headers, text) = send(&app, "GET", "/metrics", &[], "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            headers[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text")
+        );
+        let text = text.as_str().unwrap();
+        for series in [
+            r#"modelyard_requests_total{endpoint="iris",variant="",model="iris",version="2",status="200"} 1"#,
+            r#"modelyard_requests_total{endpoint="ab",variant="a",model="iris",version="1",status="200"} 1"#,
+            r#"modelyard_requests_total{endpoint="unknown",variant="",model="",version="",status="404"} 2"#,
+            r#"modelyard_requests_total{endpoint="iris",variant="",model="",version="",status="404"} 1"#,
+        ] {
+            assert!(text.contains(series), "no {series} in\n{text}");
+        }
+        assert!(!text.contains("nope"), "{text}");
+        assert!(text.contains("modelyard_requests_in_flight 0"), "{text}");
+    }
+}

@@ -289,3 +289,164 @@ impl Pipeline {
         result.map_err(|error| InferError::charged(Some(variant), model, error))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{bind, iris, loaded_repository, pipeline};
+
+    const SETOSA: [f32; 4] = [5.1, 3.5, 1.4, 0.2];
+
+    fn no_headers(_: &str) -> Option<String> {
+        None
+    }
+
+    async fn served() -> (Arc<Pipeline>, Arc<Telemetry>) {
+        let telemetry = Telemetry::off();
+        let repository = loaded_repository(telemetry.clone()).await;
+        (pipeline(repository, telemetry.clone()), telemetry)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bare_model_answers_with_an_id_and_its_newest_version() {
+        let (pipeline, _) = served().await;
+        let answer = pipeline
+            .infer("iris", None, iris(&[SETOSA, SETOSA]), &no_headers)
+            .await
+            .unwrap();
+        assert_eq!((answer.model.as_str(), answer.version), ("iris", 2));
+        assert_eq!(answer.variant, None);
+        let id = answer.id.unwrap();
+        assert!(!id.is_empty());
+        let probabilities = &answer.outputs[0];
+        assert_eq!(probabilities.shape, vec![2, 3]);
+        // An explicit version, and only the outputs asked for.
+        let request = InferRequest {
+            id: Some("client-7".to_string()),
+            outputs: Some(vec![probabilities.name.clone()]),
+            ..iris(&[SETOSA])
+        };
+        let answer = pipeline
+            .infer("iris", Some("1"), request, &no_headers)
+            .await
+            .unwrap();
+        assert_eq!(answer.version, 1);
+        assert_eq!(answer.id.as_deref(), Some("client-7"));
+        assert_eq!(answer.outputs.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failures_are_charged_to_the_model_that_was_called() {
+        let (pipeline, _) = served().await;
+        let unknown = pipeline
+            .infer("nope", None, iris(&[SETOSA]), &no_headers)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(unknown, InferError::Lookup(LookupError::NotFound(_))),
+            "{unknown:?}"
+        );
+        let mut wrong = iris(&[SETOSA]);
+        wrong.inputs[0].shape = vec![4, 1];
+        let error = pipeline
+            .infer("iris", None, wrong, &no_headers)
+            .await
+            .unwrap_err();
+        match error {
+            InferError::Charged {
+                variant: None,
+                model,
+                error,
+            } => {
+                assert_eq!(model, "iris");
+                assert!(matches!(*error, InferError::Invalid(_)), "{error:?}");
+            }
+            other => panic!("not charged to iris: {other:?}"),
+        }
+        let timeout = InferRequest {
+            parameters: vec![("timeout".to_string(), "soon".to_string())],
+            ..iris(&[SETOSA])
+        };
+        let error = pipeline
+            .infer("iris", None, timeout, &no_headers)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("whole number of microseconds"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_endpoint_answers_from_its_default_variant_and_charges_it() {
+        let (pipeline, telemetry) = served().await;
+        let set = bind(
+            &pipeline,
+            &telemetry,
+            r#"
+            [endpoints.ab]
+            variants = { old = "iris@1", new = "iris@2" }
+            default_variant = "new"
+            [endpoints.broken]
+            variants = { a = "iris" }
+            default_variant = "b"
+            "#,
+        );
+        assert!(set.errors["broken"].contains("'b' is not one of the variants"));
+        let answer = pipeline
+            .infer("ab", None, iris(&[SETOSA]), &no_headers)
+            .await
+            .unwrap();
+        assert_eq!(answer.variant.as_deref(), Some("new"));
+        assert_eq!((answer.source_model.as_str(), answer.version), ("iris", 2));
+        // The answer is remembered for feedback under its id.
+        let id = answer.id.unwrap();
+        assert!(matches!(
+            pipeline.feedback("ab", &id, Some(1.0), None),
+            crate::endpoint::Feedback::Recorded { .. }
+        ));
+        let mut wrong = iris(&[SETOSA]);
+        wrong.inputs[0].datatype = crate::tensor::DataType::Int64;
+        let error = pipeline
+            .infer("ab", None, wrong, &no_headers)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, InferError::Charged { variant: Some(v), model, .. } if v == "new" && model == "iris"),
+            "{error:?}"
+        );
+        let new = set.endpoints["ab"]
+            .variants
+            .iter()
+            .find(|v| v.name == "new")
+            .unwrap();
+        let stats = new.stats.snapshot();
+        assert_eq!((stats.requests, stats.errors), (2, 1));
+        // An endpoint that cannot serve says why; a version asked for means the model.
+        let error = pipeline
+            .infer("broken", None, iris(&[SETOSA]), &no_headers)
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("endpoint 'broken' is not serving"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_id_is_the_clients_or_minted_once() {
+        let (pipeline, _) = served().await;
+        let mut request = iris(&[SETOSA]);
+        let minted = pipeline.identify(&mut request).to_string();
+        assert_eq!(pipeline.identify(&mut request), minted);
+        let mut other = iris(&[SETOSA]);
+        assert_ne!(pipeline.identify(&mut other), minted);
+        let mut client = InferRequest {
+            id: Some("theirs".to_string()),
+            ..iris(&[SETOSA])
+        };
+        assert_eq!(pipeline.identify(&mut client), "theirs");
+    }
+}
