@@ -40,11 +40,11 @@ def wait_ready(url, proc, timeout=60):
 
 
 @contextlib.contextmanager
-def modelyard(config, rust_log, models=None):
+def modelyard(config, rust_log, models=None, binary=ROOT / "target/release/modelyard"):
     """A modelyard server on port 18080 with `config` (and `models`, when given), ready;
     stopped on leaving. The other benchmark scripts start theirs with it too."""
     extra = ["--models", models] if models else []
-    proc = subprocess.Popen([ROOT / "target/release/modelyard", "serve", "--listen", "127.0.0.1:18080",
+    proc = subprocess.Popen([binary, "serve", "--listen", "127.0.0.1:18080",
                              "--config", config, *extra], stderr=subprocess.DEVNULL,
                             env=dict(os.environ, RUST_LOG=rust_log))
     base = "http://127.0.0.1:18080"
@@ -170,6 +170,34 @@ def strategies(args, script, features_script):
               f"{off['p50']:.0f} | {on['errors'] + off['errors']:.0f} |")
 
 
+COMPARED = [("iris", 1), ("iris", 8), ("iris-ab", 8), ("iris-canary", 8)]
+
+
+def compare(args, script, features_script):
+    """Another build of the server (`--compare BINARY`, e.g. the last commit's) against this
+    one, alternating run by run on the sample configuration: the bare model at concurrency
+    1 and 8, and two endpoints with plugins at 8; a table of medians side by side."""
+    builds = {"before": Path(args.compare), "after": ROOT / "target/release/modelyard"}
+    results = {}
+    for run in range(args.runs):
+        for build, binary in builds.items():
+            with modelyard(ROOT / "modelyard.toml", "info", binary=binary) as (base, _):
+                for endpoint, c in COMPARED:
+                    body = features_script if endpoint == "iris-ab" else script
+                    r = wrk(f"{base}/v2/models/{endpoint}/infer", c, args.duration, body)
+                    results.setdefault((build, endpoint, c), []).append(r)
+                    print(f"run {run + 1} {build} {endpoint} c={c}: {r['rps']:.0f} req/s, "
+                          f"p50 {r['p50']:.0f} us, {r['errors']} errors", file=sys.stderr)
+    med = medians(results)
+    print(f"median of {args.runs} runs of {args.duration} s each per build, alternating, wrk on the same machine\n")
+    print("| endpoint | concurrency | req/s before | req/s after | p50 (µs) before | p50 (µs) after | p99 (µs) before | p99 (µs) after | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for endpoint, c in COMPARED:
+        b, a = med[("before", endpoint, c)], med[("after", endpoint, c)]
+        print(f"| {endpoint} | {c} | {b['rps']:.0f} | {a['rps']:.0f} | {b['p50']:.0f} | {a['p50']:.0f} | "
+              f"{b['p99']:.0f} | {a['p99']:.0f} | {b['errors'] + a['errors']:.0f} |")
+
+
 MONITORED_ENDPOINTS = ["iris", "iris-canary"]
 
 
@@ -248,7 +276,16 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--strategies", action="store_true", help="modelyard alone: each sample endpoint")
     ap.add_argument("--monitoring", action="store_true", help="modelyard alone: monitoring at defaults vs off")
+    ap.add_argument("--compare", metavar="BINARY", help="modelyard alone: another build of it against this one")
     args = ap.parse_args()
+    if args.compare:
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "infer.lua"
+            script.write_text(WRK_SCRIPT % json.dumps(BODY))
+            features = Path(tmp) / "features.lua"
+            features.write_text(WRK_SCRIPT % json.dumps(BODY).replace('"input"', '"features"'))
+            compare(args, str(script), str(features))
+        return
     if args.monitoring:
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "infer.lua"

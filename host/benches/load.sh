@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Load benchmark: modelyard against MLServer (a Python KServe v2 server) on the same task,
 # iris with one row per request, measured with `wrk` in the same run.
-#   host/benches/load.sh [--runs N] [--duration SECONDS] [--strategies | --monitoring]
+#   host/benches/load.sh [--runs N] [--duration SECONDS] [--strategies | --monitoring | --compare BINARY]
 # --strategies measures modelyard's sample endpoints instead, one per deployment strategy
 # (run plugins/build first). --monitoring measures the monitoring at its default settings
-# (metrics, request log, audit store, drift) against all of it off.
+# (metrics, request log, audit store, drift) against all of it off. --compare measures
+# another build of modelyard (e.g. one built from the last commit in a worktree) against
+# this one, run by run in turn, on the bare model and two sample endpoints.
 # Installs what it needs: wrk (Debian package), and MLServer with its scikit-learn runtime
 # in a virtualenv under target/. Prints a markdown table for BENCHMARKS.md.
 set -euo pipefail

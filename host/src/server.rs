@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::control;
 use crate::http::{self, HttpState};
 use crate::pipeline::{Options, Pipeline};
-use crate::registry::{ModelRepository, WatchError};
+use crate::registry::{ModelRepository, RepositoryError};
 use crate::telemetry::{self, Telemetry, drift};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +22,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Watch(#[from] WatchError),
+    Repository(#[from] RepositoryError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error(transparent)]

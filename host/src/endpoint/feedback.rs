@@ -13,7 +13,7 @@ use super::stats::VariantCounters;
 const HOST_ID_PREFIX: &str = "my-";
 
 /// A request id the feedback can be matched to.
-struct Answered {
+struct Remembered {
     endpoint: String,
     variant: String,
     counters: Arc<VariantCounters>,
@@ -32,7 +32,7 @@ pub struct Memo {
 
 #[derive(Default)]
 struct Memory {
-    by_id: HashMap<String, Answered>,
+    by_id: HashMap<String, Remembered>,
     order: VecDeque<String>,
 }
 
@@ -93,7 +93,7 @@ impl FeedbackBook {
         memo: Memo,
     ) {
         let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
-        let answered = Answered {
+        let answered = Remembered {
             endpoint: endpoint.to_string(),
             variant: variant.to_string(),
             counters,

@@ -134,8 +134,9 @@ fn gap(
         .iter()
         .filter_map(|(name, s)| Some((name, measure(s).mean?)))
         .collect();
-    let best = means.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
-    let worst = means.iter().min_by(|a, b| a.1.total_cmp(&b.1))?;
+    // Ties go to the first segment by name, as everywhere the host picks a top value.
+    let best = means[modelyard_sdk::argmax(means.iter().map(|m| m.1))?];
+    let worst = means[modelyard_sdk::argmax(means.iter().map(|m| -m.1))?];
     Some(Gap {
         best: best.0.clone(),
         best_mean: best.1,

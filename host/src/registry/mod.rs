@@ -20,5 +20,5 @@ mod scan;
 mod snapshot;
 
 pub use model_config::{ModelCard, ModelConfig, VersionPolicy};
-pub use repository::{ModelRepository, WatchError};
+pub use repository::{ModelRepository, RepositoryError};
 pub use snapshot::{LoadedVersion, LookupError, Model, Snapshot, VersionEntry};

@@ -16,7 +16,7 @@ use crate::telemetry::Telemetry;
 use crate::watch::Watch;
 
 #[derive(Debug, thiserror::Error)]
-pub enum WatchError {
+pub enum RepositoryError {
     #[error(
         "the model directory {0} does not exist or is not a directory; create it or point --models at one"
     )]
@@ -85,9 +85,9 @@ impl ModelRepository {
     /// Starts watching the directory, then loads it; the returned task keeps both going for
     /// as long as the server runs. The watch starts first so that nothing written during
     /// the initial scan is missed.
-    pub fn watch(self: &Arc<Self>) -> Result<tokio::task::JoinHandle<()>, WatchError> {
+    pub fn watch(self: &Arc<Self>) -> Result<tokio::task::JoinHandle<()>, RepositoryError> {
         if !self.dir.is_dir() {
-            return Err(WatchError::Missing(self.dir.clone()));
+            return Err(RepositoryError::Missing(self.dir.clone()));
         }
         let watch = Watch::new(&[(&self.dir, RecursiveMode::Recursive)], |_| true)?;
         let repository = self.clone();
