@@ -376,7 +376,8 @@ async fn feedback(
     }
     match state
         .pipeline
-        .feedback(&endpoint, &request.id, request.reward, labels.as_deref())
+        .feedback()
+        .score(&endpoint, &request.id, request.reward, labels.as_deref())
     {
         Feedback::Recorded { variant, labels } => Ok(Json(json!({
             "endpoint": endpoint, "id": request.id, "variant": variant,

@@ -12,7 +12,7 @@ use super::attempt::Attempt;
 use super::request::{InferError, InferRequest, InferResponse, model_failed, shutting_down};
 use super::route::{Flagged, Routing, evaluate_flags, route};
 use super::shadow::{ShadowJob, ShadowQueue};
-use super::variant::serve_variant;
+use super::variant::{observed, serve_variant};
 use crate::endpoint::{Endpoint, FeedbackBook, Memo, predictions};
 use crate::plugins::RequestContext;
 use crate::registry::{LoadedVersion, LookupError, ModelRepository};
@@ -287,13 +287,8 @@ impl Answering {
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
     ) -> Result<Vec<Tensor>, InferError> {
-        if let Some(drift) = &target.drift {
-            drift.observe(&inputs);
-        }
-        target
-            .runner
-            .run(inputs, &self.slots, deadline)
-            .await
-            .map_err(|failure| model_failed(target, failure))
+        let inputs = observed(target, inputs);
+        let outputs = target.runner.run(inputs, &self.slots, deadline).await;
+        outputs.map_err(|failure| model_failed(target, failure))
     }
 }

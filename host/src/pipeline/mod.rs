@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use crate::endpoint::{DecisionRecord, Endpoint, EndpointSet, Feedback, FeedbackBook, StatsBook};
+use crate::endpoint::{DecisionRecord, Endpoint, EndpointSet, FeedbackBook, StatsBook};
 use crate::plugins::Library;
 use crate::registry::{LookupError, ModelRepository};
 use crate::telemetry::Telemetry;
@@ -106,16 +106,9 @@ impl Pipeline {
         &self.stats
     }
 
-    /// Credits a client's reward, and judges the true labels it sends, to the variant that
-    /// answered request `id` of `endpoint`.
-    pub fn feedback(
-        &self,
-        endpoint: &str,
-        id: &str,
-        reward: Option<f64>,
-        labels: Option<&[String]>,
-    ) -> Feedback {
-        self.answering.feedback.score(endpoint, id, reward, labels)
+    /// The endpoints' answers remembered for the rewards and labels clients send later.
+    pub fn feedback(&self) -> &FeedbackBook {
+        &self.answering.feedback
     }
 
     /// The request's id, given one of the server's if it came without: every answer has
@@ -402,7 +395,7 @@ mod tests {
         // The answer is remembered for feedback under its id.
         let id = answer.id.unwrap();
         assert!(matches!(
-            pipeline.feedback("ab", &id, Some(1.0), None),
+            pipeline.feedback().score("ab", &id, Some(1.0), None),
             crate::endpoint::Feedback::Recorded { .. }
         ));
         let mut wrong = iris(&[SETOSA]);

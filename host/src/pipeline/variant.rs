@@ -15,20 +15,24 @@ use crate::plugins::{Direction, ProcessorWorld, RequestContext};
 use crate::registry::{LoadedVersion, ModelRepository};
 use crate::tensor::Tensor;
 
-/// The model itself, from a thread of the inference pool: its inputs join the drift
-/// window, then its runner answers (cache, batch, or a run here).
+/// A version's inputs, as they go to its runner: they join its drift window first.
+pub(super) fn observed(target: &LoadedVersion, inputs: Vec<Tensor>) -> Vec<Tensor> {
+    if let Some(drift) = &target.drift {
+        drift.observe(&inputs);
+    }
+    inputs
+}
+
+/// The model itself, from a thread of the inference pool: its runner answers (cache,
+/// batch, or a run here).
 fn run_model(
     target: &LoadedVersion,
     inputs: Vec<Tensor>,
     deadline: Option<Instant>,
 ) -> Result<Vec<Tensor>, InferError> {
-    if let Some(drift) = &target.drift {
-        drift.observe(&inputs);
-    }
-    target
-        .runner
-        .run_blocking(inputs, deadline)
-        .map_err(|failure| model_failed(target, failure))
+    let inputs = observed(target, inputs);
+    let outputs = target.runner.run_blocking(inputs, deadline);
+    outputs.map_err(|failure| model_failed(target, failure))
 }
 
 /// Flags, preprocessors, the variant's model and postprocessors, on a blocking thread.
