@@ -129,11 +129,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn check(file: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let engine = PluginEngine::new(Limits::default(), None, false)?;
-    let name = file.file_stem().map_or_else(
-        || file.display().to_string(),
-        |s| s.to_string_lossy().into_owned(),
-    );
-    let inspection = engine.inspect(&name, &bytes)?;
+    // Named by its path: a refusal says which file.
+    let inspection = engine.inspect(&file.display().to_string(), &bytes)?;
     println!(
         "{}: a {} plugin built for {PACKAGE}@{} (this host speaks {PACKAGE}@{HOST_VERSION})",
         file.display(),
