@@ -6,7 +6,8 @@
 //! Owns: the generated types and calls. Must not touch: how components are identified,
 //! checked or run (`contract`, `engine`, `pool`), which wrap these.
 
-/// Where the bindings below were generated from: read again at run time for the version.
+/// The file the bindings below are generated from, whose `package` line `contract` reads
+/// the version from.
 pub const WIT: &str = include_str!("../../../guest-sdk/wit/plugin.wit");
 
 pub mod router {
