@@ -5,7 +5,13 @@
 //! with `cargo build --release --target wasm32-wasip2`. The SDK owns all WebAssembly glue:
 //! the configuration arrives parsed into the plugin's own `Config` type, requests arrive as
 //! the plain Rust types of this crate, and the same code runs natively under `cargo test`.
-//! See `guest-sdk/README.md` for a walk-through.
+//! See `README.md` for a walk-through.
+//!
+//! The contract is the WIT package in this crate's `wit/` directory: the request context,
+//! variant statistics, tensors, flag evaluations and log levels below are its records, as
+//! wit-bindgen generates them (documented there), with the SDK's helpers added. A plugin
+//! built with this crate says which version of the package it implements in the name of
+//! its export, and a host loads it if it speaks a version on the same semver line.
 
 mod tensor;
 mod types;
@@ -13,10 +19,15 @@ mod types;
 #[doc(hidden)]
 pub mod __private;
 
-pub use tensor::{DataType, Tensor};
-pub use types::{
-    Action, Decision, Evaluation, FlagInfo, RECENT_LATENCIES, RequestContext, VariantStats,
+pub use __private::bindings::host::Level;
+pub use __private::bindings::types::{
+    Datatype as DataType, Evaluation, FlagInfo, RequestContext, Tensor, VariantStats,
 };
+pub use types::{Action, Decision, RECENT_LATENCIES};
+
+/// This crate's version, which `modelyard plugin new` asks for: a new plugin builds with
+/// the SDK of the host that wrote it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Why a plugin refuses its configuration or a request. The host logs it with the plugin's
 /// name and applies the endpoint's failure policy.
@@ -132,24 +143,14 @@ pub fn argmax(values: impl IntoIterator<Item = f64>) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-/// How much a log line matters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Level {
-    Trace,
-    Debug,
-    Info,
-    Warn,
-    Error,
-}
-
 /// Logs into the host's log under the plugin's name; natively (in tests), to stderr.
 pub fn log(level: Level, message: &str) {
     __private::log(level, message);
 }
 
 /// Registers the plugin type: `register!(router: T)`, `register!(processor: T)` or
-/// `register!(flags: T)`. Needs the SDK feature of the same name. Outside WebAssembly it
-/// expands to nothing, so the crate still builds and tests natively.
+/// `register!(flags: T)`; a plugin registers one. Outside WebAssembly it expands to
+/// nothing, so the crate still builds and tests natively.
 #[macro_export]
 macro_rules! register {
     (router: $plugin:ty) => {
@@ -161,8 +162,8 @@ macro_rules! register {
                     $crate::__private::configure(&config, <$plugin as $crate::Router>::new)
                 }
                 fn route(
-                    ctx: $crate::__private::router::RequestContext,
-                    variants: ::std::vec::Vec<$crate::__private::router::VariantStats>,
+                    ctx: $crate::RequestContext,
+                    variants: ::std::vec::Vec<$crate::VariantStats>,
                     state: ::std::string::String,
                 ) -> ::core::result::Result<$crate::__private::router::Decision, ::std::string::String> {
                     $crate::__private::router::route::<$plugin>(ctx, variants, state)
@@ -171,19 +172,19 @@ macro_rules! register {
                     action: ::std::string::String,
                     args: ::std::string::String,
                     state: ::std::string::String,
-                    variants: ::std::vec::Vec<$crate::__private::router::VariantStats>,
+                    variants: ::std::vec::Vec<$crate::VariantStats>,
                     now_ms: u64,
                 ) -> ::core::result::Result<::std::string::String, ::std::string::String> {
                     $crate::__private::router::act::<$plugin>(&action, &args, state, variants, now_ms)
                 }
                 fn describe(
                     state: ::std::string::String,
-                    variants: ::std::vec::Vec<$crate::__private::router::VariantStats>,
+                    variants: ::std::vec::Vec<$crate::VariantStats>,
                 ) -> ::std::string::String {
                     $crate::__private::router::describe::<$plugin>(state, variants)
                 }
             }
-            $crate::__private::router::bindings::__export_router!(Export with_types_in $crate::__private::router::bindings);
+            $crate::__private::bindings::router::export_router!(Export with_types_in $crate::__private::bindings::router);
         };
     };
     (processor: $plugin:ty) => {
@@ -195,19 +196,19 @@ macro_rules! register {
                     $crate::__private::configure(&config, <$plugin as $crate::Processor>::new)
                 }
                 fn preprocess(
-                    ctx: $crate::__private::processor::RequestContext,
-                    inputs: ::std::vec::Vec<$crate::__private::processor::Tensor>,
-                ) -> ::core::result::Result<::std::vec::Vec<$crate::__private::processor::Tensor>, ::std::string::String> {
+                    ctx: $crate::RequestContext,
+                    inputs: ::std::vec::Vec<$crate::Tensor>,
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::Tensor>, ::std::string::String> {
                     $crate::__private::processor::preprocess::<$plugin>(ctx, inputs)
                 }
                 fn postprocess(
-                    ctx: $crate::__private::processor::RequestContext,
-                    outputs: ::std::vec::Vec<$crate::__private::processor::Tensor>,
-                ) -> ::core::result::Result<::std::vec::Vec<$crate::__private::processor::Tensor>, ::std::string::String> {
+                    ctx: $crate::RequestContext,
+                    outputs: ::std::vec::Vec<$crate::Tensor>,
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::Tensor>, ::std::string::String> {
                     $crate::__private::processor::postprocess::<$plugin>(ctx, outputs)
                 }
             }
-            $crate::__private::processor::bindings::__export_processor!(Export with_types_in $crate::__private::processor::bindings);
+            $crate::__private::bindings::processor::export_processor!(Export with_types_in $crate::__private::bindings::processor);
         };
     };
     (flags: $plugin:ty) => {
@@ -218,16 +219,14 @@ macro_rules! register {
                 fn configure(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
                     $crate::__private::configure(&config, <$plugin as $crate::Flags>::new)
                 }
-                fn evaluate(
-                    ctx: $crate::__private::flags::RequestContext,
-                ) -> ::std::vec::Vec<$crate::__private::flags::Evaluation> {
+                fn evaluate(ctx: $crate::RequestContext) -> ::std::vec::Vec<$crate::Evaluation> {
                     $crate::__private::flags::evaluate::<$plugin>(ctx)
                 }
-                fn describe(now_ms: u64) -> ::std::vec::Vec<$crate::__private::flags::FlagInfo> {
+                fn describe(now_ms: u64) -> ::std::vec::Vec<$crate::FlagInfo> {
                     $crate::__private::flags::describe::<$plugin>(now_ms)
                 }
             }
-            $crate::__private::flags::bindings::__export_flags!(Export with_types_in $crate::__private::flags::bindings);
+            $crate::__private::bindings::flags::export_flags!(Export with_types_in $crate::__private::bindings::flags);
         };
     };
 }

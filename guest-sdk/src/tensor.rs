@@ -1,33 +1,35 @@
-//! Tensors as plugins see them, with typed views and constructors.
+//! Typed views and constructors for the contract's tensors, and the datatypes' protocol
+//! names.
 
-use crate::Error;
+use crate::{DataType, Error, Tensor};
 
-/// The Open Inference Protocol datatypes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DataType {
-    Bool,
-    Uint8,
-    Uint16,
-    Uint32,
-    Uint64,
-    Int8,
-    Int16,
-    Int32,
-    Int64,
-    Fp16,
-    Fp32,
-    Fp64,
-    Bytes,
+/// The protocol's names (`FP32`, `BYTES` …), for messages.
+impl std::fmt::Display for DataType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataType::Bool => "BOOL",
+            DataType::Uint8 => "UINT8",
+            DataType::Uint16 => "UINT16",
+            DataType::Uint32 => "UINT32",
+            DataType::Uint64 => "UINT64",
+            DataType::Int8 => "INT8",
+            DataType::Int16 => "INT16",
+            DataType::Int32 => "INT32",
+            DataType::Int64 => "INT64",
+            DataType::Fp16 => "FP16",
+            DataType::Fp32 => "FP32",
+            DataType::Fp64 => "FP64",
+            DataType::Bytes => "BYTES",
+        })
+    }
 }
 
-/// A named tensor: elements little-endian and back to back in `data` (a BYTES element is a
-/// u32 little-endian length, then its bytes).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
-    pub name: String,
-    pub datatype: DataType,
-    pub shape: Vec<u64>,
-    pub data: Vec<u8>,
+/// So that `Tensor` (and whatever holds one) has a `Default`, as the other records do:
+/// FP32, the datatype models take most often.
+impl Default for DataType {
+    fn default() -> Self {
+        DataType::Fp32
+    }
 }
 
 impl Tensor {
@@ -88,7 +90,7 @@ impl Tensor {
     fn expect(&self, datatype: DataType) -> Result<(), Error> {
         if self.datatype != datatype {
             return Err(Error::new(format!(
-                "tensor '{}' is {:?}, expected {datatype:?}",
+                "tensor '{}' is {}, expected {datatype}",
                 self.name, self.datatype
             )));
         }
@@ -166,6 +168,15 @@ mod tests {
         assert!(t.as_strings().is_err());
         let s = Tensor::from_strings("s", &[2], &["a", "bc"]).unwrap();
         assert_eq!(s.as_strings().unwrap(), vec!["a", "bc"]);
+    }
+
+    #[test]
+    fn datatypes_go_by_their_protocol_names() {
+        let err = Tensor::from_f32("x", &[1], &[1.0])
+            .unwrap()
+            .as_strings()
+            .unwrap_err();
+        assert_eq!(err.0, "tensor 'x' is FP32, expected BYTES");
     }
 
     #[test]

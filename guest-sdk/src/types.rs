@@ -1,19 +1,8 @@
-//! The request context, variant statistics and decisions, as plain Rust types.
+//! What the SDK adds to the contract's types (the request context and variant statistics
+//! are the WIT's records, generated), and the types of its own: a router's `Decision`
+//! without the state the SDK keeps for it, and an operator's `Action`, parsed.
 
-/// What the host knows about the request being served.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RequestContext {
-    pub id: String,
-    pub endpoint: String,
-    /// Who the request is for (user or session id), for sticky assignment.
-    pub targeting_key: Option<String>,
-    /// OIP `parameters` and headers the endpoint passes on, as name/value pairs.
-    pub attributes: Vec<(String, String)>,
-    /// Randomness drawn by the host for this request.
-    pub seed: u64,
-    /// When the host took the request, in milliseconds since the Unix epoch.
-    pub now_ms: u64,
-}
+use crate::{RequestContext, VariantStats};
 
 impl RequestContext {
     /// The value of attribute `name`, if the request has it.
@@ -64,23 +53,6 @@ fn mix(mut z: u64) -> u64 {
 /// How many of a variant's latest successful latencies the host hands routers.
 pub const RECENT_LATENCIES: usize = 256;
 
-/// Live statistics of one variant, as the host counted them.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct VariantStats {
-    pub name: String,
-    pub model: String,
-    pub version: String,
-    pub requests: u64,
-    pub errors: u64,
-    pub latency_p50_us: u64,
-    pub latency_p99_us: u64,
-    pub reward_count: u64,
-    pub reward_sum: f64,
-    /// Latencies of the most recent successful answers (µs), oldest first, at most
-    /// [`RECENT_LATENCIES`].
-    pub recent_latency_us: Vec<u32>,
-}
-
 impl VariantStats {
     /// The variant named `name` among `variants`, or the error that says it is not one.
     pub fn find<'a>(
@@ -121,14 +93,6 @@ impl Decision {
     }
 }
 
-/// One flag's value for one request.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Evaluation {
-    pub flag: String,
-    pub variant: String,
-    pub reason: String,
-}
-
 /// An operator's request to a router, from the admin API.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
 #[serde(tag = "action", rename_all = "kebab-case", deny_unknown_fields)]
@@ -154,17 +118,4 @@ impl Action {
             Action::Rollback {} => "rollback",
         }
     }
-}
-
-/// A flag as its definition stands, for operators.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct FlagInfo {
-    pub key: String,
-    /// `ENABLED` or `DISABLED`.
-    pub state: String,
-    pub default_variant: String,
-    pub variants: Vec<String>,
-    pub metadata: Vec<(String, String)>,
-    /// Past its `expiry` date.
-    pub expired: bool,
 }

@@ -382,36 +382,33 @@ fn plugin_chain(
                 .unwrap()
         })
     });
-    group.bench_function("router, fresh instance from InstancePre", |b| {
+    // A fresh instance per call: binding makes and configures one, the call then takes it.
+    let fresh = |engine: &PluginEngine, b: &mut criterion::Bencher| {
+        let library = Library::scan(
+            engine,
+            plugins.path(),
+            &Library::default(),
+            &Telemetry::off(),
+        );
+        let prepared = library.files["weighted"].prepared.clone().unwrap();
+        let config = r#"{"weights":{"stable":1,"candidate":1}}"#;
         b.iter(|| {
-            router
-                .call_fresh(|r, store| r.call_route(store, &ctx, &variants, ""))
-                .unwrap()
+            let Ok(Plugin::Router(router)) = engine.bind(&prepared, config.to_string()) else {
+                panic!("weighted is a router")
+            };
+            router.route(&ctx, &variants, "").unwrap()
         })
+    };
+    let unpooled = PluginEngine::new(Limits::default(), None, false).unwrap();
+    group.bench_function("router, fresh instance from InstancePre", |b| {
+        fresh(&unpooled, b)
     });
     // The same, with the pooling allocator, where this host allows its reservation.
     match PluginEngine::new(Limits::default(), None, true) {
         Ok(pooled) => {
-            let library = Library::scan(
-                &pooled,
-                plugins.path(),
-                &Library::default(),
-                &Telemetry::off(),
-            );
-            let prepared = library.files["weighted"].prepared.clone().unwrap();
-            let config = r#"{"weights":{"stable":1,"candidate":1}}"#.to_string();
-            let Ok(Plugin::Router(router)) = pooled.bind(&prepared, config) else {
-                panic!("weighted is a router")
-            };
             group.bench_function(
                 "router, fresh instance from InstancePre, pooling allocator",
-                |b| {
-                    b.iter(|| {
-                        router
-                            .call_fresh(|r, store| r.call_route(store, &ctx, &variants, ""))
-                            .unwrap()
-                    })
-                },
+                |b| fresh(&pooled, b),
             );
         }
         Err(error) => eprintln!("pooling allocator not available here: {error}"),

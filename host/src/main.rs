@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use modelyard::config::Config;
-use modelyard::plugins::{Limits, PluginEngine, WorldKind, new_plugin};
+use modelyard::plugins::{HOST_VERSION, Limits, PACKAGE, PluginEngine, WorldKind, new_plugin};
 use modelyard::telemetry::{self, LogFormat};
 
 /// Modelyard serves ONNX models over the Open Inference Protocol (KServe v2).
@@ -66,7 +66,8 @@ enum PluginCommand {
         /// Where to create the crate's directory.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The modelyard-sdk crate to depend on (default: the SDK of this source tree).
+        /// A local modelyard-sdk crate (an unpacked .crate) to build with instead of the
+        /// registry's: written as a `[patch.crates-io]` entry.
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -108,14 +109,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     sdk,
                 },
         } => {
-            let sdk = match sdk {
-                Some(sdk) => sdk,
-                None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk"),
-            };
             let sdk = sdk
-                .canonicalize()
-                .with_context(|| format!("no modelyard-sdk at {}; pass --sdk", sdk.display()))?;
-            let root = new_plugin(&dir, &name, kind, &sdk)?;
+                .map(|sdk| {
+                    sdk.canonicalize()
+                        .with_context(|| format!("no modelyard-sdk at {}", sdk.display()))
+                })
+                .transpose()?;
+            let root = new_plugin(&dir, &name, kind, sdk.as_deref())?;
             println!(
                 "created {}; build it with:\n  cd {} && cargo build --release --target wasm32-wasip2",
                 root.display(),
@@ -129,16 +129,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn check(file: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let engine = PluginEngine::new(Limits::default(), None, false)?;
-    let name = file.file_stem().map_or_else(
-        || file.display().to_string(),
-        |s| s.to_string_lossy().into_owned(),
-    );
-    let inspection = engine.inspect(&name, &bytes)?;
+    // Named by its path: a refusal says which file.
+    let inspection = engine.inspect(&file.display().to_string(), &bytes)?;
     println!(
-        "{}: a {} plugin ({})",
+        "{}: a {} plugin built for {PACKAGE}@{} (this host speaks {PACKAGE}@{HOST_VERSION})",
         file.display(),
         inspection.world.as_str(),
-        modelyard::plugins::WIT_PACKAGE
+        inspection.built_for,
     );
     println!("exports: {}", inspection.exports.join(", "));
     println!("imports: {}", inspection.imports.join(", "));

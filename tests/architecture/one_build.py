@@ -20,19 +20,21 @@ import sys
 LINE = re.compile(r"^(\S+) (v\S+)(?: \([^)]*\))?(?: \(\*\))? \[(.*)\]$")
 
 
-def features(*selection: str) -> dict[tuple[str, str], set[str]]:
-    """Each crate (name, version) built for the host, with its resolved features."""
+def features(*selection: str) -> dict[tuple[str, str], set[frozenset[str]]]:
+    """Each crate (name, version) with the feature sets it is built with: more than one
+    when build scripts and proc macros need it with other features than the code does."""
     out = subprocess.run(
         ["cargo", "tree", "--prefix", "none", "--format", "{p} [{f}]", *selection],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    crates: dict[tuple[str, str], set[str]] = {}
+    crates: dict[tuple[str, str], set[frozenset[str]]] = {}
     for line in out.splitlines():
         m = LINE.match(line.strip())
         if m:
-            crates[(m.group(1), m.group(2))] = {f for f in m.group(3).split(",") if f}
+            features = frozenset(f for f in m.group(3).split(",") if f)
+            crates.setdefault((m.group(1), m.group(2)), set()).add(features)
     return crates
 
 
@@ -47,8 +49,9 @@ def main() -> int:
         if serve[crate] != tests[crate]:
             differ += 1
             name, version = crate
-            missing = ", ".join(sorted(tests[crate] - serve[crate]))
-            print(f"{name} {version}: the workspace build adds features [{missing}]; "
+            extra = sorted(set().union(*tests[crate]) - set().union(*serve[crate]))
+            print(f"{name} {version}: built with {sorted(map(sorted, serve[crate]))} for the server "
+                  f"alone, {sorted(map(sorted, tests[crate]))} in the workspace (adds {extra}); "
                   f"turn them on in host/Cargo.toml so that `cargo run -p modelyard` builds it alike")
     if differ:
         return 1

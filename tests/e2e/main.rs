@@ -11,4 +11,5 @@ mod monitoring;
 mod plugins;
 mod protocol;
 mod repository;
+mod sdk;
 mod strategies;

@@ -8,11 +8,9 @@ use std::cell::RefCell;
 
 use crate::{Error, Level};
 
-#[cfg(all(target_arch = "wasm32", feature = "flags"))]
+pub mod bindings;
 pub mod flags;
-#[cfg(all(target_arch = "wasm32", feature = "processor"))]
 pub mod processor;
-#[cfg(all(target_arch = "wasm32", feature = "router"))]
 pub mod router;
 
 thread_local! {
@@ -42,67 +40,13 @@ pub fn with_plugin<T: 'static, R>(f: impl FnOnce(&T) -> R) -> Result<R, String> 
     })
 }
 
-/// The fields of the request context, the same in every world's bindings.
-#[allow(unused_macros, reason = "used by whichever world is enabled")]
-macro_rules! context {
-    ($ctx:expr) => {{
-        let ctx = $ctx;
-        $crate::RequestContext {
-            id: ctx.id,
-            endpoint: ctx.endpoint,
-            targeting_key: ctx.targeting_key,
-            attributes: ctx.attributes,
-            seed: ctx.seed,
-            now_ms: ctx.now_ms,
-        }
-    }};
-}
-#[allow(unused_imports, reason = "used by whichever world is enabled")]
-pub(crate) use context;
-
-#[allow(unused_macros, reason = "used by whichever world is enabled")]
-macro_rules! wit_level {
-    ($level:expr, $l:ident) => {
-        match $level {
-            Level::Trace => $l::Trace,
-            Level::Debug => $l::Debug,
-            Level::Info => $l::Info,
-            Level::Warn => $l::Warn,
-            Level::Error => $l::Error,
-        }
-    };
-}
-#[allow(unused_imports, reason = "used by whichever world is enabled")]
-use wit_level;
-
-#[cfg(all(target_arch = "wasm32", feature = "router"))]
+#[cfg(target_arch = "wasm32")]
 pub fn log(level: Level, message: &str) {
-    use router::bindings::modelyard::plugin::host::{Level as L, log};
-    log(wit_level!(level, L), message);
-}
-
-#[cfg(all(target_arch = "wasm32", not(feature = "router"), feature = "processor"))]
-pub fn log(level: Level, message: &str) {
-    use processor::bindings::modelyard::plugin::host::{Level as L, log};
-    log(wit_level!(level, L), message);
-}
-
-#[cfg(all(
-    target_arch = "wasm32",
-    not(feature = "router"),
-    not(feature = "processor"),
-    feature = "flags"
-))]
-pub fn log(level: Level, message: &str) {
-    use flags::bindings::modelyard::plugin::host::{Level as L, log};
-    log(wit_level!(level, L), message);
+    bindings::host::log(level, message);
 }
 
 /// Natively (unit tests) there is no host: logs go to stderr.
-#[cfg(not(all(
-    target_arch = "wasm32",
-    any(feature = "router", feature = "processor", feature = "flags")
-)))]
+#[cfg(not(target_arch = "wasm32"))]
 pub fn log(level: Level, message: &str) {
     eprintln!("[{level:?}] {message}");
 }

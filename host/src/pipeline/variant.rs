@@ -4,14 +4,13 @@
 
 use std::time::Instant;
 
-use super::context;
 use super::request::{
     InferError, InferRequest, InferResponse, model_failed, queue_deadline, select,
 };
 use super::validate;
 use crate::config::ProcessorFailure;
 use crate::endpoint::{Bound, Endpoint, Variant};
-use crate::plugins::{Direction, ProcessorWorld, RequestContext};
+use crate::plugins::{Direction, ProcessorWorld, RequestContext, from_plugin, to_plugin};
 use crate::registry::{LoadedVersion, ModelRepository};
 use crate::tensor::Tensor;
 
@@ -90,8 +89,8 @@ fn process(
     let result = processor.pool.process(
         direction,
         ctx,
-        &context::to_plugin(tensors),
-        context::from_plugin,
+        &to_plugin(tensors),
+        from_plugin,
     );
     let error = match result {
         Ok(tensors) => return Ok(tensors),

@@ -1,29 +1,37 @@
-//! Host bindings of the three worlds in `wit/`. The router's bindings own the shared
-//! interfaces (`types`, `host`); the others reuse them, so a tensor or a context is one
-//! Rust type whichever world it crosses.
+//! Host bindings of the three plugin worlds of the WIT package in `guest-sdk/wit/`, the
+//! one description of the plugin contract. The router's bindings own the shared interfaces
+//! (`types`, `host`); the others reuse them, so a tensor or a context is one Rust type
+//! whichever world it crosses.
+//!
+//! Owns: the generated types and calls. Must not touch: how components are identified,
+//! checked or run (`contract`, `engine`, `pool`), which wrap these.
+
+/// The file the bindings below are generated from, whose `package` line `contract` reads
+/// the version from.
+pub const WIT: &str = include_str!("../../../guest-sdk/wit/plugin.wit");
 
 pub mod router {
-    wasmtime::component::bindgen!({ path: "../wit", world: "router" });
+    wasmtime::component::bindgen!({ path: "../guest-sdk/wit", world: "router-plugin" });
 }
 
 pub mod processor {
     wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "processor",
+        path: "../guest-sdk/wit",
+        world: "processor-plugin",
         with: {
-            "modelyard:plugin/types": super::router::modelyard::plugin::types,
-            "modelyard:plugin/host": super::router::modelyard::plugin::host,
+            "modelyard:plugin/types": crate::plugins::bindings::router::modelyard::plugin::types,
+            "modelyard:plugin/host": crate::plugins::bindings::router::modelyard::plugin::host,
         },
     });
 }
 
 pub mod flags {
     wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "%flags",
+        path: "../guest-sdk/wit",
+        world: "flags-plugin",
         with: {
-            "modelyard:plugin/types": super::router::modelyard::plugin::types,
-            "modelyard:plugin/host": super::router::modelyard::plugin::host,
+            "modelyard:plugin/types": crate::plugins::bindings::router::modelyard::plugin::types,
+            "modelyard:plugin/host": crate::plugins::bindings::router::modelyard::plugin::host,
         },
     });
 }

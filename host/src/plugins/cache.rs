@@ -2,6 +2,9 @@
 //! compatibility hash, so a restart or a swap back to a known file skips compilation.
 //! The directory must be outside the watched plugin directory and writable by the server
 //! alone: what is in it is loaded as native code.
+//!
+//! Owns: the cache directory's files and the component hash. Must not touch: what a
+//! component is (it caches any the engine compiles).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;

@@ -1,13 +1,18 @@
 //! The plugin directory as the last scan found it: one entry per `*.wasm` file, compiled
 //! and identified off the request path. A file that fails is refused, and the version that
 //! was prepared from the previous file keeps serving.
+//!
+//! Owns: the scan's outcome per file, and reporting loads, swaps and refusals (log, audit,
+//! metrics). Must not touch: when to scan (the watcher), which endpoints use a file (the
+//! pipeline), what makes a component acceptable (`engine`, `contract`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{PluginEngine, Prepared, component_hash};
+use super::cache::component_hash;
+use super::engine::{PluginEngine, Prepared};
 use crate::telemetry::{Change, Load, Telemetry};
 use crate::watch::is_ignored;
 

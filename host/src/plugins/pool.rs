@@ -4,76 +4,22 @@
 //! trap, a deadline, an out-of-memory, an `err` or an answer the host cannot use drops
 //! it, so nothing a failed call left behind reaches a later request. Every failure is
 //! counted (here and in the metrics) and the last one kept for the admin API.
+//!
+//! Owns: instances of configured plugins and the calls into them. Must not touch: whether
+//! a component is a plugin at all (`contract`, `engine`), or what endpoints do with an
+//! answer or a failure (the pipeline's policies).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use wasmtime::Store;
-use wasmtime::component::InstancePre;
 
-use super::bindings::{
-    Decision, Evaluation, FlagInfo, RequestContext, Tensor, VariantStats, flags, processor, router,
-};
-use super::sandbox::{Budget, OverBudget, Sandbox, on_epoch};
-use super::{Limits, PluginError};
+use super::bindings::{Decision, Evaluation, FlagInfo, RequestContext, Tensor, VariantStats};
+use super::error::PluginError;
+use super::sandbox::{Budget, Limits, OverBudget, Sandbox, on_epoch};
+use super::world::{FlagsWorld, ProcessorWorld, RouterWorld, World};
 use crate::telemetry::{Metrics, PluginFailure, PluginMeter};
-
-/// What differs between the worlds when instantiating and configuring.
-pub trait World: Sized + 'static {
-    const NAME: &'static str;
-    type Pre: Send + Sync;
-    type Bindings: Send;
-    fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre>;
-    /// Whether the component's exports have this world's types.
-    fn pre_check(pre: InstancePre<Sandbox>) -> wasmtime::Result<()> {
-        Self::pre(pre).map(|_| ())
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>)
-    -> wasmtime::Result<Self::Bindings>;
-    fn configure(
-        bindings: &Self::Bindings,
-        store: &mut Store<Sandbox>,
-        config: &str,
-    ) -> wasmtime::Result<Result<(), String>>;
-}
-
-macro_rules! world {
-    ($marker:ident, $name:literal, $module:ident, $bindings:ident, $pre:ident) => {
-        pub struct $marker;
-        impl World for $marker {
-            const NAME: &'static str = $name;
-            type Pre = $module::$pre<Sandbox>;
-            type Bindings = $module::$bindings;
-            fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre> {
-                $module::$pre::new(pre)
-            }
-            fn instantiate(
-                pre: &Self::Pre,
-                store: &mut Store<Sandbox>,
-            ) -> wasmtime::Result<Self::Bindings> {
-                pre.instantiate(store)
-            }
-            fn configure(
-                bindings: &Self::Bindings,
-                store: &mut Store<Sandbox>,
-                config: &str,
-            ) -> wasmtime::Result<Result<(), String>> {
-                bindings.call_configure(store, config)
-            }
-        }
-    };
-}
-
-world!(RouterWorld, "router", router, Router, RouterPre);
-world!(
-    ProcessorWorld,
-    "processor",
-    processor,
-    Processor,
-    ProcessorPre
-);
-world!(FlagsWorld, "flags", flags, Flags, FlagsPre);
 
 struct Live<W: World> {
     store: Store<Sandbox>,
@@ -93,22 +39,15 @@ pub struct Pool<W: World> {
 }
 
 impl<W: World> Pool<W> {
-    /// Type-checks the component against the world and configures a first instance, so a
+    /// Configures a first instance of a component already checked against the world, so a
     /// plugin that refuses its configuration is refused before it serves anything.
     pub(super) fn new(
         name: Arc<str>,
         engine: &wasmtime::Engine,
-        pre: InstancePre<Sandbox>,
+        pre: W::Pre,
         config: String,
         limits: Limits,
     ) -> Result<Self, PluginError> {
-        let pre = W::pre(pre).map_err(|e| PluginError::Refused {
-            plugin: name.to_string(),
-            reason: format!(
-                "does not implement the {} world as declared: {e:#}",
-                W::NAME
-            ),
-        })?;
         let pool = Pool {
             name: name.clone(),
             pre,
@@ -257,24 +196,6 @@ impl<W: World> Pool<W> {
             }
         }
     }
-
-    /// A new instance for every call, never reused: what the reuse saves, for benchmarks.
-    #[doc(hidden)]
-    pub fn call_fresh<R>(
-        &self,
-        call: impl FnOnce(&W::Bindings, &mut Store<Sandbox>) -> wasmtime::Result<Result<R, String>>,
-    ) -> Result<R, PluginError> {
-        let mut live = self.fresh()?;
-        call(&live.bindings, &mut live.store)
-            .map_err(|trap| PluginError::Trapped {
-                plugin: self.name.to_string(),
-                reason: trap_reason(&trap).1,
-            })?
-            .map_err(|message| PluginError::Failed {
-                plugin: self.name.to_string(),
-                message,
-            })
-    }
 }
 
 fn trap_reason(error: &wasmtime::Error) -> (PluginFailure, String) {
@@ -299,7 +220,10 @@ impl Pool<RouterWorld> {
         variants: &[VariantStats],
         state: &str,
     ) -> Result<Decision, PluginError> {
-        self.call(|b, store| b.call_route(store, ctx, variants, state))
+        self.call(|b, store| {
+            b.modelyard_plugin_router()
+                .call_route(store, ctx, variants, state)
+        })
     }
 
     /// An operator's `action` with JSON `args` applied to `state`; the new state.
@@ -311,12 +235,19 @@ impl Pool<RouterWorld> {
         variants: &[VariantStats],
         now_ms: u64,
     ) -> Result<String, PluginError> {
-        self.call(|b, store| b.call_act(store, action, args, state, variants, now_ms))
+        self.call(|b, store| {
+            b.modelyard_plugin_router()
+                .call_act(store, action, args, state, variants, now_ms)
+        })
     }
 
     /// The strategy's state as the router explains it (JSON).
     pub fn describe(&self, state: &str, variants: &[VariantStats]) -> Result<String, PluginError> {
-        self.call(|b, store| b.call_describe(store, state, variants).map(Ok))
+        self.call(|b, store| {
+            b.modelyard_plugin_router()
+                .call_describe(store, state, variants)
+                .map(Ok)
+        })
     }
 }
 
@@ -339,8 +270,12 @@ impl Pool<ProcessorWorld> {
     ) -> Result<S, PluginError> {
         self.call_checked(
             |b, store| match direction {
-                Direction::Pre => b.call_preprocess(store, ctx, tensors),
-                Direction::Post => b.call_postprocess(store, ctx, tensors),
+                Direction::Pre => b
+                    .modelyard_plugin_processor()
+                    .call_preprocess(store, ctx, tensors),
+                Direction::Post => b
+                    .modelyard_plugin_processor()
+                    .call_postprocess(store, ctx, tensors),
             },
             check,
         )
@@ -349,10 +284,198 @@ impl Pool<ProcessorWorld> {
 
 impl Pool<FlagsWorld> {
     pub fn evaluate(&self, ctx: &RequestContext) -> Result<Vec<Evaluation>, PluginError> {
-        self.call(|b, store| b.call_evaluate(store, ctx).map(Ok))
+        self.call(|b, store| b.modelyard_plugin_flags().call_evaluate(store, ctx).map(Ok))
     }
 
     pub fn describe(&self, now_ms: u64) -> Result<Vec<FlagInfo>, PluginError> {
-        self.call(|b, store| b.call_describe(store, now_ms).map(Ok))
+        self.call(|b, store| {
+            b.modelyard_plugin_flags()
+                .call_describe(store, now_ms)
+                .map(Ok)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use wasmtime::component::{Component, InstancePre};
+
+    use super::*;
+    use crate::plugins::sandbox::linker;
+
+    mod probe {
+        wasmtime::component::bindgen!({
+            inline: "
+                package test:probe;
+                world probe {
+                    export configure: func(mode: u32) -> result<_, string>;
+                    export run: func(mode: u32) -> result<u32, string>;
+                }
+            ",
+        });
+    }
+
+    /// A world of two calls, enough to drive the pool through everything a plugin can do
+    /// to it: `configure` refuses unless its configuration is `0`; `run(0)` answers how
+    /// many calls its instance has answered, `run(1)` traps, `run(2)` loops, `run(3)`
+    /// returns an `err`, `run(4)` grows its memory past any limit.
+    struct Probe;
+
+    impl World for Probe {
+        const NAME: &'static str = "probe";
+        type Pre = probe::ProbePre<Sandbox>;
+        type Bindings = probe::Probe;
+        fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre> {
+            probe::ProbePre::new(pre)
+        }
+        fn instantiate(
+            pre: &Self::Pre,
+            store: &mut Store<Sandbox>,
+        ) -> wasmtime::Result<Self::Bindings> {
+            pre.instantiate(store)
+        }
+        fn configure(
+            bindings: &Self::Bindings,
+            store: &mut Store<Sandbox>,
+            config: &str,
+        ) -> wasmtime::Result<Result<(), String>> {
+            bindings.call_configure(store, config.parse()?)
+        }
+    }
+
+    // Results go through memory at 64: the case's tag, then at 68 the `u32` or the string's
+    // address and length.
+    const PROBE: &str = r#"
+        (component
+          (core module $m
+            (memory (export "memory") 1)
+            (global $answered (mut i32) (i32.const 0))
+            (data (i32.const 16) "fails on purpose")
+            (func $ok (param $value i32) (result i32)
+              (i32.store8 (i32.const 64) (i32.const 0))
+              (i32.store (i32.const 68) (local.get $value))
+              (i32.const 64))
+            (func $err (result i32)
+              (i32.store8 (i32.const 64) (i32.const 1))
+              (i32.store (i32.const 68) (i32.const 16))
+              (i32.store (i32.const 72) (i32.const 16))
+              (i32.const 64))
+            (func (export "configure") (param $mode i32) (result i32)
+              (if (result i32) (local.get $mode)
+                (then (call $err))
+                (else (call $ok (i32.const 0)))))
+            (func (export "run") (param $mode i32) (result i32)
+              (block $grow (block $err (block $loop (block $trap (block $answer
+                (br_table $answer $trap $loop $err $grow (local.get $mode)))
+                (global.set $answered (i32.add (global.get $answered) (i32.const 1)))
+                (return (call $ok (global.get $answered))))
+                unreachable)
+                (loop $forever (br $forever))
+                unreachable)
+                (return (call $err)))
+              (drop (memory.grow (i32.const 65535)))
+              unreachable))
+          (core instance $i (instantiate $m))
+          (func (export "configure") (param "mode" u32) (result (result (error string)))
+            (canon lift (core func $i "configure") (memory $i "memory")))
+          (func (export "run") (param "mode" u32) (result (result u32 (error string)))
+            (canon lift (core func $i "run") (memory $i "memory"))))
+    "#;
+
+    fn probe(config: &str) -> Result<Pool<Probe>, PluginError> {
+        let mut settings = wasmtime::Config::new();
+        settings.epoch_interruption(true);
+        let engine = wasmtime::Engine::new(&settings).unwrap();
+        let ticker = engine.weak();
+        std::thread::spawn(move || {
+            while let Some(engine) = ticker.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let component = Component::new(&engine, wat::parse_str(PROBE).unwrap()).unwrap();
+        let pre = linker(&engine)
+            .unwrap()
+            .instantiate_pre(&component)
+            .unwrap();
+        let limits = Limits {
+            call_deadline: Duration::from_millis(20),
+            wall_limit: Duration::from_secs(5),
+            memory_bytes: 1 << 20,
+        };
+        Pool::new(
+            "probe".into(),
+            &engine,
+            Probe::pre(pre).unwrap(),
+            config.into(),
+            limits,
+        )
+    }
+
+    fn run(pool: &Pool<Probe>, mode: u32) -> Result<u32, PluginError> {
+        pool.call(|b, store| b.call_run(store, mode))
+    }
+
+    #[test]
+    fn a_plugin_that_refuses_its_configuration_is_refused_at_once() {
+        match probe("1") {
+            Err(PluginError::Refused { plugin, reason }) => {
+                assert_eq!(plugin, "probe");
+                assert_eq!(reason, "refused its configuration: fails on purpose");
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("configured"),
+        }
+    }
+
+    #[test]
+    fn an_instance_that_answers_serves_the_next_call() {
+        let pool = probe("0").unwrap();
+        assert_eq!(run(&pool, 0).unwrap(), 1);
+        assert_eq!(run(&pool, 0).unwrap(), 2);
+        assert_eq!(run(&pool, 0).unwrap(), 3);
+        assert_eq!(pool.failures(), 0);
+        assert!(pool.last_failure().is_none());
+    }
+
+    #[test]
+    fn every_failure_is_counted_and_drops_its_instance() {
+        let pool = probe("0").unwrap();
+        let failures = [
+            (1, "trapped"),
+            (2, "ran past its CPU deadline (20ms of CPU time)"),
+            (3, "returned an error: fails on purpose"),
+            (4, "ran out of its memory limit"),
+        ];
+        for (count, (mode, says)) in (1..).zip(failures) {
+            // A fresh instance each time: the failed one's count is gone with it.
+            assert_eq!(run(&pool, 0).unwrap(), 1, "after mode {mode}");
+            let error = run(&pool, mode).unwrap_err().to_string();
+            assert!(
+                error.starts_with(&format!("plugin 'probe' {says}")),
+                "{error}"
+            );
+            assert_eq!(pool.failures(), count);
+            assert_eq!(pool.last_failure().unwrap().1, error);
+        }
+        assert_eq!(run(&pool, 0).unwrap(), 1);
+    }
+
+    #[test]
+    fn an_answer_the_host_cannot_use_is_the_plugins_failure() {
+        let pool = probe("0").unwrap();
+        let refuse = |n: u32| Err::<u32, _>(format!("{n} is not an answer"));
+        let error = pool
+            .call_checked(|b, store| b.call_run(store, 0), refuse)
+            .unwrap_err();
+        assert!(
+            matches!(&error, PluginError::Invalid { reason, .. } if reason == "1 is not an answer"),
+            "{error}"
+        );
+        assert_eq!(pool.failures(), 1);
+        assert_eq!(run(&pool, 0).unwrap(), 1);
     }
 }

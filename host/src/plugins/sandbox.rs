@@ -2,6 +2,10 @@
 //! host's log. WASI is linked only because `wasm32-wasip2` code imports it; its context
 //! has no preopened directories, no environment, no arguments, no sockets, and stdout and
 //! stderr go nowhere.
+//!
+//! Owns: the limits, the store's data, the budget a running call spends, the linker (what
+//! a plugin may import). Must not touch: which world a component implements or how calls
+//! are made and counted (`contract`, `pool`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +14,29 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, StoreContextMut, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::{Host, Level};
+use super::bindings::{Host, Level, router};
+
+/// Bounds on what one plugin call may use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// CPU time one call may take on its thread before it is interrupted.
+    pub call_deadline: Duration,
+    /// Wall-clock time one call may take, and the CPU and wall-clock time making and
+    /// configuring a fresh instance may take.
+    pub wall_limit: Duration,
+    /// Linear memory one instance may grow to.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            call_deadline: Duration::from_millis(10),
+            wall_limit: Duration::from_secs(1),
+            memory_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
 
 /// One instance's store data.
 pub struct Sandbox {
@@ -152,9 +178,6 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<Sandbox>> {
         })?;
     }
     linker.allow_shadowing(false);
-    super::bindings::router::modelyard::plugin::host::add_to_linker::<_, HasSelf<_>>(
-        &mut linker,
-        |s| s,
-    )?;
+    router::modelyard::plugin::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
     Ok(linker)
 }

@@ -1,8 +1,18 @@
-//! `modelyard plugin new`: a plugin crate that builds as it is, to start from.
+//! `modelyard plugin new`: a plugin crate that builds as it is, to start from, wherever it
+//! is written.
+//!
+//! The crate asks for the SDK by version, the one this host was built with (so it speaks a
+//! contract version this host loads), from the registry: the SDK is an ordinary crate, and
+//! a plugin gets its fixes with `cargo update`, not by being written again. A local copy (an
+//! unpacked `modelyard-sdk` .crate, for an SDK not published yet or changed locally) replaces
+//! the registry's through `[patch.crates-io]`, which `--sdk` writes.
+//!
+//! Owns: the templates and the manifest. Must not touch: anything of the runtime (it knows
+//! the world kinds, nothing else).
 
 use std::path::{Path, PathBuf};
 
-use super::WorldKind;
+use super::contract::{HOST_VERSION, PACKAGE, WorldKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScaffoldError {
@@ -19,13 +29,14 @@ pub enum ScaffoldError {
     },
 }
 
-/// Writes `<dir>/<name>/` with a `Cargo.toml` depending on the SDK at `sdk` and a `lib.rs`
-/// implementing the world `kind` with a test. Returns the crate's directory.
+/// Writes `<dir>/<name>/` with a `Cargo.toml` depending on this host's SDK (from `sdk`, a
+/// directory holding the SDK crate, if given) and a `lib.rs` implementing the world `kind`
+/// with a test. Returns the crate's directory.
 pub fn new_plugin(
     dir: &Path,
     name: &str,
     kind: WorldKind,
-    sdk: &Path,
+    sdk: Option<&Path>,
 ) -> Result<PathBuf, ScaffoldError> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name
@@ -38,8 +49,7 @@ pub fn new_plugin(
     if root.exists() {
         return Err(ScaffoldError::Exists(root));
     }
-    let world = kind.as_str();
-    let manifest = format!(
+    let mut manifest = format!(
         r#"[package]
 name = "{name}"
 version = "0.1.0"
@@ -52,11 +62,22 @@ edition = "2024"
 crate-type = ["cdylib", "rlib"]
 
 [dependencies]
-modelyard-sdk = {{ path = "{sdk}", features = ["{world}"] }}
+# Speaks {PACKAGE}@{HOST_VERSION}, as the host that wrote this crate does.
+modelyard-sdk = "{SDK}"
 serde = {{ version = "1", features = ["derive"] }}
 "#,
-        sdk = sdk.display()
+        SDK = modelyard_sdk::VERSION,
     );
+    if let Some(sdk) = sdk {
+        manifest.push_str(&format!(
+            r#"
+# This copy of the SDK instead of the registry's: delete the table to use the published crate.
+[patch.crates-io]
+modelyard-sdk = {{ path = {} }}
+"#,
+            toml::Value::String(sdk.display().to_string())
+        ));
+    }
     let source = match kind {
         WorldKind::Router => ROUTER,
         WorldKind::Processor => PROCESSOR,

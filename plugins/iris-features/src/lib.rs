@@ -117,7 +117,7 @@ impl Processor for IrisFeatures {
                 }
                 other => {
                     return fail!(
-                        "input '{}' is {other:?}; send BYTES (JSON objects) or FP32 [n, 4]",
+                        "input '{}' is {other}; send BYTES (JSON objects) or FP32 [n, 4]",
                         input.name
                     );
                 }
