@@ -149,7 +149,14 @@ fn new_router(dir: &Path, name: &str, sdk: &Path) -> PathBuf {
 #[test]
 fn plugin_check_names_the_world_and_versions_or_the_reason() {
     let host = dotted(host_version());
-    for (name, world) in [("weighted", "router"), ("iris-features", "processor")] {
+    for (name, world, exports) in [
+        ("weighted", "router", "configure, route, act, describe"),
+        (
+            "iris-features",
+            "processor",
+            "configure, preprocess, postprocess",
+        ),
+    ] {
         let out = modelyard(&["plugin", "check", component(name, None).to_str().unwrap()]);
         let stdout = text(&out.stdout);
         assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
@@ -160,7 +167,11 @@ fn plugin_check_names_the_world_and_versions_or_the_reason() {
             "{stdout}"
         );
         assert!(
-            stdout.contains(&format!("exports: modelyard:plugin/{world}@{host}\n")),
+            stdout.contains(&format!("exports: {exports}\n")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("modelyard:plugin/host@{host}")),
             "{stdout}"
         );
     }
@@ -264,6 +275,45 @@ config = { mode = "echo" }
     assert!(text(&again.stderr).contains("already exists"));
     let bad = scaffold(dir.path(), "My Router", "flags", &sdk);
     assert!(text(&bad.stderr).contains("is not a crate name"));
+}
+
+#[test]
+fn a_plugin_built_for_the_previous_minor_version_keeps_loading() {
+    let host = dotted(host_version());
+    let previous = component("fixture-previous", Some("a"));
+    let out = modelyard(&["plugin", "check", previous.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "a router plugin built for modelyard:plugin@0.3.0 (this host speaks modelyard:plugin@{host})"
+        )),
+        "{stdout}"
+    );
+    let setup = Setup::new(&[("previous.wasm", previous)]);
+    let server = setup.start(
+        r#"
+[endpoints.pinned]
+variants = { a = "iris@1", b = "iris@2" }
+router = { plugin = "previous" }
+"#,
+    );
+    for _ in 0..3 {
+        let reply = server.post_json(
+            "/v2/models/pinned/infer",
+            &iris_request(&[[5.1, 3.5, 1.4, 0.2]]),
+        );
+        assert_eq!(reply.ok()["parameters"]["variant"], "b");
+    }
+    let endpoint = server.get("/admin/endpoints/pinned").json();
+    let decisions = endpoint["recent_decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 3, "{endpoint}");
+    assert!(
+        decisions
+            .iter()
+            .all(|d| d["reason"] == "built for modelyard:plugin@0.3.0"),
+        "{endpoint}"
+    );
 }
 
 /// Another version on the host's line: the previous release there when there is one, the

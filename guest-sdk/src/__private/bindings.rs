@@ -12,7 +12,7 @@ include!(concat!(env!("OUT_DIR"), "/reuse.rs"));
 pub mod router {
     wit_bindgen::generate!({
         path: "wit",
-        world: "router-plugin",
+        world: "router",
         pub_export_macro: true,
         export_macro_name: "export_router",
         default_bindings_module: "modelyard_sdk::__private::bindings::router",
@@ -27,7 +27,7 @@ pub mod router {
 pub mod processor {
     generate_reusing_shared!(
         path: "wit",
-        world: "processor-plugin",
+        world: "processor",
         pub_export_macro: true,
         export_macro_name: "export_processor",
         default_bindings_module: "modelyard_sdk::__private::bindings::processor",
@@ -38,7 +38,7 @@ pub mod processor {
 pub mod flags {
     generate_reusing_shared!(
         path: "wit",
-        world: "flags-plugin",
+        world: "%flags",
         pub_export_macro: true,
         export_macro_name: "export_flags",
         default_bindings_module: "modelyard_sdk::__private::bindings::flags",

@@ -1,4 +1,4 @@
-use super::bindings::flags::exports::modelyard::plugin::flags as wit;
+use super::bindings::flags as wit;
 use crate::{Evaluation, FlagInfo, RequestContext};
 
 pub use wit::Guest;

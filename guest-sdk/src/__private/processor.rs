@@ -1,4 +1,4 @@
-use super::bindings::processor::exports::modelyard::plugin::processor as wit;
+use super::bindings::processor as wit;
 use crate::{Error, Processor, RequestContext, Tensor};
 
 pub use wit::Guest;

@@ -1,7 +1,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 
-use super::bindings::router::exports::modelyard::plugin::router as wit;
+use super::bindings::router as wit;
 use super::bindings::types;
 use crate::{Action, RequestContext, Router, VariantStats};
 

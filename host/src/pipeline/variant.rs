@@ -86,12 +86,9 @@ fn process(
 ) -> Result<Vec<Tensor>, InferError> {
     let keep =
         (endpoint.on_processor_error == ProcessorFailure::PassThrough).then(|| tensors.clone());
-    let result = processor.pool.process(
-        direction,
-        ctx,
-        &to_plugin(tensors),
-        from_plugin,
-    );
+    let result = processor
+        .pool
+        .process(direction, ctx, &to_plugin(tensors), from_plugin);
     let error = match result {
         Ok(tensors) => return Ok(tensors),
         Err(error) => error.to_string(),

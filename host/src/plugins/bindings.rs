@@ -11,13 +11,13 @@
 pub const WIT: &str = include_str!("../../../guest-sdk/wit/plugin.wit");
 
 pub mod router {
-    wasmtime::component::bindgen!({ path: "../guest-sdk/wit", world: "router-plugin" });
+    wasmtime::component::bindgen!({ path: "../guest-sdk/wit", world: "router" });
 }
 
 pub mod processor {
     wasmtime::component::bindgen!({
         path: "../guest-sdk/wit",
-        world: "processor-plugin",
+        world: "processor",
         with: {
             "modelyard:plugin/types": crate::plugins::bindings::router::modelyard::plugin::types,
             "modelyard:plugin/host": crate::plugins::bindings::router::modelyard::plugin::host,
@@ -28,7 +28,7 @@ pub mod processor {
 pub mod flags {
     wasmtime::component::bindgen!({
         path: "../guest-sdk/wit",
-        world: "flags-plugin",
+        world: "%flags",
         with: {
             "modelyard:plugin/types": crate::plugins::bindings::router::modelyard::plugin::types,
             "modelyard:plugin/host": crate::plugins::bindings::router::modelyard::plugin::host,

@@ -1,7 +1,7 @@
 //! The plugin contract as the host reads it: the version of `modelyard:plugin` it speaks
-//! (the `package` line of the WIT its bindings are generated from), what a component says it
-//! is (the name of the plugin interface it exports, which carries the kind and the version
-//! it was built for), and whether the two versions are on one semver line.
+//! (the `package` line of the WIT its bindings are generated from), the version a component
+//! was built for (the names of its imports carry it), and whether the host loads that
+//! version: its own semver line, and the line before.
 //!
 //! Owns: the package's name and version, `WorldKind`, the compatibility rule. Must not
 //! touch: wasmtime or files. It reads names only, so its rule is tested without building a
@@ -27,7 +27,7 @@ pub const HOST_VERSION: Version = match PARSED {
     None => Version::new(0, 0, 0),
 };
 
-/// Which world a component implements: the plugin interface it exports.
+/// Which world a component implements: the one its exports type-check against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WorldKind {
     Router,
@@ -36,9 +36,8 @@ pub enum WorldKind {
 }
 
 impl WorldKind {
-    const ALL: [WorldKind; 3] = [WorldKind::Router, WorldKind::Processor, WorldKind::Flags];
+    pub const ALL: [WorldKind; 3] = [WorldKind::Router, WorldKind::Processor, WorldKind::Flags];
 
-    /// The kind's name, which is also the name of the interface its plugins export.
     pub const fn as_str(self) -> &'static str {
         match self {
             WorldKind::Router => "router",
@@ -48,63 +47,68 @@ impl WorldKind {
     }
 }
 
-/// What a component says it is, and for which version of the contract it was built.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Claim {
-    pub world: WorldKind,
-    pub built_for: Version,
-}
-
 /// Why a component is not a plugin this host loads.
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum Mismatch {
     #[error(
         "it was built for {PACKAGE}@{built_for}, but this host speaks {PACKAGE}@{host} and loads plugins built for {}; rebuild it with a modelyard-sdk that speaks {host}",
-        line(host)
+        lines(host)
     )]
     Version { built_for: Version, host: Version },
-    #[error("it exports {} plugin interfaces ({}); a plugin implements one", .0.len(), .0.join(", "))]
-    Several(Vec<String>),
+    #[error("it imports {PACKAGE} at several versions ({}); a plugin is built against one", .0.join(", "))]
+    Mixed(Vec<String>),
     #[error(
-        "it exports none of the router, processor and flags interfaces of {PACKAGE} (it exports: {})",
+        "it imports nothing of {PACKAGE} (a plugin imports its `host` interface), so it is no plugin (it imports: {})",
         .0.join(", ")
     )]
     NoPlugin(Vec<String>),
 }
 
-/// The world and version `exports` name (a component's export names), checked against
-/// `host`. A component built for a version whose worlds exported something else still
-/// names the package in its imports (its types and the host interface): that version is
-/// what the refusal reports.
-pub fn identify(exports: &[String], imports: &[String], host: &Version) -> Result<Claim, Mismatch> {
-    let claims: Vec<(&String, Claim)> = exports
+/// The version of the contract a component was built against, read from the names of its
+/// imports (every world imports the package's `host` interface), if this host loads it.
+pub fn built_for(imports: &[String], host: &Version) -> Result<Version, Mismatch> {
+    let mut versions: Vec<Version> = imports
         .iter()
-        .filter_map(|name| Some((name, plugin_export(name)?)))
+        .filter_map(|n| named(n))
+        .map(|(_, v)| v)
         .collect();
-    match claims.as_slice() {
-        [(_, claim)] if same_line(&claim.built_for, host) => Ok(claim.clone()),
-        [(_, claim)] => Err(Mismatch::Version {
-            built_for: claim.built_for.clone(),
+    versions.dedup();
+    match versions.as_slice() {
+        [] => Err(Mismatch::NoPlugin(imports.to_vec())),
+        [built] if loads(built, host) => Ok(built.clone()),
+        [built] => Err(Mismatch::Version {
+            built_for: built.clone(),
             host: host.clone(),
         }),
-        [] => match exports.iter().chain(imports).find_map(|n| named(n)) {
-            Some((_, built_for)) if !same_line(&built_for, host) => Err(Mismatch::Version {
-                built_for,
-                host: host.clone(),
-            }),
-            _ => Err(Mismatch::NoPlugin(exports.to_vec())),
-        },
-        several => Err(Mismatch::Several(
-            several.iter().map(|(name, _)| name.to_string()).collect(),
+        several => Err(Mismatch::Mixed(
+            several.iter().map(ToString::to_string).collect(),
         )),
     }
 }
 
-/// Whether a plugin built for `built` loads on a host speaking `host`. The rule is the one
-/// wasmtime matches names by (an export or import of another version is found on the same
-/// line), so the host refuses exactly what its bindings could not find, and says why: from
-/// 1.0 the major is the line, before it `0.minor`; a 0.0.z or pre-release version matches
-/// itself alone.
+/// Whether a plugin built for `built` loads on a host speaking `host`: the host's own line,
+/// and the line before it, whose worlds a new line keeps (it only adds what the host
+/// offers), so plugins built before an upgrade keep serving after it.
+pub fn loads(built: &Version, host: &Version) -> bool {
+    same_line(built, host) || previous_line(host).is_some_and(|p| same_line(built, &p))
+}
+
+/// The first version of the line before `host`'s: `0.(y-1).0`, or `(x-1).0.0` from 2.0 on;
+/// none for 0.0.z, 0.1, 1.x (their predecessors were experiments) and pre-releases.
+pub fn previous_line(host: &Version) -> Option<Version> {
+    if !host.pre.is_empty() {
+        return None;
+    }
+    match (host.major, host.minor) {
+        (0, 0 | 1) | (1, _) => None,
+        (0, minor) => Some(Version::new(0, minor - 1, 0)),
+        (major, _) => Some(Version::new(major - 1, 0, 0)),
+    }
+}
+
+/// Whether `built` is on `host`'s semver line, the way wasmtime matches names (an export
+/// or import of another version is found on the same line): from 1.0 the major is the
+/// line, before it `0.minor`; a 0.0.z or pre-release version matches itself alone.
 pub fn same_line(built: &Version, host: &Version) -> bool {
     if !built.pre.is_empty() || !host.pre.is_empty() {
         return built == host;
@@ -116,7 +120,15 @@ pub fn same_line(built: &Version, host: &Version) -> bool {
     }
 }
 
-/// The versions [`same_line`] accepts for `host`, as operators read them.
+/// The versions [`loads`] accepts for `host`, as operators read them.
+fn lines(host: &Version) -> String {
+    match previous_line(host) {
+        Some(previous) => format!("{} and {}", line(host), line(&previous)),
+        None => line(host),
+    }
+}
+
+/// The versions of `host`'s own line.
 fn line(host: &Version) -> String {
     match (host.major, host.minor) {
         _ if !host.pre.is_empty() => host.to_string(),
@@ -133,15 +145,6 @@ fn named(name: &str) -> Option<(&str, Version)> {
         .strip_prefix('/')?
         .split_once('@')?;
     Some((interface, Version::parse(version).ok()?))
-}
-
-/// The claim of an export named after one of the plugin interfaces.
-fn plugin_export(name: &str) -> Option<Claim> {
-    let (interface, built_for) = named(name)?;
-    let world = WorldKind::ALL
-        .into_iter()
-        .find(|w| w.as_str() == interface)?;
-    Some(Claim { world, built_for })
 }
 
 /// The `x.y.z` of a line `package <PACKAGE>@x.y.z;` in `wit`; `const` so that the host's
@@ -262,60 +265,47 @@ mod tests {
     }
 
     #[test]
-    fn a_component_is_the_plugin_interface_it_exports() {
+    fn the_line_before_loads_too() {
         let host = v("0.4.1");
-        let claim = identify(
-            &names(&["modelyard:plugin/router@0.4.0"]),
-            &names(&["modelyard:plugin/host@0.4.0", "wasi:io/poll@0.2.6"]),
-            &host,
-        );
-        assert_eq!(
-            claim,
-            Ok(Claim {
-                world: WorldKind::Router,
-                built_for: v("0.4.0")
-            })
-        );
-        let flags = identify(&names(&["modelyard:plugin/flags@0.4.2"]), &[], &host);
-        assert_eq!(flags.map(|c| c.world), Ok(WorldKind::Flags));
+        for built in ["0.4.0", "0.4.9", "0.3.0", "0.3.7"] {
+            assert!(loads(&v(built), &host), "{built} on {host}");
+        }
+        for built in ["0.2.0", "0.5.0", "1.0.0"] {
+            assert!(!loads(&v(built), &host), "{built} on {host}");
+        }
+        assert_eq!(previous_line(&v("3.2.0")), Some(v("2.0.0")));
+        assert!(loads(&v("2.7.1"), &v("3.2.0")));
+        for host in ["0.1.4", "1.3.0", "0.0.3", "0.4.0-rc.1"] {
+            assert_eq!(previous_line(&v(host)), None, "{host}");
+        }
     }
 
     #[test]
-    fn refusals_say_why_with_both_versions() {
+    fn the_version_comes_from_the_imports() {
         let host = v("0.4.1");
-        let newer = identify(&names(&["modelyard:plugin/processor@0.5.0"]), &[], &host)
+        let imports = names(&[
+            "wasi:io/poll@0.2.6",
+            "modelyard:plugin/types@0.3.0",
+            "modelyard:plugin/host@0.3.0",
+        ]);
+        assert_eq!(built_for(&imports, &host), Ok(v("0.3.0")));
+        let newer = built_for(&names(&["modelyard:plugin/host@0.5.0"]), &host)
             .unwrap_err()
             .to_string();
         assert!(
             newer.contains("built for modelyard:plugin@0.5.0")
                 && newer.contains("speaks modelyard:plugin@0.4.1")
-                && newer.contains("0.4.*"),
+                && newer.contains("0.4.* and 0.3.*"),
             "{newer}"
         );
-        // Built when the worlds exported bare functions: the version is in the imports.
-        let older = identify(
-            &names(&["configure", "route"]),
-            &names(&["modelyard:plugin/types@0.3.0"]),
-            &host,
-        );
         assert_eq!(
-            older,
-            Err(Mismatch::Version {
-                built_for: v("0.3.0"),
-                host: host.clone()
-            })
+            built_for(&names(&["wasi:cli/stdin@0.2.6"]), &host),
+            Err(Mismatch::NoPlugin(names(&["wasi:cli/stdin@0.2.6"])))
         );
-        assert_eq!(
-            identify(&names(&["run"]), &names(&["wasi:cli/stdin@0.2.6"]), &host),
-            Err(Mismatch::NoPlugin(names(&["run"])))
-        );
-        let two = names(&[
-            "modelyard:plugin/router@0.4.0",
-            "modelyard:plugin/flags@0.4.0",
+        let mixed = names(&[
+            "modelyard:plugin/types@0.3.0",
+            "modelyard:plugin/host@0.4.0",
         ]);
-        assert_eq!(
-            identify(&two, &[], &host),
-            Err(Mismatch::Several(two.clone()))
-        );
+        assert!(matches!(built_for(&mixed, &host), Err(Mismatch::Mixed(_))));
     }
 }

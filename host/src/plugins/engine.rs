@@ -1,6 +1,6 @@
 //! The one wasmtime engine all plugins share: compiling a component (through the cache),
-//! identifying it by the plugin interface it exports, checking it against that world once,
-//! and binding it to configurations.
+//! reading the contract version it was built for from its imports, finding the one world
+//! its exports type-check against (once), and binding it to configurations.
 //!
 //! Owns: the engine, its linker and epoch ticker, `Prepared` and `Plugin`. Must not touch:
 //! the rule for which components are plugins of which version (`contract`), running calls
@@ -16,7 +16,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::cache::ArtifactCache;
-use super::contract::{self, Claim, HOST_VERSION, WorldKind};
+use super::contract::{self, HOST_VERSION, WorldKind};
 use super::error::PluginError;
 use super::pool::Pool;
 use super::sandbox::{self, Limits, Sandbox};
@@ -138,9 +138,9 @@ impl PluginEngine {
                     "not a WebAssembly component wasmtime can compile: {e:#}"
                 ))
             })?;
-        let (exports, imports) = self.names(&component);
-        let Claim { world, built_for } = contract::identify(&exports, &imports, &HOST_VERSION)
-            .map_err(|e| refused(e.to_string()))?;
+        let (_, imports) = self.names(&component);
+        let built_for =
+            contract::built_for(&imports, &HOST_VERSION).map_err(|e| refused(e.to_string()))?;
         // Within the line, a plugin built for a newer version may import what this host
         // lacks: say so beside wasmtime's reason.
         let versions = if built_for == HOST_VERSION {
@@ -153,15 +153,28 @@ impl PluginEngine {
                 "imports something the sandbox does not offer{versions}: {e:#}"
             ))
         })?;
-        let checked = match world {
-            WorldKind::Router => RouterWorld::pre(pre).map(Checked::Router),
-            WorldKind::Processor => ProcessorWorld::pre(pre).map(Checked::Processor),
-            WorldKind::Flags => FlagsWorld::pre(pre).map(Checked::Flags),
+        // The world is the one the exports type-check against: their functions differ, so
+        // at most one does.
+        let mut mismatches = Vec::new();
+        let mut found = None;
+        for world in WorldKind::ALL {
+            let checked = match world {
+                WorldKind::Router => RouterWorld::pre(pre.clone()).map(Checked::Router),
+                WorldKind::Processor => ProcessorWorld::pre(pre.clone()).map(Checked::Processor),
+                WorldKind::Flags => FlagsWorld::pre(pre.clone()).map(Checked::Flags),
+            };
+            match checked {
+                Ok(checked) => {
+                    found = Some((world, checked));
+                    break;
+                }
+                Err(e) => mismatches.push(format!("not a {} ({e:#})", world.as_str())),
+            }
         }
-        .map_err(|e| {
+        let (world, checked) = found.ok_or_else(|| {
             refused(format!(
-                "does not implement the {} world as declared{versions}: {e:#}",
-                world.as_str()
+                "its exports match none of the router, processor and flags worlds{versions}: {}",
+                mismatches.join("; ")
             ))
         })?;
         Ok(Prepared {

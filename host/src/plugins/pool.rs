@@ -220,10 +220,7 @@ impl Pool<RouterWorld> {
         variants: &[VariantStats],
         state: &str,
     ) -> Result<Decision, PluginError> {
-        self.call(|b, store| {
-            b.modelyard_plugin_router()
-                .call_route(store, ctx, variants, state)
-        })
+        self.call(|b, store| b.call_route(store, ctx, variants, state))
     }
 
     /// An operator's `action` with JSON `args` applied to `state`; the new state.
@@ -235,19 +232,12 @@ impl Pool<RouterWorld> {
         variants: &[VariantStats],
         now_ms: u64,
     ) -> Result<String, PluginError> {
-        self.call(|b, store| {
-            b.modelyard_plugin_router()
-                .call_act(store, action, args, state, variants, now_ms)
-        })
+        self.call(|b, store| b.call_act(store, action, args, state, variants, now_ms))
     }
 
     /// The strategy's state as the router explains it (JSON).
     pub fn describe(&self, state: &str, variants: &[VariantStats]) -> Result<String, PluginError> {
-        self.call(|b, store| {
-            b.modelyard_plugin_router()
-                .call_describe(store, state, variants)
-                .map(Ok)
-        })
+        self.call(|b, store| b.call_describe(store, state, variants).map(Ok))
     }
 }
 
@@ -270,12 +260,8 @@ impl Pool<ProcessorWorld> {
     ) -> Result<S, PluginError> {
         self.call_checked(
             |b, store| match direction {
-                Direction::Pre => b
-                    .modelyard_plugin_processor()
-                    .call_preprocess(store, ctx, tensors),
-                Direction::Post => b
-                    .modelyard_plugin_processor()
-                    .call_postprocess(store, ctx, tensors),
+                Direction::Pre => b.call_preprocess(store, ctx, tensors),
+                Direction::Post => b.call_postprocess(store, ctx, tensors),
             },
             check,
         )
@@ -284,15 +270,11 @@ impl Pool<ProcessorWorld> {
 
 impl Pool<FlagsWorld> {
     pub fn evaluate(&self, ctx: &RequestContext) -> Result<Vec<Evaluation>, PluginError> {
-        self.call(|b, store| b.modelyard_plugin_flags().call_evaluate(store, ctx).map(Ok))
+        self.call(|b, store| b.call_evaluate(store, ctx).map(Ok))
     }
 
     pub fn describe(&self, now_ms: u64) -> Result<Vec<FlagInfo>, PluginError> {
-        self.call(|b, store| {
-            b.modelyard_plugin_flags()
-                .call_describe(store, now_ms)
-                .map(Ok)
-        })
+        self.call(|b, store| b.call_describe(store, now_ms).map(Ok))
     }
 }
 

@@ -15,6 +15,7 @@ use wasmtime::{Engine, StoreContextMut, StoreLimits, StoreLimitsBuilder, UpdateD
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{Host, Level, router};
+use super::contract::{HOST_VERSION, PACKAGE, previous_line};
 
 /// Bounds on what one plugin call may use.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -179,5 +180,18 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<Sandbox>> {
     }
     linker.allow_shadowing(false);
     router::modelyard::plugin::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    // Plugins built for the line before import the interfaces under that line's names; the
+    // worlds are the same, so the same host answers them (`contract::loads`).
+    if let Some(previous) = previous_line(&HOST_VERSION) {
+        linker.instance(&format!("{PACKAGE}/types@{previous}"))?;
+        let mut host = linker.instance(&format!("{PACKAGE}/host@{previous}"))?;
+        host.func_wrap(
+            "log",
+            |mut store: StoreContextMut<'_, Sandbox>, (level, message): (Level, String)| {
+                store.data_mut().log(level, message);
+                Ok(())
+            },
+        )?;
+    }
     Ok(linker)
 }

@@ -30,7 +30,7 @@ pub trait World: Sized + 'static {
 }
 
 macro_rules! world {
-    ($marker:ident, $kind:ident, $module:ident, $bindings:ident, $pre:ident, $exports:ident) => {
+    ($marker:ident, $kind:ident, $module:ident, $bindings:ident, $pre:ident) => {
         pub struct $marker;
         impl World for $marker {
             const NAME: &'static str = WorldKind::$kind.as_str();
@@ -50,33 +50,18 @@ macro_rules! world {
                 store: &mut Store<Sandbox>,
                 config: &str,
             ) -> wasmtime::Result<Result<(), String>> {
-                bindings.$exports().call_configure(store, config)
+                bindings.call_configure(store, config)
             }
         }
     };
 }
 
-world!(
-    RouterWorld,
-    Router,
-    router,
-    RouterPlugin,
-    RouterPluginPre,
-    modelyard_plugin_router
-);
+world!(RouterWorld, Router, router, Router, RouterPre);
 world!(
     ProcessorWorld,
     Processor,
     processor,
-    ProcessorPlugin,
-    ProcessorPluginPre,
-    modelyard_plugin_processor
+    Processor,
+    ProcessorPre
 );
-world!(
-    FlagsWorld,
-    Flags,
-    flags,
-    FlagsPlugin,
-    FlagsPluginPre,
-    modelyard_plugin_flags
-);
+world!(FlagsWorld, Flags, flags, Flags, FlagsPre);
