@@ -177,11 +177,15 @@ def compare(args, script, features_script):
     """Another build of the server (`--compare BINARY`, e.g. the last commit's) against this
     one, alternating run by run on the sample configuration: the bare model at concurrency
     1 and 8, and two endpoints with plugins at 8; a table of medians side by side."""
-    builds = {"before": Path(args.compare), "after": ROOT / "target/release/modelyard"}
+    before_config = Path(args.compare_config) if args.compare_config else ROOT / "modelyard.toml"
+    builds = {
+        "before": (Path(args.compare), before_config),
+        "after": (ROOT / "target/release/modelyard", ROOT / "modelyard.toml"),
+    }
     results = {}
     for run in range(args.runs):
-        for build, binary in builds.items():
-            with modelyard(ROOT / "modelyard.toml", "info", binary=binary) as (base, _):
+        for build, (binary, config) in builds.items():
+            with modelyard(config, "info", binary=binary) as (base, _):
                 for endpoint, c in COMPARED:
                     body = features_script if endpoint == "iris-ab" else script
                     r = wrk(f"{base}/v2/models/{endpoint}/infer", c, args.duration, body)
@@ -277,6 +281,9 @@ def main():
     ap.add_argument("--strategies", action="store_true", help="modelyard alone: each sample endpoint")
     ap.add_argument("--monitoring", action="store_true", help="modelyard alone: monitoring at defaults vs off")
     ap.add_argument("--compare", metavar="BINARY", help="modelyard alone: another build of it against this one")
+    ap.add_argument("--compare-config", metavar="TOML",
+                    help="the configuration the other build serves (its checkout's modelyard.toml, whose "
+                         "plugins were built for its contract); default: this one's")
     args = ap.parse_args()
     if args.compare:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmark: modelyard against MLServer (a Python KServe v2 server) on the same task,
 # iris with one row per request, measured with `wrk` in the same run.
-#   host/benches/load.sh [--runs N] [--duration SECONDS] [--strategies | --monitoring | --compare BINARY]
+#   host/benches/load.sh [--runs N] [--duration SECONDS] [--strategies | --monitoring | --compare BINARY [--compare-config TOML]]
 # --strategies measures modelyard's sample endpoints instead, one per deployment strategy
 # (run plugins/build first). --monitoring measures the monitoring at its default settings
 # (metrics, request log, audit store, drift) against all of it off. --compare measures

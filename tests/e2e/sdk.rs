@@ -171,7 +171,7 @@ fn plugin_check_names_the_world_and_versions_or_the_reason() {
             "{stdout}"
         );
         assert!(
-            stdout.contains(&format!("modelyard:plugin/host@{host}")),
+            stdout.contains(&format!("modelyard:plugin/types@{host}")),
             "{stdout}"
         );
     }

@@ -58,14 +58,14 @@ pub enum Mismatch {
     #[error("it imports {PACKAGE} at several versions ({}); a plugin is built against one", .0.join(", "))]
     Mixed(Vec<String>),
     #[error(
-        "it imports nothing of {PACKAGE} (a plugin imports its `host` interface), so it is no plugin (it imports: {})",
+        "it imports nothing of {PACKAGE} (every world's functions take its `types`), so it is no plugin (it imports: {})",
         .0.join(", ")
     )]
     NoPlugin(Vec<String>),
 }
 
 /// The version of the contract a component was built against, read from the names of its
-/// imports (every world imports the package's `host` interface), if this host loads it.
+/// imports (every world's functions take the package's `types`), if this host loads it.
 pub fn built_for(imports: &[String], host: &Version) -> Result<Version, Mismatch> {
     let mut versions: Vec<Version> = imports
         .iter()

@@ -17,7 +17,7 @@ use wasmtime::Store;
 
 use super::bindings::{Decision, Evaluation, FlagInfo, RequestContext, Tensor, VariantStats};
 use super::error::PluginError;
-use super::sandbox::{Budget, Limits, OverBudget, Sandbox, on_epoch};
+use super::sandbox::{Budget, Limits, OverBudget, OverMemory, Sandbox, on_epoch};
 use super::world::{FlagsWorld, ProcessorWorld, RouterWorld, World};
 use crate::telemetry::{Metrics, PluginFailure, PluginMeter};
 
@@ -204,11 +204,9 @@ fn trap_reason(error: &wasmtime::Error) -> (PluginFailure, String) {
     }
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => (PluginFailure::Trap, format!("trapped: {trap}")),
-        // The store limiter's refusal to grow memory (trap_on_grow_failure).
-        None if format!("{error:#}").contains("forcing trap when growing memory") => (
-            PluginFailure::Memory,
-            "ran out of its memory limit".to_string(),
-        ),
+        None if let Some(over) = error.downcast_ref::<OverMemory>() => {
+            (PluginFailure::Memory, over.to_string())
+        }
         None => (PluginFailure::Trap, format!("failed: {error:#}")),
     }
 }

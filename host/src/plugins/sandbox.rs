@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, StoreContextMut, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{
+    Engine, ResourceLimiter, StoreContextMut, StoreLimits, StoreLimitsBuilder, UpdateDeadline,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{Host, Level, router};
@@ -44,8 +46,56 @@ pub struct Sandbox {
     plugin: Arc<str>,
     wasi: WasiCtx,
     table: ResourceTable,
-    pub(super) limits: StoreLimits,
+    pub(super) limits: Limiter,
     pub(super) budget: Budget,
+}
+
+/// What an instance may hold: its memory limit, refused with [`OverMemory`] (a typed
+/// error, so a call that ran out is told from any other trap), and wasmtime's limits on
+/// instances, tables and memories.
+pub(super) struct Limiter {
+    memory_bytes: usize,
+    others: StoreLimits,
+}
+
+/// A plugin's memory grew past its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("ran out of its memory limit ({0} bytes)")]
+pub struct OverMemory(pub usize);
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            return Err(OverMemory(self.memory_bytes).into());
+        }
+        self.others.memory_growing(current, desired, maximum)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.others.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.others.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.others.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.others.memories()
+    }
 }
 
 /// What the call now running may still spend. CPU time is read from the calling thread's
@@ -123,13 +173,15 @@ impl Sandbox {
             plugin,
             wasi,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(memory_bytes)
-                .instances(8)
-                .tables(8)
-                .memories(2)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: Limiter {
+                memory_bytes,
+                others: StoreLimitsBuilder::new()
+                    .instances(8)
+                    .tables(8)
+                    .memories(2)
+                    .trap_on_grow_failure(true)
+                    .build(),
+            },
             budget,
         }
     }
