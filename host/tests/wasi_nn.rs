@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use modelyard::backend::TractBackend;
-use modelyard::backend::onnxruntime::{self, OnnxRuntimeBackend};
+use modelyard::backend::onnxruntime;
+use modelyard::backend::wasi_nn::WasiNnBackend;
 use wasmtime_wasi_nn::Tensor;
 use wasmtime_wasi_nn::backend::{BackendInner, Id};
 use wasmtime_wasi_nn::wit::{ExecutionTarget, TensorType};
@@ -41,8 +41,8 @@ fn both_backends_load_and_run_through_the_wasi_nn_traits() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/onnxruntime/libonnxruntime.so"),
     );
     for rows in [1, 3] {
-        let on_tract = probabilities(&mut TractBackend, rows);
-        let on_ort = probabilities(&mut OnnxRuntimeBackend, rows);
+        let on_tract = probabilities(&mut WasiNnBackend::tract(), rows);
+        let on_ort = probabilities(&mut WasiNnBackend::onnxruntime(), rows);
         // A textbook setosa: the first class wins clearly, on both, to float rounding.
         assert!(on_ort[0] > 0.9, "{on_ort:?}");
         for (a, b) in on_tract.iter().zip(&on_ort) {

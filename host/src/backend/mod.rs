@@ -14,7 +14,7 @@
 //! signature first).
 //!
 //! The files go one way: `graph` (what every backend shares) ← `limits` ← `tract`,
-//! `onnxruntime` ← `wasi_nn` (the wasi-nn view) ← this file (`load`, `warm_up`).
+//! `onnxruntime` ← this file (`load`, `warm_up`) ← `wasi_nn` (the wasi-nn face of it all).
 
 mod graph;
 mod limits;

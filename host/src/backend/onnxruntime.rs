@@ -17,9 +17,6 @@ use ort::memory::Allocator;
 use ort::session::Session;
 use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType, ValueType};
 use tract_onnx::prelude::Framework;
-use wasmtime_wasi_nn::Graph;
-use wasmtime_wasi_nn::backend::{BackendError, BackendFromDir, BackendInner};
-use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
 
 use super::graph::{
     Device, Engine, LoadOptions, LoadedGraph, RunError, Runnable, TensorOverride, UnknownOverride,
@@ -63,12 +60,6 @@ pub enum OrtError {
     },
     #[error("device = \"cuda\" is required by model.toml, but {0}")]
     Device(String),
-}
-
-impl From<OrtError> for BackendError {
-    fn from(error: OrtError) -> Self {
-        BackendError::BackendAccess(wasmtime::Error::new(error))
-    }
 }
 
 /// The library named in `modelyard.toml`, set once at start-up before any model loads.
@@ -525,36 +516,4 @@ fn from_ort(name: String, value: DynValue) -> Result<Tensor, RunError> {
         shape,
         data,
     })
-}
-
-/// ONNX Runtime registered with wasi-nn under `GraphEncoding::Onnx`: `ExecutionTarget::Gpu`
-/// asks for CUDA.
-#[derive(Default)]
-pub struct OnnxRuntimeBackend;
-
-impl BackendInner for OnnxRuntimeBackend {
-    fn encoding(&self) -> GraphEncoding {
-        GraphEncoding::Onnx
-    }
-
-    fn load(&mut self, builders: &[&[u8]], target: ExecutionTarget) -> Result<Graph, BackendError> {
-        let [bytes] = builders else {
-            return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
-        };
-        let device = match target {
-            ExecutionTarget::Gpu => Device::Cuda,
-            _ => Device::Cpu,
-        };
-        let options = LoadOptions {
-            device,
-            require_device: true,
-            ..LoadOptions::default()
-        };
-        Ok(load(bytes, &options)?.wasi_nn())
-    }
-
-    fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
-        // Graphs reach guests through the host's model registry, never by directory.
-        None
-    }
 }

@@ -7,9 +7,6 @@ use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, TDim, TValue,
     Tensor as TractTensor, TypedFact, TypedRunnableModel, tract_ndarray,
 };
-use wasmtime_wasi_nn::Graph;
-use wasmtime_wasi_nn::backend::{BackendError, BackendFromDir, BackendInner};
-use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding};
 
 use super::graph::{
     Device, Engine, LoadedGraph, RunError, Runnable, TensorOverride, UnknownOverride, bytes_data,
@@ -55,17 +52,9 @@ pub enum TractError {
     KnownWrong(String),
     #[error("tract runs models on the CPU only, and model.toml requires device = \"cuda\"")]
     Device,
-    #[error("tract runs models on the CPU; {0:?} was asked for")]
-    Target(ExecutionTarget),
 }
 
-impl From<TractError> for BackendError {
-    fn from(error: TractError) -> Self {
-        BackendError::BackendAccess(wasmtime::Error::new(error))
-    }
-}
-
-/// Loads ONNX models with tract; registered with wasi-nn under `GraphEncoding::Onnx`.
+/// Loads ONNX models with tract.
 #[derive(Default)]
 pub struct TractBackend;
 
@@ -170,27 +159,6 @@ impl TractBackend {
                 fallback: None,
             },
         })
-    }
-}
-
-impl BackendInner for TractBackend {
-    fn encoding(&self) -> GraphEncoding {
-        GraphEncoding::Onnx
-    }
-
-    fn load(&mut self, builders: &[&[u8]], target: ExecutionTarget) -> Result<Graph, BackendError> {
-        if target != ExecutionTarget::Cpu {
-            return Err(TractError::Target(target).into());
-        }
-        let [bytes] = builders else {
-            return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
-        };
-        Ok(Self::load_onnx(bytes, &[], &[])?.wasi_nn())
-    }
-
-    fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
-        // Graphs reach guests through the host's model registry, never by directory.
-        None
     }
 }
 
@@ -382,9 +350,6 @@ fn from_tract(name: String, value: &TValue) -> Result<Tensor, RunError> {
 
 #[cfg(test)]
 mod tests {
-    use wasmtime_wasi_nn::Tensor as NnTensor;
-    use wasmtime_wasi_nn::backend::Id;
-
     use super::*;
 
     fn iris(version: &str) -> Vec<u8> {
@@ -408,40 +373,6 @@ mod tests {
         );
         assert_eq!(loaded.outputs[0].name, "probabilities");
         assert_eq!(loaded.outputs[0].shape, vec![-1, 3]);
-    }
-
-    #[test]
-    fn wasi_nn_trait_path_runs_any_batch_size() {
-        let mut backend = TractBackend;
-        let graph = backend.load(&[&iris("2")], ExecutionTarget::Cpu).unwrap();
-        for batch in [1u32, 3] {
-            let mut ctx = graph.init_execution_context().unwrap();
-            let data: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2]
-                .repeat(batch as usize)
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            ctx.set_input(
-                Id::Index(0),
-                &NnTensor::new(
-                    vec![batch, 4],
-                    wasmtime_wasi_nn::wit::TensorType::Fp32,
-                    data,
-                ),
-            )
-            .unwrap();
-            ctx.compute().unwrap();
-            let out = ctx.get_output(Id::Name("probabilities".into())).unwrap();
-            assert_eq!(out.dimensions, vec![batch, 3]);
-            let probs: Vec<f32> = out
-                .data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            // A textbook setosa: the first class wins clearly.
-            assert!(probs[0] > 0.9, "{probs:?}");
-            assert!((probs[..3].iter().sum::<f32>() - 1.0).abs() < 1e-5);
-        }
     }
 
     #[test]

@@ -1,22 +1,69 @@
-//! The wasi-nn view of a loaded graph: the same model object, behind `BackendGraph` and
-//! `BackendExecutionContext`, for guests that import `wasi:nn`. Tensors cross as wasi-nn
+//! The backends as wasi-nn sees them, for guests that import `wasi:nn`: [`WasiNnBackend`]
+//! (`BackendInner`) loads through [`super::load`], the one loader the model repository
+//! uses, and a loaded graph's view is the same model object behind `BackendGraph` and
+//! `BackendExecutionContext`. Tensors cross as wasi-nn
 //! tensors, so a model whose inputs or outputs fall outside wasi-nn's types is run here only
 //! for the tensors wasi-nn can carry; the refusal names the tensor.
 
 use std::sync::Arc;
 
 use wasmtime_wasi_nn::backend::{
-    BackendError, BackendExecutionContext, BackendGraph, Id, NamedTensor,
+    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id,
+    NamedTensor,
 };
-use wasmtime_wasi_nn::wit::TensorType;
+use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
 use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor as NnTensor};
 
-use super::graph::{LoadedGraph, RunError, Runnable};
+use super::graph::{BackendChoice, Device, LoadOptions, LoadedGraph, RunError, Runnable};
 use crate::tensor::{DataType, Tensor};
 
 impl From<RunError> for BackendError {
     fn from(error: RunError) -> Self {
         BackendError::BackendAccess(wasmtime::Error::new(error))
+    }
+}
+
+/// One of the host's backends as a wasi-nn backend, registered under `GraphEncoding::Onnx`;
+/// `ExecutionTarget::Gpu` asks for CUDA, and refuses where it cannot have it.
+pub struct WasiNnBackend(BackendChoice);
+
+impl WasiNnBackend {
+    pub fn tract() -> WasiNnBackend {
+        WasiNnBackend(BackendChoice::Tract)
+    }
+
+    pub fn onnxruntime() -> WasiNnBackend {
+        WasiNnBackend(BackendChoice::OnnxRuntime)
+    }
+}
+
+impl BackendInner for WasiNnBackend {
+    fn encoding(&self) -> GraphEncoding {
+        GraphEncoding::Onnx
+    }
+
+    fn load(&mut self, builders: &[&[u8]], target: ExecutionTarget) -> Result<Graph, BackendError> {
+        let [bytes] = builders else {
+            return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
+        };
+        let device = match target {
+            ExecutionTarget::Gpu => Device::Cuda,
+            _ => Device::Cpu,
+        };
+        let options = LoadOptions {
+            backend: self.0,
+            device,
+            require_device: true,
+            ..LoadOptions::default()
+        };
+        let loaded = super::load(bytes, &options)
+            .map_err(|e| BackendError::BackendAccess(wasmtime::Error::new(e)))?;
+        Ok(loaded.wasi_nn())
+    }
+
+    fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
+        // Graphs reach guests through the host's model registry, never by directory.
+        None
     }
 }
 
@@ -181,5 +228,54 @@ impl BackendExecutionContext for NnContext {
             })
             .collect::<Result<_, RunError>>()?;
         Ok(Some(outputs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmtime_wasi_nn::Tensor as NnTensor;
+
+    use super::*;
+
+    fn iris(version: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/../models/iris/{version}/model.onnx",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(path).unwrap()
+    }
+
+    #[test]
+    fn wasi_nn_trait_path_runs_any_batch_size() {
+        let mut backend = WasiNnBackend::tract();
+        let graph = backend.load(&[&iris("2")], ExecutionTarget::Cpu).unwrap();
+        for batch in [1u32, 3] {
+            let mut ctx = graph.init_execution_context().unwrap();
+            let data: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2]
+                .repeat(batch as usize)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            ctx.set_input(
+                Id::Index(0),
+                &NnTensor::new(
+                    vec![batch, 4],
+                    wasmtime_wasi_nn::wit::TensorType::Fp32,
+                    data,
+                ),
+            )
+            .unwrap();
+            ctx.compute().unwrap();
+            let out = ctx.get_output(Id::Name("probabilities".into())).unwrap();
+            assert_eq!(out.dimensions, vec![batch, 3]);
+            let probs: Vec<f32> = out
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            // A textbook setosa: the first class wins clearly.
+            assert!(probs[0] > 0.9, "{probs:?}");
+            assert!((probs[..3].iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        }
     }
 }
