@@ -4,7 +4,7 @@
 //!
 //! Owns: the scan's outcome per file, and reporting loads, swaps and refusals (log, audit,
 //! metrics). Must not touch: when to scan (the watcher), which endpoints use a file (the
-//! pipeline), what makes a component acceptable (`engine`, `contract`).
+//! endpoint set), what makes a component acceptable (`engine`, `contract`).
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,12 +1,12 @@
 //! The plugin runtime: one wasmtime engine, components compiled once (and cached on disk),
-//! each identified by the plugin interface it exports and the contract version it was built
-//! for, configured, and run in sandboxed instances under a CPU deadline and a memory limit.
+//! each identified by the world its exports type-check against and the contract version
+//! its imports name, configured, and run in sandboxed instances under a CPU deadline and a memory limit.
 //!
 //! The contract itself is the WIT package in `guest-sdk/wit/`, which the guest SDK and
 //! these bindings are both generated from.
 //!
 //! Owns: compiling, checking, instantiating and calling plugins, the sandbox, and new
-//! plugin crates. Must not touch: which plugin serves which endpoint (pipeline), the plugin
+//! plugin crates. Must not touch: which plugin serves which endpoint (endpoint), the plugin
 //! directory's watcher (it lives beside the registry's), HTTP.
 //!
 //! Files, each using only those listed before it: `error`, `bindings`, `contract` (the

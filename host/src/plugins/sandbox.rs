@@ -4,7 +4,8 @@
 //! stderr go nowhere.
 //!
 //! Owns: the limits, the store's data, the budget a running call spends, the linker (what
-//! a plugin may import). Must not touch: which world a component implements or how calls
+//! a plugin may import, under the names of the host's contract line and of the line
+//! before). Must not touch: which world a component implements or how calls
 //! are made and counted (`contract`, `pool`).
 
 use std::sync::Arc;

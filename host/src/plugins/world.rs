@@ -2,8 +2,9 @@
 //! configuration, the pool): what differs is the generated bindings and where each
 //! world's functions are found.
 //!
-//! Owns: the `World` trait and its three implementations. Must not touch: how a world is
-//! chosen for a component (`contract`) or how calls are run (`pool`).
+//! Owns: the `World` trait and its three implementations, each able to type-check a
+//! component against its world. Must not touch: which versions load (`contract`), the
+//! order in which the worlds are tried (`engine`) or how calls are run (`pool`).
 
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
