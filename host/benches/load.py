@@ -274,6 +274,15 @@ def monitoring(args, script):
               f"{on['errors'] + off['errors'] + bare['errors']:.0f} |")
 
 
+def wrk_scripts(tmp: Path):
+    """wrk scripts posting the iris flower as the models' `input`, and as the `features`
+    the iris-features processor takes."""
+    script, features = tmp / "infer.lua", tmp / "features.lua"
+    script.write_text(WRK_SCRIPT % json.dumps(BODY))
+    features.write_text(WRK_SCRIPT % json.dumps(BODY).replace('"input"', '"features"'))
+    return str(script), str(features)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -287,11 +296,7 @@ def main():
     args = ap.parse_args()
     if args.compare:
         with tempfile.TemporaryDirectory() as tmp:
-            script = Path(tmp) / "infer.lua"
-            script.write_text(WRK_SCRIPT % json.dumps(BODY))
-            features = Path(tmp) / "features.lua"
-            features.write_text(WRK_SCRIPT % json.dumps(BODY).replace('"input"', '"features"'))
-            compare(args, str(script), str(features))
+            compare(args, *wrk_scripts(Path(tmp)))
         return
     if args.monitoring:
         with tempfile.TemporaryDirectory() as tmp:
@@ -301,11 +306,7 @@ def main():
         return
     if args.strategies:
         with tempfile.TemporaryDirectory() as tmp:
-            script = Path(tmp) / "infer.lua"
-            script.write_text(WRK_SCRIPT % json.dumps(BODY))
-            features = Path(tmp) / "features.lua"
-            features.write_text(WRK_SCRIPT % json.dumps(BODY).replace('"input"', '"features"'))
-            strategies(args, str(script), str(features))
+            strategies(args, *wrk_scripts(Path(tmp)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
