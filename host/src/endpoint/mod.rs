@@ -15,12 +15,10 @@ mod performance;
 mod stats;
 mod strategy;
 
-pub use binding::{Bound, Build, Endpoint, EndpointSet, FlagRoute, RunFailures, Variant};
-pub use decisions::{DecisionRecord, Recent};
-pub use experiment::{Comparison, compare};
+pub use binding::{Bound, Build, Endpoint, EndpointSet, Variant};
+pub use decisions::DecisionRecord;
+pub use experiment::compare;
 pub use feedback::{Feedback, FeedbackBook, Memo};
-pub use performance::{LABELLED_ROWS, PerformanceReport, predictions};
-pub use stats::{
-    Agreement, ShadowCounters, ShadowReport, StatsBook, StatsSnapshot, VariantCounters,
-};
-pub use strategy::{ActError, StrategyState};
+pub use performance::{LABELLED_ROWS, predictions};
+pub use stats::{Agreement, StatsBook};
+pub use strategy::ActError;
