@@ -19,6 +19,11 @@ pub fn sample_models() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../models"))
 }
 
+/// The ONNX file of a version of the sample iris model.
+pub fn iris_model(version: u64) -> Vec<u8> {
+    std::fs::read(sample_models().join(format!("iris/{version}/model.onnx"))).unwrap()
+}
+
 /// The sample models, loaded: the repository's watch runs until the test's runtime ends.
 pub async fn loaded_repository(telemetry: Arc<Telemetry>) -> Arc<ModelRepository> {
     let repository = Arc::new(ModelRepository::new(sample_models(), telemetry));

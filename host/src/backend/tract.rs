@@ -351,18 +351,11 @@ fn from_tract(name: String, value: &TValue) -> Result<Tensor, RunError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn iris(version: &str) -> Vec<u8> {
-        let path = format!(
-            "{}/../models/iris/{version}/model.onnx",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        std::fs::read(path).unwrap()
-    }
+    use crate::testing::iris_model;
 
     #[test]
     fn iris_signature_keeps_the_batch_variable() {
-        let loaded = TractBackend::load_onnx(&iris("2"), &[], &[]).unwrap();
+        let loaded = TractBackend::load_onnx(&iris_model(2), &[], &[]).unwrap();
         assert_eq!(
             loaded.inputs,
             vec![TensorSpec {
@@ -390,7 +383,7 @@ mod tests {
             datatype: None,
             shape: Some(vec![-1, 4]),
         };
-        let err = TractBackend::load_onnx(&iris("1"), &[o], &[])
+        let err = TractBackend::load_onnx(&iris_model(1), &[o], &[])
             .err()
             .unwrap();
         assert!(err.to_string().contains("it has: input"), "{err}");

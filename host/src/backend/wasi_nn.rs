@@ -236,19 +236,14 @@ mod tests {
     use wasmtime_wasi_nn::Tensor as NnTensor;
 
     use super::*;
-
-    fn iris(version: &str) -> Vec<u8> {
-        let path = format!(
-            "{}/../models/iris/{version}/model.onnx",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        std::fs::read(path).unwrap()
-    }
+    use crate::testing::iris_model;
 
     #[test]
     fn wasi_nn_trait_path_runs_any_batch_size() {
         let mut backend = WasiNnBackend::tract();
-        let graph = backend.load(&[&iris("2")], ExecutionTarget::Cpu).unwrap();
+        let graph = backend
+            .load(&[&iris_model(2)], ExecutionTarget::Cpu)
+            .unwrap();
         for batch in [1u32, 3] {
             let mut ctx = graph.init_execution_context().unwrap();
             let data: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2]

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::decisions::Recent;
 use super::stats::{ShadowCounters, StatsBook, VariantCounters};
@@ -67,7 +68,7 @@ pub struct Endpoint {
     pub default_variant: usize,
     /// Index of the variant that answers when the routed one fails or is over budget.
     pub fallback: Option<usize>,
-    pub latency_budget: Option<std::time::Duration>,
+    pub latency_budget: Option<Duration>,
     pub router: Option<Bound<RouterWorld>>,
     pub processors: Vec<Bound<ProcessorWorld>>,
     pub flags: Vec<Bound<FlagsWorld>>,
@@ -90,9 +91,10 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Counts a failure charged to `variant` in the metrics; its statistics are recorded
-    /// where the failure is known, with the time it took.
-    pub fn charge(&self, variant: &Variant, failure: VariantFailure) {
+    /// Charges `variant` one request that failed after `took`: in the statistics routers
+    /// judge it by, and in the metrics by why.
+    pub fn charge(&self, variant: &Variant, took: Duration, failure: VariantFailure) {
+        variant.stats.record(took, true);
         if let Some(metrics) = self.telemetry.metrics() {
             metrics.variant_failed(&self.name, &variant.name, failure);
         }
@@ -369,9 +371,7 @@ impl Build<'_> {
             variants,
             default_variant,
             fallback,
-            latency_budget: config
-                .latency_budget_ms
-                .map(std::time::Duration::from_millis),
+            latency_budget: config.latency_budget_ms.map(Duration::from_millis),
             router,
             processors,
             flags,

@@ -198,8 +198,7 @@ impl Answering {
             let running = chosen.stats.past_budget();
             if finishing.is_some() && running >= past_budget_limit {
                 // Too slow to take more work: charged, and the fallback answers.
-                chosen.stats.record(started.elapsed(), true);
-                serving.charge(chosen, VariantFailure::Refused);
+                serving.charge(chosen, started.elapsed(), VariantFailure::Refused);
                 return answered(Err(InferError::Lookup(LookupError::Unavailable(format!(
                     "variant '{}' has {running} answers past the latency budget still running; not starting another",
                     chosen.name
@@ -213,9 +212,9 @@ impl Answering {
                 return answered(result);
             }
             drop(finishing);
-            chosen.stats.record(started.elapsed(), result.is_err());
-            if let Err(error) = &result {
-                serving.charge(chosen, error.failure());
+            match &result {
+                Ok(_) => chosen.stats.record(started.elapsed(), false),
+                Err(error) => serving.charge(chosen, started.elapsed(), error.failure()),
             }
             if let (Some(inputs), Ok(response)) = (inputs, &result) {
                 let primary = Arc::new(response.outputs.clone());
@@ -240,8 +239,7 @@ impl Answering {
                 // still the routed variant's failed request.
                 if let Some(v) = watched.as_ref().and_then(|a| a.routed()).or(variant) {
                     let charged = &endpoint.variants[v];
-                    charged.stats.record(started.elapsed(), true);
-                    endpoint.charge(charged, VariantFailure::Error);
+                    endpoint.charge(charged, started.elapsed(), VariantFailure::Error);
                 }
                 let crashed = InferError::Plugin {
                     endpoint: endpoint.name.clone(),

@@ -136,9 +136,8 @@ impl Attempt {
             Phase::Running(variant) if variant == self.fallback => return Abandoned::No,
             Phase::Running(variant) => {
                 let charged = &endpoint.variants[variant];
-                charged.stats.record(budget, true);
+                endpoint.charge(charged, budget, VariantFailure::Timeout);
                 charged.stats.enter_past_budget();
-                endpoint.charge(charged, VariantFailure::Timeout);
                 Some(variant)
             }
             Phase::Waiting | Phase::Abandoned(_) => None,

@@ -72,6 +72,7 @@ pub fn built_for(imports: &[String], host: &Version) -> Result<Version, Mismatch
         .filter_map(|n| named(n))
         .map(|(_, v)| v)
         .collect();
+    versions.sort();
     versions.dedup();
     match versions.as_slice() {
         [] => Err(Mismatch::NoPlugin(imports.to_vec())),

@@ -251,20 +251,13 @@ fn drift_monitor(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn iris_bytes() -> Vec<u8> {
-        fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../models/iris/1/model.onnx"
-        ))
-        .unwrap()
-    }
+    use crate::testing::iris_model;
 
     fn temp_repo(tag: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("modelyard-scan-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("iris/1")).unwrap();
-        fs::write(dir.join("iris/1/model.onnx"), iris_bytes()).unwrap();
+        fs::write(dir.join("iris/1/model.onnx"), iris_model(1)).unwrap();
         dir
     }
 

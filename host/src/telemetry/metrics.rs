@@ -242,8 +242,9 @@ pub struct Metrics {
 #[derive(Default)]
 struct Known {
     names: HashSet<String>,
-    /// `(endpoint, flag)` → the flag's declared variants.
-    flags: HashMap<(String, String), HashSet<String>>,
+    /// Endpoint → flag → the flag's declared variants: nested, so that a lookup on the
+    /// request path borrows the names it is given rather than building a key.
+    flags: HashMap<String, HashMap<String, HashSet<String>>>,
 }
 
 /// A model version's response cache, batching and queue series, looked up once at load.
@@ -515,11 +516,9 @@ impl Metrics {
     ) {
         let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
         known.names.insert(name.to_string());
+        let declared = known.flags.entry(name.to_string()).or_default();
         for (flag, variants) in flags {
-            known.flags.insert(
-                (name.to_string(), flag.to_string()),
-                variants.iter().cloned().collect(),
-            );
+            declared.insert(flag.to_string(), variants.iter().cloned().collect());
         }
     }
 
@@ -664,7 +663,7 @@ impl Metrics {
     pub fn flag_evaluated(&self, endpoint: &str, flag: &str, variant: &str) {
         let (flag, variant) = {
             let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
-            match known.flags.get(&(endpoint.to_string(), flag.to_string())) {
+            match known.flags.get(endpoint).and_then(|flags| flags.get(flag)) {
                 Some(variants) if variants.contains(variant) => (flag, variant),
                 Some(_) => (flag, "other"),
                 None => ("other", "other"),
