@@ -143,6 +143,17 @@ def medians(results):
             for k, v in results.items()}
 
 
+def measure(base, endpoint, concurrency, duration, scripts, what):
+    """One wrk run against `endpoint`'s infer route, reported on stderr as it ends."""
+    script, features_script = scripts
+    # iris-ab's processor takes the flower as the tensor `features`.
+    body = features_script if endpoint == "iris-ab" else script
+    r = wrk(f"{base}/v2/models/{endpoint}/infer", concurrency, duration, body)
+    print(f"{what} {endpoint} c={concurrency}: {r['rps']:.0f} req/s, p50 {r['p50']:.0f} us, "
+          f"{r['errors']} errors", file=sys.stderr)
+    return r
+
+
 STRATEGY_ENDPOINTS = ["iris", "iris-ab", "iris-canary", "iris-bg", "iris-shadow", "iris-bandit", "iris-flags", "iris-safe"]
 
 
@@ -154,12 +165,9 @@ def strategies(args, script, features_script):
         with modelyard(ROOT / "modelyard.toml", rust_log) as (base, _):
             for run in range(args.runs):
                 for endpoint in STRATEGY_ENDPOINTS:
-                    # iris-ab's processor takes the flower as the tensor `features`.
-                    body = features_script if endpoint == "iris-ab" else script
-                    r = wrk(f"{base}/v2/models/{endpoint}/infer", 8, args.duration, body)
+                    r = measure(base, endpoint, 8, args.duration, (script, features_script),
+                                f"run {run + 1} log {log}")
                     results.setdefault((endpoint, log), []).append(r)
-                    print(f"run {run + 1} {endpoint} log {log}: {r['rps']:.0f} req/s, p50 {r['p50']:.0f} us, "
-                          f"{r['errors']} errors", file=sys.stderr)
     med = medians(results)
     print(f"median of {args.runs} runs of {args.duration} s each, concurrency 8, wrk on the same machine\n")
     print("| endpoint | req/s | p50 (µs) | p99 (µs) | req/s, request log off | p50 (µs), log off | errors |")
@@ -187,11 +195,9 @@ def compare(args, script, features_script):
         for build, (binary, config) in builds.items():
             with modelyard(config, "info", binary=binary) as (base, _):
                 for endpoint, c in COMPARED:
-                    body = features_script if endpoint == "iris-ab" else script
-                    r = wrk(f"{base}/v2/models/{endpoint}/infer", c, args.duration, body)
+                    r = measure(base, endpoint, c, args.duration, (script, features_script),
+                                f"run {run + 1} {build}")
                     results.setdefault((build, endpoint, c), []).append(r)
-                    print(f"run {run + 1} {build} {endpoint} c={c}: {r['rps']:.0f} req/s, "
-                          f"p50 {r['p50']:.0f} us, {r['errors']} errors", file=sys.stderr)
     med = medians(results)
     print(f"median of {args.runs} runs of {args.duration} s each per build, alternating, wrk on the same machine\n")
     print("| endpoint | concurrency | req/s before | req/s after | p50 (µs) before | p50 (µs) after | p99 (µs) before | p99 (µs) after | errors |")
