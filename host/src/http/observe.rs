@@ -3,7 +3,6 @@
 //! model, version and status, with its duration), the server's own failures kept for
 //! `/admin/status`, and `/metrics` itself. Handlers only say who answered, on the response.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -20,7 +19,7 @@ use crate::telemetry::{RequestLabels, Telemetry};
 /// metrics do not know (a name that is neither endpoint nor model) they count as `unknown`.
 pub(super) async fn count_requests(
     State(state): State<Arc<HttpState>>,
-    Path(params): Path<HashMap<String, String>>,
+    Path(params): Path<Vec<(String, String)>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -33,7 +32,10 @@ pub(super) async fn count_requests(
     drop(in_flight);
     let served = response.extensions().get::<Served>();
     let labels = RequestLabels {
-        endpoint: params.get("model").cloned().unwrap_or_default(),
+        endpoint: params
+            .into_iter()
+            .find_map(|(name, value)| (name == "model").then_some(value))
+            .unwrap_or_default(),
         variant: served.and_then(|s| s.variant.clone()).unwrap_or_default(),
         model: served.and_then(|s| s.model.clone()).unwrap_or_default(),
         version: served
