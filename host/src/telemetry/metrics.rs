@@ -44,7 +44,7 @@ struct ModelLabels {
 struct RejectionLabels {
     model: String,
     version: String,
-    /// `queue_full` or `timeout`.
+    /// `queue_full`, `timeout` or `in_flight_limit`.
     reason: &'static str,
 }
 
@@ -72,6 +72,11 @@ struct LoadLabels {
 struct ShadowLabels {
     endpoint: String,
     variant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OverloadLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -232,6 +237,7 @@ pub struct Metrics {
     drift_psi: Family<FeatureLabels, Ratio>,
     drifted: Family<FeatureLabels, Gauge>,
     request_log_dropped: Counter,
+    turned_away: Family<OverloadLabels, Counter>,
     known: RwLock<Known>,
 }
 
@@ -256,6 +262,8 @@ pub struct SchedulingMeters {
     pub batch_size: Histogram,
     pub queue_full: Counter,
     pub timed_out: Counter,
+    /// Turned away at its `max_in_flight`.
+    pub busy: Counter,
 }
 
 /// Counts a request as in flight until dropped.
@@ -374,7 +382,7 @@ impl Default for Metrics {
         let queue_rejections = register(
             &mut r,
             "queue_rejections",
-            "Requests a model's batching queue turned away (503), by model, version and reason (queue_full, timeout)",
+            "Requests a model version turned away (503), by model, version and reason (queue_full and timeout: its batching queue; in_flight_limit: its max_in_flight)",
             Family::default(),
         );
         let variant_failures = register(
@@ -461,6 +469,12 @@ impl Default for Metrics {
             "Sampled request records dropped because the store or the CloudEvents sink fell behind",
             Counter::default(),
         );
+        let turned_away = register(
+            &mut r,
+            "server_rejections",
+            "Inference requests the server's own limits turned away, by reason: in_flight_limit (503, server.max_in_flight), deadline (504), body_timeout (408)",
+            Family::default(),
+        );
         Metrics {
             registry: r,
             requests,
@@ -487,6 +501,7 @@ impl Default for Metrics {
             drift_psi,
             drifted,
             request_log_dropped,
+            turned_away,
             known: RwLock::default(),
         }
     }
@@ -611,6 +626,7 @@ impl Metrics {
             batch_size: self.batch_sizes.get_or_create(&labels).clone(),
             queue_full: rejected("queue_full"),
             timed_out: rejected("timeout"),
+            busy: rejected("in_flight_limit"),
         }
     }
 
@@ -713,6 +729,14 @@ impl Metrics {
     /// Sampled requests the store or the sink had to drop.
     pub fn request_log_dropped(&self) -> Counter {
         self.request_log_dropped.clone()
+    }
+
+    /// An inference request the server's limits turned away (`in_flight_limit`,
+    /// `deadline` or `body_timeout`).
+    pub fn turned_away(&self, reason: &'static str) {
+        self.turned_away
+            .get_or_create(&OverloadLabels { reason })
+            .inc();
     }
 
     /// Every metric in the OpenMetrics text format.
