@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use super::error::ApiError;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Telemetry, Throttle};
 
 pub struct Admission {
     places: Arc<Semaphore>,
@@ -28,6 +28,8 @@ pub struct Admission {
     /// Request bodies above this many bytes are refused with 413.
     body_bytes: usize,
     body_timeout: Duration,
+    /// Under overload every request is turned away: one warning a second says so.
+    warnings: Throttle,
 }
 
 impl Admission {
@@ -37,6 +39,7 @@ impl Admission {
             limit: max_in_flight,
             body_bytes,
             body_timeout,
+            warnings: Throttle::default(),
         }
     }
 
@@ -47,7 +50,9 @@ impl Admission {
         telemetry: &Telemetry,
     ) -> Result<OwnedSemaphorePermit, ApiError> {
         self.places.clone().try_acquire_owned().map_err(|_| {
-            tracing::warn!(called, limit = self.limit, "request turned away: the server holds its limit of requests in flight");
+            if let Some(unlogged) = self.warnings.pass() {
+                tracing::warn!(called, limit = self.limit, unlogged, "request turned away: the server holds its limit of requests in flight");
+            }
             turned_away(telemetry, "in_flight_limit");
             ApiError::retry_later(format!(
                 "the server holds its limit of {} requests in flight (server.max_in_flight); retry shortly",
@@ -100,46 +105,50 @@ impl Admission {
             )),
         }
     }
-}
 
-/// Waits for `work` (a request to `called`) until `deadline`. Past it the client gets its
-/// 504 and `work` goes on as a task of its own: what it serves still charges and counts
-/// its outcome when it ends.
-pub(super) async fn by_deadline<T: Send + 'static>(
-    called: &str,
-    deadline: Option<Instant>,
-    telemetry: &Telemetry,
-    work: impl Future<Output = T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let since = Instant::now();
-    let task = tokio::spawn(work.instrument(tracing::Span::current()));
-    let joined = match deadline {
-        None => task.await,
-        Some(deadline) => match tokio::time::timeout_at(deadline.into(), task).await {
-            Ok(joined) => joined,
-            Err(_) => {
-                let waited = since.elapsed().as_millis();
-                tracing::warn!(
-                    called,
-                    waited_ms = waited,
-                    "no answer by the request's deadline; answered 504, the run goes on"
-                );
-                turned_away(telemetry, "deadline");
-                return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "'{called}' gave no answer within {waited} ms, the request's deadline (its `timeout` parameter, or server.request_timeout_ms)"
-                    ),
-                ));
-            }
-        },
-    };
-    joined.map_err(|join| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the request to '{called}' crashed ({join})"),
-        )
-    })
+    /// Waits for `work` (a request to `called`) until `deadline`. Past it the client gets
+    /// its 504 and `work` goes on as a task of its own: what it serves still charges and
+    /// counts its outcome when it ends.
+    pub(super) async fn by_deadline<T: Send + 'static>(
+        &self,
+        called: &str,
+        deadline: Option<Instant>,
+        telemetry: &Telemetry,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let since = Instant::now();
+        let task = tokio::spawn(work.instrument(tracing::Span::current()));
+        let joined = match deadline {
+            None => task.await,
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    let waited = since.elapsed().as_millis();
+                    if let Some(unlogged) = self.warnings.pass() {
+                        tracing::warn!(
+                            called,
+                            waited_ms = waited,
+                            unlogged,
+                            "no answer by the request's deadline; answered 504, the run goes on"
+                        );
+                    }
+                    turned_away(telemetry, "deadline");
+                    return Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "'{called}' gave no answer within {waited} ms, the request's deadline (its `timeout` parameter, or server.request_timeout_ms)"
+                        ),
+                    ));
+                }
+            },
+        };
+        joined.map_err(|join| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the request to '{called}' crashed ({join})"),
+            )
+        })
+    }
 }
 
 fn turned_away(telemetry: &Telemetry, reason: &'static str) {

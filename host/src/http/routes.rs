@@ -13,9 +13,9 @@ use serde_json::json;
 
 use super::codec::{self, HEADER_LENGTH, VARIANT_HEADER};
 use super::error::{ApiError, Served};
+use super::observe;
 use super::state::HttpState;
 use super::trace::Traced;
-use super::{observe, overload};
 use crate::endpoint::Feedback;
 use crate::registry::LoadedVersion;
 
@@ -256,7 +256,10 @@ async fn infer(
             .infer(&called, version_kept.as_deref(), request, &lookup)
             .await
     };
-    let response = overload::by_deadline(model, deadline, &state.telemetry, work).await??;
+    let response = state
+        .admission
+        .by_deadline(model, deadline, &state.telemetry, work)
+        .await??;
     let (bytes, json_length) = codec::encode_response(&response, &encoding).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
