@@ -2,11 +2,13 @@
 //! label value comes from the configuration, the model repository, the plugin directory or
 //! a small fixed set (status, outcome, reason), never from a request as sent, so the
 //! number of series stays bounded whatever clients send: the values a request or a plugin
-//! brings are checked here against the names the host declared (`know_*`).
+//! brings are checked here against the names the host declared (`know_*`). The series of
+//! a model version, model, endpoint or variant that is gone are removed (`forget_*`), so
+//! that swapping them for as long as the server runs does not grow the scrape.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -155,6 +157,13 @@ pub enum VariantFailure {
 }
 
 impl VariantFailure {
+    const ALL: [VariantFailure; 4] = [
+        VariantFailure::Error,
+        VariantFailure::Crash,
+        VariantFailure::Timeout,
+        VariantFailure::Refused,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             VariantFailure::Error => "error",
@@ -206,6 +215,25 @@ pub enum ShadowOutcome {
     Failed,
 }
 
+impl ShadowOutcome {
+    const ALL: [ShadowOutcome; 3] = [
+        ShadowOutcome::Agreed,
+        ShadowOutcome::Disagreed,
+        ShadowOutcome::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ShadowOutcome::Agreed => "agreed",
+            ShadowOutcome::Disagreed => "disagreed",
+            ShadowOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// A model's queue rejection reasons, as the `reason` label says them.
+const REJECTIONS: [&str; 2] = ["queue_full", "timeout"];
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -232,19 +260,38 @@ pub struct Metrics {
     drift_psi: Family<FeatureLabels, Ratio>,
     drifted: Family<FeatureLabels, Gauge>,
     request_log_dropped: Counter,
+    config_refreshes: Counter,
     known: RwLock<Known>,
+    /// The label sets `requests` has: the one family whose labels cannot be derived from
+    /// what the host knows (any HTTP status), kept so that a gone model's or endpoint's
+    /// series can be found (the family cannot be listed).
+    request_series: Mutex<HashSet<RequestLabels>>,
 }
 
 /// The label values a request or a plugin may bring that the metrics accept: the names of
-/// endpoints and models that exist (or did), and the flags and flag variants the flags
-/// plugins declared. Anything else is counted under one shared value, so clients cannot
-/// grow the number of series.
+/// endpoints and models that exist, and the flags and flag variants the flags plugins
+/// declared. Anything else is counted under one shared value, so clients cannot grow the
+/// number of series.
 #[derive(Default)]
 struct Known {
-    names: HashSet<String>,
+    models: HashSet<String>,
     /// Endpoint → flag → the flag's declared variants: nested, so that a lookup on the
     /// request path borrows the names it is given rather than building a key.
-    flags: HashMap<String, HashMap<String, HashSet<String>>>,
+    endpoints: HashMap<String, Flags>,
+}
+
+type Flags = HashMap<String, HashSet<String>>;
+
+/// The `(flag, variant)` label pairs an endpoint's flags count under: each declared
+/// variant and `other` per flag, and `other` for undeclared flags.
+fn flag_series(flags: &Flags) -> impl Iterator<Item = (&str, &str)> {
+    flags
+        .iter()
+        .flat_map(|(flag, variants)| {
+            let variants = variants.iter().map(String::as_str).chain(["other"]);
+            variants.map(move |variant| (flag.as_str(), variant))
+        })
+        .chain([("other", "other")])
 }
 
 /// A model version's response cache, batching and queue series, looked up once at load.
@@ -461,6 +508,12 @@ impl Default for Metrics {
             "Sampled request records dropped because the store or the CloudEvents sink fell behind",
             Counter::default(),
         );
+        let config_refreshes = register(
+            &mut r,
+            "config_refreshes",
+            "Times the control plane reread the configuration and the plugin directory, after a change to a file it follows",
+            Counter::default(),
+        );
         Metrics {
             registry: r,
             requests,
@@ -487,7 +540,9 @@ impl Default for Metrics {
             drift_psi,
             drifted,
             request_log_dropped,
+            config_refreshes,
             known: RwLock::default(),
+            request_series: Mutex::default(),
         }
     }
 }
@@ -503,34 +558,157 @@ impl Metrics {
         self.known
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .names
+            .models
             .insert(name.to_string());
     }
 
     /// `name` is a configured endpoint, whose flags plugins declared these flags and their
-    /// variants: requests may name it, and its flag evaluations count under them.
+    /// variants: requests may name it, and its flag evaluations count under them. The
+    /// series of flags and flag variants it no longer declares go.
     pub fn know_endpoint<'a>(
         &self,
         name: &str,
         flags: impl IntoIterator<Item = (&'a str, &'a [String])>,
     ) {
+        let declared: Flags = flags
+            .into_iter()
+            .map(|(flag, variants)| (flag.to_string(), variants.iter().cloned().collect()))
+            .collect();
         let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
-        known.names.insert(name.to_string());
-        let declared = known.flags.entry(name.to_string()).or_default();
-        for (flag, variants) in flags {
-            declared.insert(flag.to_string(), variants.iter().cloned().collect());
+        for (flag, variant) in known.endpoints.get(name).into_iter().flat_map(flag_series) {
+            let kept = (flag, variant) == ("other", "other")
+                || declared
+                    .get(flag)
+                    .is_some_and(|v| variant == "other" || v.contains(variant));
+            if !kept {
+                self.flag_evaluations.remove(&FlagLabels {
+                    endpoint: name.to_string(),
+                    flag: flag.to_string(),
+                    variant: variant.to_string(),
+                });
+            }
         }
+        known.endpoints.insert(name.to_string(), declared);
+    }
+
+    /// A model version stopped serving: its series go. (A request that was running on it
+    /// may bring one back; it goes when the same version goes again.)
+    pub fn forget_version(&self, model: &str, version: u64) {
+        let labels = ModelLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+        };
+        self.inference_seconds.remove(&labels);
+        self.batch_sizes.remove(&labels);
+        for family in [
+            &self.model_crashes,
+            &self.cache_hits,
+            &self.cache_misses,
+            &self.cache_evictions,
+        ] {
+            family.remove(&labels);
+        }
+        for reason in REJECTIONS {
+            self.queue_rejections.remove(&RejectionLabels {
+                model: model.to_string(),
+                version: version.to_string(),
+                reason,
+            });
+        }
+        self.forget_requests(|l| l.model == model && l.version == labels.version);
+    }
+
+    /// A model left the repository: requests no longer name it, and its series go (its
+    /// versions' with [`Metrics::forget_version`]).
+    pub fn forget_model(&self, model: &str) {
+        let endpoint = {
+            let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+            known.models.remove(model);
+            known.endpoints.contains_key(model)
+        };
+        if !endpoint {
+            self.forget_called(model);
+        }
+        self.forget_requests(|l| l.model == model);
+    }
+
+    /// An endpoint left the configuration: requests no longer name it, and its series and
+    /// those of its `variants` go.
+    pub fn forget_endpoint<'a>(&self, endpoint: &str, variants: impl Iterator<Item = &'a str>) {
+        let (flags, model) = {
+            let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+            let flags = known.endpoints.remove(endpoint).unwrap_or_default();
+            (flags, known.models.contains(endpoint))
+        };
+        for (flag, variant) in flag_series(&flags) {
+            self.flag_evaluations.remove(&FlagLabels {
+                endpoint: endpoint.to_string(),
+                flag: flag.to_string(),
+                variant: variant.to_string(),
+            });
+        }
+        for variant in variants {
+            self.forget_variant(endpoint, variant);
+        }
+        if !model {
+            self.forget_called(endpoint);
+        }
+    }
+
+    /// A variant left its endpoint (or the endpoint left): its series go.
+    pub fn forget_variant(&self, endpoint: &str, variant: &str) {
+        for reason in VariantFailure::ALL {
+            self.variant_failures.remove(&VariantFailureLabels {
+                endpoint: endpoint.to_string(),
+                variant: variant.to_string(),
+                reason: reason.label(),
+            });
+        }
+        for result in ShadowOutcome::ALL {
+            self.shadow_comparisons.remove(&ComparisonLabels {
+                endpoint: endpoint.to_string(),
+                variant: variant.to_string(),
+                result: result.label(),
+            });
+        }
+        self.shadow_dropped.remove(&ShadowLabels {
+            endpoint: endpoint.to_string(),
+            variant: variant.to_string(),
+        });
+        self.forget_requests(|l| l.endpoint == endpoint && l.variant == variant);
+    }
+
+    /// The series of a name no client may call any more, endpoint or model.
+    fn forget_called(&self, name: &str) {
+        let label = EndpointLabel {
+            endpoint: name.to_string(),
+        };
+        self.request_seconds.remove(&label);
+        self.queue_seconds.remove(&label);
+        self.forget_requests(|l| l.endpoint == name);
+    }
+
+    fn forget_requests(&self, gone: impl Fn(&RequestLabels) -> bool) {
+        self.request_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|labels| {
+                let gone = gone(labels);
+                if gone {
+                    self.requests.remove(labels);
+                }
+                !gone
+            });
     }
 
     /// Counts one answered inference request. A name that is neither an endpoint nor a
     /// model is counted as `unknown`, with no variant, model or version.
     pub fn answered(&self, mut labels: RequestLabels, took: Duration) {
-        let known = self
-            .known
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .names
-            .contains(&labels.endpoint);
+        let known = {
+            let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+            known.endpoints.contains_key(&labels.endpoint)
+                || known.models.contains(&labels.endpoint)
+        };
         if !known {
             labels = RequestLabels {
                 endpoint: "unknown".to_string(),
@@ -543,7 +721,17 @@ impl Metrics {
                 endpoint: labels.endpoint.clone(),
             })
             .observe(took.as_secs_f64());
+        if let Some(count) = self.requests.get(&labels) {
+            count.inc();
+            return;
+        }
+        // A new series: made, then noted (never both locks held: `forget_requests` takes
+        // them the other way round).
         self.requests.get_or_create(&labels).inc();
+        self.request_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(labels);
     }
 
     /// The queue-time series of an endpoint (or of a model called by name).
@@ -595,7 +783,7 @@ impl Metrics {
             model: model.to_string(),
             version: version.to_string(),
         };
-        let rejected = |reason| {
+        let rejected = |reason: &'static str| {
             self.queue_rejections
                 .get_or_create(&RejectionLabels {
                     model: model.to_string(),
@@ -609,8 +797,8 @@ impl Metrics {
             cache_misses: self.cache_misses.get_or_create(&labels).clone(),
             cache_evictions: self.cache_evictions.get_or_create(&labels).clone(),
             batch_size: self.batch_sizes.get_or_create(&labels).clone(),
-            queue_full: rejected("queue_full"),
-            timed_out: rejected("timeout"),
+            queue_full: rejected(REJECTIONS[0]),
+            timed_out: rejected(REJECTIONS[1]),
         }
     }
 
@@ -640,11 +828,7 @@ impl Metrics {
             .get_or_create(&ComparisonLabels {
                 endpoint: endpoint.to_string(),
                 variant: variant.to_string(),
-                result: match result {
-                    ShadowOutcome::Agreed => "agreed",
-                    ShadowOutcome::Disagreed => "disagreed",
-                    ShadowOutcome::Failed => "failed",
-                },
+                result: result.label(),
             })
             .inc();
     }
@@ -663,7 +847,11 @@ impl Metrics {
     pub fn flag_evaluated(&self, endpoint: &str, flag: &str, variant: &str) {
         let (flag, variant) = {
             let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
-            match known.flags.get(endpoint).and_then(|flags| flags.get(flag)) {
+            match known
+                .endpoints
+                .get(endpoint)
+                .and_then(|flags| flags.get(flag))
+            {
                 Some(variants) if variants.contains(variant) => (flag, variant),
                 Some(_) => (flag, "other"),
                 None => ("other", "other"),
@@ -710,6 +898,11 @@ impl Metrics {
         }
     }
 
+    /// One control-plane refresh began.
+    pub fn config_refreshed(&self) {
+        self.config_refreshes.inc();
+    }
+
     /// Sampled requests the store or the sink had to drop.
     pub fn request_log_dropped(&self) -> Counter {
         self.request_log_dropped.clone()
@@ -720,5 +913,78 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample lines of the scrape (what Prometheus stores as series), as text.
+    fn series(metrics: &Metrics) -> Vec<String> {
+        let text = metrics.encode().unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn request(endpoint: &str, variant: &str, version: &str) -> RequestLabels {
+        RequestLabels {
+            endpoint: endpoint.to_string(),
+            variant: variant.to_string(),
+            model: "iris".to_string(),
+            version: version.to_string(),
+            status: "200".to_string(),
+        }
+    }
+
+    #[test]
+    fn the_series_of_what_is_gone_go_with_it() {
+        let metrics = Metrics::default();
+        let baseline = series(&metrics).len();
+        metrics.know_model("iris");
+        let on = ["on".to_string()];
+        metrics.know_endpoint("ab", [("f", &on[..])]);
+        let took = Duration::from_millis(1);
+        for version in [2, 3] {
+            metrics.scheduling_meters("iris", version);
+            metrics.inference_seconds("iris", version).observe(took);
+            metrics.model_crashes("iris", version).inc();
+            metrics.answered(request("iris", "", &version.to_string()), took);
+        }
+        metrics.answered(request("ab", "a", "2"), took);
+        metrics.answered(request("ab", "b", "2"), took);
+        metrics.queue_seconds("ab").observe(took);
+        metrics.variant_failed("ab", "b", VariantFailure::Timeout);
+        metrics.shadow_compared("ab", "b", ShadowOutcome::Agreed);
+        metrics.shadow_dropped("ab", "b");
+        metrics.flag_evaluated("ab", "f", "on");
+        metrics.flag_evaluated("ab", "g", "x");
+        let has = |needle: &str| series(&metrics).iter().any(|s| s.contains(needle));
+
+        metrics.forget_version("iris", 3);
+        assert!(!has("version=\"3\""));
+        assert!(has("version=\"2\""));
+
+        // A flag the endpoint no longer declares.
+        metrics.know_endpoint("ab", []);
+        assert!(!has("flag=\"f\""));
+        assert!(has("flag=\"other\""));
+
+        metrics.forget_variant("ab", "b");
+        assert!(!has("variant=\"b\""));
+        assert!(has("variant=\"a\""));
+
+        metrics.forget_endpoint("ab", ["a"].into_iter());
+        assert!(!has("endpoint=\"ab\""));
+        metrics.forget_version("iris", 2);
+        metrics.forget_model("iris");
+        assert_eq!(series(&metrics).len(), baseline, "{:#?}", series(&metrics));
+
+        // Requests no longer name what is gone: they count as unknown.
+        metrics.answered(request("iris", "", "2"), took);
+        assert!(has("endpoint=\"unknown\""));
+        assert!(!has("endpoint=\"iris\""));
     }
 }
