@@ -368,7 +368,11 @@ impl Build<'_> {
         let flag_definitions = flag_definitions(name, &flags);
         if let Some(metrics) = self.telemetry.metrics() {
             let declared = flag_definitions.iter();
-            metrics.know_endpoint(name, declared.map(|(k, f)| (k.as_str(), &f.variants[..])));
+            metrics.know_endpoint(
+                name,
+                variants.iter().map(|v| v.name.as_str()),
+                declared.map(|(k, f)| (k.as_str(), &f.variants[..])),
+            );
         }
         // The router's state belongs to this router, these settings and these variants: it
         // carries over while they stay, and so does what the database keeps of it. A state

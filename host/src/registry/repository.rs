@@ -73,7 +73,10 @@ impl ModelRepository {
             Ok(next) => {
                 changes::report(&self.current.load(), &next, &self.telemetry);
                 if let Some(metrics) = self.telemetry.metrics() {
-                    next.models.keys().for_each(|name| metrics.know_model(name));
+                    for (name, model) in &next.models {
+                        let serving = model.versions.iter().filter(|(_, e)| e.loaded.is_some());
+                        metrics.know_model(name, serving.map(|(v, _)| *v));
+                    }
                 }
                 self.current.store(Arc::new(next));
                 self.ready.store(true, Ordering::Release);

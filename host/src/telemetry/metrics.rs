@@ -269,18 +269,64 @@ pub struct Metrics {
 }
 
 /// The label values a request or a plugin may bring that the metrics accept: the names of
-/// endpoints and models that exist, and the flags and flag variants the flags plugins
-/// declared. Anything else is counted under one shared value, so clients cannot grow the
-/// number of series.
+/// endpoints, variants, models and versions that serve, and the flags and flag variants
+/// the flags plugins declared. Anything else is counted under one shared value, so clients
+/// cannot grow the number of series, and nothing brings back the series of what is gone.
+///
+/// Series are made while this is read-locked, and `forget_*` write-lock it to take a name
+/// out before removing its series: a request that was running on a version or variant as
+/// it went cannot make its series again after the removal.
 #[derive(Default)]
 struct Known {
-    models: HashSet<String>,
-    /// Endpoint → flag → the flag's declared variants: nested, so that a lookup on the
-    /// request path borrows the names it is given rather than building a key.
-    endpoints: HashMap<String, Flags>,
+    /// Model → its serving versions, as label values.
+    models: HashMap<String, HashSet<String>>,
+    endpoints: HashMap<String, Declared>,
+}
+
+/// What an endpoint declared: its variants, and flag → the flag's declared variants
+/// (nested, so that a lookup on the request path borrows the names it is given rather than
+/// building a key).
+#[derive(Default)]
+struct Declared {
+    variants: HashSet<String>,
+    flags: Flags,
 }
 
 type Flags = HashMap<String, HashSet<String>>;
+
+impl Known {
+    fn variant(&self, endpoint: &str, variant: &str) -> bool {
+        self.endpoints
+            .get(endpoint)
+            .is_some_and(|d| d.variants.contains(variant))
+    }
+
+    /// The labels a request counts under: a name that is neither an endpoint nor a model
+    /// as `unknown` with nothing else, and a variant or version that no longer serves as
+    /// empty.
+    fn request_labels(&self, mut labels: RequestLabels) -> RequestLabels {
+        let endpoint = self.endpoints.get(&labels.endpoint);
+        if endpoint.is_none() && !self.models.contains_key(&labels.endpoint) {
+            return RequestLabels {
+                endpoint: "unknown".to_string(),
+                status: labels.status,
+                ..RequestLabels::default()
+            };
+        }
+        if !endpoint.is_some_and(|d| d.variants.contains(&labels.variant)) {
+            labels.variant.clear();
+        }
+        match self.models.get(&labels.model) {
+            Some(versions) if versions.contains(&labels.version) => {}
+            Some(_) => labels.version.clear(),
+            None => {
+                labels.model.clear();
+                labels.version.clear();
+            }
+        }
+        labels
+    }
+}
 
 /// The `(flag, variant)` label pairs an endpoint's flags count under: each declared
 /// variant and `other` per flag, and `other` for undeclared flags.
@@ -553,31 +599,38 @@ impl Metrics {
         InFlight(self)
     }
 
-    /// `name` is a model of the repository: requests may name it.
-    pub fn know_model(&self, name: &str) {
+    /// `name` is a model of the repository serving `versions`: requests may name it.
+    pub fn know_model(&self, name: &str, versions: impl IntoIterator<Item = u64>) {
+        let versions = versions.into_iter().map(|v| v.to_string()).collect();
         self.known
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .models
-            .insert(name.to_string());
+            .insert(name.to_string(), versions);
     }
 
-    /// `name` is a configured endpoint, whose flags plugins declared these flags and their
-    /// variants: requests may name it, and its flag evaluations count under them. The
-    /// series of flags and flag variants it no longer declares go.
+    /// `name` is a configured endpoint of these `variants`, whose flags plugins declared
+    /// these flags and their variants: requests may name it, and its flag evaluations
+    /// count under them. The series of flags and flag variants it no longer declares go.
     pub fn know_endpoint<'a>(
         &self,
         name: &str,
+        variants: impl IntoIterator<Item = &'a str>,
         flags: impl IntoIterator<Item = (&'a str, &'a [String])>,
     ) {
-        let declared: Flags = flags
-            .into_iter()
-            .map(|(flag, variants)| (flag.to_string(), variants.iter().cloned().collect()))
-            .collect();
+        let declared = Declared {
+            variants: variants.into_iter().map(str::to_string).collect(),
+            flags: flags
+                .into_iter()
+                .map(|(flag, variants)| (flag.to_string(), variants.iter().cloned().collect()))
+                .collect(),
+        };
         let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
-        for (flag, variant) in known.endpoints.get(name).into_iter().flat_map(flag_series) {
+        let before = known.endpoints.get(name).map(|d| &d.flags);
+        for (flag, variant) in before.into_iter().flat_map(flag_series) {
             let kept = (flag, variant) == ("other", "other")
                 || declared
+                    .flags
                     .get(flag)
                     .is_some_and(|v| variant == "other" || v.contains(variant));
             if !kept {
@@ -591,13 +644,21 @@ impl Metrics {
         known.endpoints.insert(name.to_string(), declared);
     }
 
-    /// A model version stopped serving: its series go. (A request that was running on it
-    /// may bring one back; it goes when the same version goes again.)
+    /// A model version stopped serving: its series go.
     pub fn forget_version(&self, model: &str, version: u64) {
         let labels = ModelLabels {
             model: model.to_string(),
             version: version.to_string(),
         };
+        if let Some(versions) = self
+            .known
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .models
+            .get_mut(model)
+        {
+            versions.remove(&labels.version);
+        }
         self.inference_seconds.remove(&labels);
         self.batch_sizes.remove(&labels);
         for family in [
@@ -637,8 +698,8 @@ impl Metrics {
     pub fn forget_endpoint<'a>(&self, endpoint: &str, variants: impl Iterator<Item = &'a str>) {
         let (flags, model) = {
             let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
-            let flags = known.endpoints.remove(endpoint).unwrap_or_default();
-            (flags, known.models.contains(endpoint))
+            let declared = known.endpoints.remove(endpoint).unwrap_or_default();
+            (declared.flags, known.models.contains_key(endpoint))
         };
         for (flag, variant) in flag_series(&flags) {
             self.flag_evaluations.remove(&FlagLabels {
@@ -657,6 +718,15 @@ impl Metrics {
 
     /// A variant left its endpoint (or the endpoint left): its series go.
     pub fn forget_variant(&self, endpoint: &str, variant: &str) {
+        if let Some(declared) = self
+            .known
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .endpoints
+            .get_mut(endpoint)
+        {
+            declared.variants.remove(variant);
+        }
         for reason in VariantFailure::ALL {
             self.variant_failures.remove(&VariantFailureLabels {
                 endpoint: endpoint.to_string(),
@@ -702,20 +772,11 @@ impl Metrics {
     }
 
     /// Counts one answered inference request. A name that is neither an endpoint nor a
-    /// model is counted as `unknown`, with no variant, model or version.
-    pub fn answered(&self, mut labels: RequestLabels, took: Duration) {
-        let known = {
-            let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
-            known.endpoints.contains_key(&labels.endpoint)
-                || known.models.contains(&labels.endpoint)
-        };
-        if !known {
-            labels = RequestLabels {
-                endpoint: "unknown".to_string(),
-                status: labels.status,
-                ..RequestLabels::default()
-            };
-        }
+    /// model is counted as `unknown`, with no variant, model or version; a variant or
+    /// version that no longer serves, as empty.
+    pub fn answered(&self, labels: RequestLabels, took: Duration) {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        let labels = known.request_labels(labels);
         self.request_seconds
             .get_or_create(&EndpointLabel {
                 endpoint: labels.endpoint.clone(),
@@ -732,6 +793,7 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(labels);
+        drop(known);
     }
 
     /// The queue-time series of an endpoint (or of a model called by name).
@@ -757,7 +819,12 @@ impl Metrics {
         )
     }
 
+    /// Counts a failure charged to a variant that serves (one gone since is no one's).
     pub fn variant_failed(&self, endpoint: &str, variant: &str, reason: VariantFailure) {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        if !known.variant(endpoint, variant) {
+            return;
+        }
         self.variant_failures
             .get_or_create(&VariantFailureLabels {
                 endpoint: endpoint.to_string(),
@@ -824,6 +891,10 @@ impl Metrics {
     }
 
     pub fn shadow_compared(&self, endpoint: &str, variant: &str, result: ShadowOutcome) {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        if !known.variant(endpoint, variant) {
+            return;
+        }
         self.shadow_comparisons
             .get_or_create(&ComparisonLabels {
                 endpoint: endpoint.to_string(),
@@ -834,6 +905,10 @@ impl Metrics {
     }
 
     pub fn shadow_dropped(&self, endpoint: &str, variant: &str) {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        if !known.variant(endpoint, variant) {
+            return;
+        }
         self.shadow_dropped
             .get_or_create(&ShadowLabels {
                 endpoint: endpoint.to_string(),
@@ -843,19 +918,17 @@ impl Metrics {
     }
 
     /// Counts a flag evaluation under the flag and variant its plugin declared; an
-    /// undeclared variant counts as `other`, and so does an undeclared flag.
+    /// undeclared variant counts as `other`, and so does an undeclared flag. An endpoint
+    /// gone since counts nothing.
     pub fn flag_evaluated(&self, endpoint: &str, flag: &str, variant: &str) {
-        let (flag, variant) = {
-            let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
-            match known
-                .endpoints
-                .get(endpoint)
-                .and_then(|flags| flags.get(flag))
-            {
-                Some(variants) if variants.contains(variant) => (flag, variant),
-                Some(_) => (flag, "other"),
-                None => ("other", "other"),
-            }
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(declared) = known.endpoints.get(endpoint) else {
+            return;
+        };
+        let (flag, variant) = match declared.flags.get(flag) {
+            Some(variants) if variants.contains(variant) => (flag, variant),
+            Some(_) => (flag, "other"),
+            None => ("other", "other"),
         };
         self.flag_evaluations
             .get_or_create(&FlagLabels {
@@ -943,9 +1016,9 @@ mod tests {
     fn the_series_of_what_is_gone_go_with_it() {
         let metrics = Metrics::default();
         let baseline = series(&metrics).len();
-        metrics.know_model("iris");
+        metrics.know_model("iris", [2, 3]);
         let on = ["on".to_string()];
-        metrics.know_endpoint("ab", [("f", &on[..])]);
+        metrics.know_endpoint("ab", ["a", "b"], [("f", &on[..])]);
         let took = Duration::from_millis(1);
         for version in [2, 3] {
             metrics.scheduling_meters("iris", version);
@@ -966,15 +1039,21 @@ mod tests {
         metrics.forget_version("iris", 3);
         assert!(!has("version=\"3\""));
         assert!(has("version=\"2\""));
+        // A request that was running on it as it went does not bring its series back.
+        metrics.answered(request("iris", "", "3"), took);
+        assert!(!has("version=\"3\""));
 
         // A flag the endpoint no longer declares.
-        metrics.know_endpoint("ab", []);
+        metrics.know_endpoint("ab", ["a", "b"], []);
         assert!(!has("flag=\"f\""));
         assert!(has("flag=\"other\""));
 
         metrics.forget_variant("ab", "b");
         assert!(!has("variant=\"b\""));
         assert!(has("variant=\"a\""));
+        metrics.answered(request("ab", "b", "2"), took);
+        metrics.variant_failed("ab", "b", VariantFailure::Error);
+        assert!(!has("variant=\"b\""));
 
         metrics.forget_endpoint("ab", ["a"].into_iter());
         assert!(!has("endpoint=\"ab\""));
