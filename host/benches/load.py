@@ -40,12 +40,13 @@ def wait_ready(url, proc, timeout=60):
 
 
 @contextlib.contextmanager
-def modelyard(config, rust_log, models=None, binary=ROOT / "target/release/modelyard"):
-    """A modelyard server on port 18080 with `config` (and `models`, when given), ready;
-    stopped on leaving. The other benchmark scripts start theirs with it too."""
+def modelyard(config, rust_log, models=None, binary=ROOT / "target/release/modelyard", log=subprocess.DEVNULL):
+    """A modelyard server on port 18080 with `config` (and `models`, when given), its log
+    going to `log`, ready; stopped on leaving. The other benchmark scripts and the soak
+    (tests/soak) start theirs with it too."""
     extra = ["--models", models] if models else []
     proc = subprocess.Popen([binary, "serve", "--listen", "127.0.0.1:18080",
-                             "--config", config, *extra], stderr=subprocess.DEVNULL,
+                             "--config", config, *extra], stderr=log,
                             env=dict(os.environ, RUST_LOG=rust_log))
     base = "http://127.0.0.1:18080"
     try:

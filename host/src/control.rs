@@ -2,10 +2,16 @@
 //! runs. On any change it rescans the plugins, rereads the configuration and rebuilds the
 //! endpoint set off the request path, then swaps it in whole. A file that fails any step
 //! is refused, logged, shown in the admin API, and what served before keeps serving.
+//!
+//! Only the files the server reads wake it: the configuration file, the `config_file`s it
+//! names, and the plugin directory's components (and their `.sig` files). Anything else
+//! written beside them — a log file, the server's own database — is not an edit: a refresh
+//! that logs would otherwise wake the next one, for ever.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use notify::RecursiveMode;
@@ -42,6 +48,9 @@ struct Control {
     /// refresh: what a flag flip is told by. `None` before the first refresh, whose flags
     /// are the starting point, not flips.
     flags: Option<BTreeMap<(String, String), String>>,
+    /// The files whose changes wake a refresh besides the plugin components (see
+    /// [`Followed`]); the configuration may name new ones, so each refresh updates them.
+    followed: Arc<Mutex<Followed>>,
 }
 
 impl Control {
@@ -113,7 +122,79 @@ impl Control {
         }
         self.flags = Some(flags);
         self.pipeline.set_plugins(self.library.clone(), endpoints);
+        self.followed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .files = followed_files(self.config_file.as_deref(), &self.endpoints);
     }
+}
+
+/// What the watch reacts to: the plugin directory's components and signatures, and these
+/// files (as the watch reports them: in canonical directories).
+struct Followed {
+    plugin_dir: PathBuf,
+    files: BTreeSet<PathBuf>,
+}
+
+impl Followed {
+    fn wakes(&self, path: &Path) -> bool {
+        let plugin = path.parent() == Some(self.plugin_dir.as_path())
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".wasm") || n.ends_with(".wasm.sig"));
+        plugin || self.files.contains(path)
+    }
+}
+
+/// `path` with its directory made canonical, the way the watch (which watches canonical
+/// directories) reports it; as given when the directory cannot be resolved.
+fn canonical(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match (dir.canonicalize(), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// The paths whose changes change `file`: the file, and, when it is a symbolic link into
+/// its own directory, the first entry its link goes through — Kubernetes swaps a mounted
+/// ConfigMap by renaming its `..data` link, never touching the file's own name.
+fn followed_paths(file: &Path) -> Vec<PathBuf> {
+    let file = canonical(file);
+    let mut paths = vec![file.clone()];
+    if let (Ok(target), Some(dir)) = (std::fs::read_link(&file), file.parent())
+        && target.is_relative()
+        && let Some(std::path::Component::Normal(first)) = target.components().next()
+    {
+        paths.push(dir.join(first));
+    }
+    paths
+}
+
+/// The configuration file and every `config_file` the endpoints name, as followed.
+fn followed_files(
+    config_file: Option<&Path>,
+    endpoints: &BTreeMap<String, EndpointConfig>,
+) -> BTreeSet<PathBuf> {
+    config_file
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(config_files(endpoints))
+        .flat_map(|f| followed_paths(&f))
+        .collect()
+}
+
+/// Every `config_file` the endpoints name.
+fn config_files(endpoints: &BTreeMap<String, EndpointConfig>) -> Vec<PathBuf> {
+    endpoints
+        .values()
+        .flat_map(|e| e.router.iter().chain(&e.processors).chain(&e.flags))
+        .filter_map(|p| p.config_file.clone())
+        .collect()
 }
 
 /// The endpoints added, removed or edited between two configurations, and which.
@@ -168,6 +249,8 @@ pub async fn start(
         call_deadline: Duration::from_millis(config.plugins.call_deadline_ms),
         wall_limit: Duration::from_millis(config.plugins.call_wall_limit_ms),
         memory_bytes: config.plugins.memory_limit_mib.saturating_mul(1024 * 1024),
+        // Plugins run on an inference slot: no more calls than slots run at once.
+        idle_instances: config.inference_threads(),
     };
     let cache_dir = config
         .plugins
@@ -175,41 +258,33 @@ pub async fn start(
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("modelyard-cache"));
     let engine = PluginEngine::new(limits, Some(cache_dir), config.plugins.pooling_allocator)?;
-    let mut watched = vec![(plugin_dir.as_path(), RecursiveMode::NonRecursive)];
-    let config_dir = config_file.as_ref().and_then(|f| f.parent()).map(|d| {
-        if d.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            d.to_path_buf()
-        }
-    });
-    if let Some(dir) = &config_dir {
-        watched.push((dir.as_path(), RecursiveMode::NonRecursive));
-    }
-    // Plugin configuration files (flag files) are followed where they lie at start.
-    let file_dirs: std::collections::BTreeSet<PathBuf> = config
-        .endpoints
-        .values()
-        .flat_map(|e| e.router.iter().chain(&e.processors).chain(&e.flags))
-        .filter_map(|p| Some(p.config_file.as_ref()?.parent()?.to_path_buf()))
-        .filter(|d| d.is_dir() && *d != plugin_dir && Some(d) != config_dir.as_ref())
+    // Directories as the watch reports its events' paths: canonical, so that they compare
+    // equal to the followed files'.
+    let plugin_dir = plugin_dir.canonicalize().unwrap_or(plugin_dir);
+    // The configuration's directory, the plugin directory, and those of the `config_file`s
+    // named at start: a `config_file` named later is followed in these only.
+    let dirs: BTreeSet<PathBuf> = config_file
+        .iter()
+        .cloned()
+        .chain(config_files(&config.endpoints))
+        .filter_map(|f| canonical(&f).parent().map(Path::to_path_buf))
+        .filter(|d| d.is_dir())
+        .chain([plugin_dir.clone()])
         .collect();
-    watched.extend(
-        file_dirs
-            .iter()
-            .map(|d| (d.as_path(), RecursiveMode::NonRecursive)),
-    );
-    // The server's own database (and its -wal, -shm, -journal files) may share a watched
-    // directory; its writes are not edits.
-    let database = config
-        .monitoring
-        .database
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| !n.is_empty());
+    let watched: Vec<_> = dirs
+        .iter()
+        .map(|d| (d.as_path(), RecursiveMode::NonRecursive))
+        .collect();
+    let followed = Arc::new(Mutex::new(Followed {
+        plugin_dir: plugin_dir.clone(),
+        files: followed_files(config_file.as_deref(), &config.endpoints),
+    }));
+    let wakes = followed.clone();
     let watch = Watch::new(&watched, move |path| {
-        let name = path.file_name().map(|n| n.to_string_lossy());
-        !matches!((&database, name), (Some(db), Some(name)) if name.starts_with(db.as_str()))
+        wakes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .wakes(path)
     })?;
     let mut control = Some(Control {
         engine,
@@ -220,30 +295,61 @@ pub async fn start(
         pipeline,
         telemetry,
         flags: None,
+        followed,
     });
-    control = refresh(control).await;
+    control = refresh(control, Control::refresh).await;
     Ok(tokio::spawn(async move {
         loop {
             watch.changed().await;
-            control = refresh(control).await;
+            control = refresh(control, Control::refresh).await;
         }
     }))
 }
 
-async fn refresh(control: Option<Control>) -> Option<Control> {
+/// One refresh (`step`: [`Control::refresh`]), off the reactor. A refresh that panics
+/// leaves the control as it was (whatever it had applied stays, what serves keeps
+/// serving) and the next change refreshes again: one bad file must not end hot reloading.
+async fn refresh(control: Option<Control>, step: fn(&mut Control)) -> Option<Control> {
     let mut control = control?;
+    if let Some(metrics) = control.telemetry.metrics() {
+        metrics.config_refreshed();
+    }
     let done = tokio::task::spawn_blocking(move || {
-        control.refresh();
+        let telemetry = control.telemetry.clone();
+        let subject = match &control.config_file {
+            Some(file) => file.display().to_string(),
+            None => control.plugin_dir.display().to_string(),
+        };
+        guarded(&telemetry, &subject, || step(&mut control));
         control
     })
     .await;
     match done {
         Ok(control) => Some(control),
+        // Only if the blocking pool itself failed to run it (the runtime shutting down).
         Err(error) => {
-            tracing::error!(%error, "plugin reload crashed; plugins and endpoints stay as they are from now on");
+            tracing::error!(%error, "the configuration reload could not run; plugins and endpoints stay as they are from now on");
             None
         }
     }
+}
+
+/// Runs `step`; a panic in it is logged and audited (`reload.crashed`, with its message)
+/// instead of unwinding further.
+fn guarded(telemetry: &Telemetry, subject: &str, step: impl FnOnce()) {
+    let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(step)) else {
+        return;
+    };
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|m| m.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string());
+    tracing::error!(panic = %message, "the configuration reload crashed; what served before keeps serving, and the next change reloads again");
+    telemetry.audit(Change {
+        detail: Some(message),
+        ..Change::new("reload.crashed", "host", subject)
+    });
 }
 
 #[cfg(test)]
@@ -263,6 +369,16 @@ mod tests {
 
     const AB: &str =
         "[plugins]\ndir = \"plugins\"\n[endpoints.ab]\nvariants = { a = \"iris@1\" }\n";
+
+    /// The control-plane refreshes counted so far.
+    fn refreshes(telemetry: &Telemetry) -> u64 {
+        let text = telemetry.metrics().unwrap().encode().unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("modelyard_config_refreshes_total "))
+            .unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
 
     /// Waits for `done` for up to 20 s.
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
@@ -346,5 +462,120 @@ mod tests {
             .collect();
         assert!(kinds.contains(&"endpoint.refused".to_string()), "{kinds:?}");
         control.abort();
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_the_server_does_not_read_wake_no_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("modelyard.toml");
+        // A refused endpoint: every refresh logs its error, which must not wake another.
+        let broken =
+            "[endpoints.broken]\nvariants = { a = \"iris\" }\nrouter = { plugin = \"nope\" }\n";
+        write(&file, &format!("{AB}{broken}"));
+        let config = Config::load(&file).unwrap();
+        let monitoring = MonitoringConfig {
+            database: dir.path().join("modelyard.db"),
+            ..MonitoringConfig::default()
+        };
+        let telemetry = Telemetry::start(&monitoring, true).unwrap();
+        let repository = Arc::new(ModelRepository::new(sample_models(), telemetry.clone()));
+        let pipeline = pipeline(repository, telemetry.clone());
+        let control = start(
+            &config,
+            Some(file.clone()),
+            pipeline.clone(),
+            telemetry.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(refreshes(&telemetry), 1);
+
+        // A log beside the configuration and a note among the plugins, written to for 2 s.
+        let log = dir.path().join("server.log");
+        let note = dir.path().join("plugins/README.txt");
+        for line in 0..100 {
+            for path in [&log, &note] {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap();
+                writeln!(f, "line {line}").unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Longer than the watch's settling time.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(refreshes(&telemetry), 1);
+
+        write(
+            &file,
+            &format!("{AB}{broken}[endpoints.cd]\nvariants = {{ c = \"iris@2\" }}\n"),
+        );
+        until("the edit applied", || {
+            pipeline.endpoints().endpoints.contains_key("cd")
+        })
+        .await;
+        assert!(refreshes(&telemetry) >= 2);
+        control.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refresh_that_panics_does_not_end_reloading() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("modelyard.toml");
+        write(&file, AB);
+        let monitoring = MonitoringConfig {
+            database: dir.path().join("modelyard.db"),
+            ..MonitoringConfig::default()
+        };
+        let telemetry = Telemetry::start(&monitoring, true).unwrap();
+        let repository = Arc::new(ModelRepository::new(sample_models(), telemetry.clone()));
+        let pipeline = pipeline(repository, telemetry.clone());
+        let plugin_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugin_dir).unwrap();
+        let control = Some(Control {
+            engine: PluginEngine::new(Limits::default(), None, false).unwrap(),
+            plugin_dir: plugin_dir.clone(),
+            config_file: Some(file.clone()),
+            endpoints: BTreeMap::new(),
+            library: Library::default(),
+            pipeline: pipeline.clone(),
+            telemetry: telemetry.clone(),
+            flags: None,
+            followed: Arc::new(Mutex::new(Followed {
+                plugin_dir,
+                files: BTreeSet::new(),
+            })),
+        });
+        let control = refresh(control, Control::refresh).await;
+        assert!(pipeline.endpoints().endpoints.contains_key("ab"));
+
+        write(
+            &file,
+            &format!("{AB}[endpoints.cd]\nvariants = {{ c = \"iris@2\" }}\n"),
+        );
+        let control = refresh(control, |_| panic!("a bug in the reload")).await;
+        assert!(control.is_some(), "the control is kept");
+        // What served keeps serving; the crash is audited with its message.
+        assert!(!pipeline.endpoints().endpoints.contains_key("cd"));
+        assert!(pipeline.endpoints().endpoints.contains_key("ab"));
+        let query = Query {
+            kind: Some("reload.crashed".to_string()),
+            limit: 10,
+            ..Query::default()
+        };
+        let crashed = telemetry.changes(&query).unwrap().items;
+        assert_eq!(crashed.len(), 1);
+        assert_eq!(
+            crashed[0].change.detail.as_deref(),
+            Some("a bug in the reload")
+        );
+
+        // The next change reloads again.
+        let control = refresh(control, Control::refresh).await;
+        assert!(control.is_some());
+        assert!(pipeline.endpoints().endpoints.contains_key("cd"));
+        assert_eq!(refreshes(&telemetry), 3);
     }
 }

@@ -246,7 +246,34 @@ impl Build<'_> {
                 }
             }
         }
+        self.forget_gone(&set);
         set
+    }
+
+    /// Endpoints and variants that no longer serve take their statistics and metric
+    /// series with them: a server that swaps endpoints for months must not grow.
+    fn forget_gone(&self, set: &EndpointSet) {
+        let serves = |endpoint: &str, variant: &str| {
+            set.endpoints
+                .get(endpoint)
+                .is_some_and(|e| e.variants.iter().any(|v| v.name == variant))
+        };
+        self.stats.keep_only(serves);
+        let Some(metrics) = self.telemetry.metrics() else {
+            return;
+        };
+        for (name, before) in &self.previous.endpoints {
+            let gone = before
+                .variants
+                .iter()
+                .map(|v| v.name.as_str())
+                .filter(|v| !serves(name, v));
+            if set.endpoints.contains_key(name) {
+                gone.for_each(|variant| metrics.forget_variant(name, variant));
+            } else {
+                metrics.forget_endpoint(name, gone);
+            }
+        }
     }
 
     fn endpoint(
@@ -341,7 +368,11 @@ impl Build<'_> {
         let flag_definitions = flag_definitions(name, &flags);
         if let Some(metrics) = self.telemetry.metrics() {
             let declared = flag_definitions.iter();
-            metrics.know_endpoint(name, declared.map(|(k, f)| (k.as_str(), &f.variants[..])));
+            metrics.know_endpoint(
+                name,
+                variants.iter().map(|v| v.name.as_str()),
+                declared.map(|(k, f)| (k.as_str(), &f.variants[..])),
+            );
         }
         // The router's state belongs to this router, these settings and these variants: it
         // carries over while they stay, and so does what the database keeps of it. A state

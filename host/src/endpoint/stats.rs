@@ -2,7 +2,8 @@
 //! whole-life histogram, and the latencies of the most recent successful answers for
 //! judges of distributions over a window); and what each variant did as a shadow (its own
 //! runs, copies dropped, agreement with the primary). They live outside the endpoint set, keyed by
-//! endpoint and variant, so a plugin swap or a configuration edit loses none of them.
+//! endpoint and variant, so a plugin swap or a configuration edit loses none of them; an
+//! endpoint or variant that leaves the configuration takes its counters with it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -250,6 +251,12 @@ fn entry<T: Default>(map: &ByVariant<T>, endpoint: &str, variant: &str) -> Arc<T
         .clone()
 }
 
+fn keep_only<T>(map: &ByVariant<T>, serves: impl Fn(&str, &str) -> bool) {
+    map.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|(endpoint, variant), _| serves(endpoint, variant));
+}
+
 impl StatsBook {
     pub fn variant(&self, endpoint: &str, variant: &str) -> Arc<VariantCounters> {
         entry(&self.variants, endpoint, variant)
@@ -258,6 +265,13 @@ impl StatsBook {
     /// What the variant did as a shadow of `endpoint`'s answers.
     pub fn shadow(&self, endpoint: &str, variant: &str) -> Arc<ShadowCounters> {
         entry(&self.shadows, endpoint, variant)
+    }
+
+    /// Forgets every variant `serves` says no longer serves (a request still running on
+    /// one keeps its counters until it ends; they are no one's any more).
+    pub fn keep_only(&self, serves: impl Fn(&str, &str) -> bool) {
+        keep_only(&self.variants, &serves);
+        keep_only(&self.shadows, &serves);
     }
 }
 
@@ -280,6 +294,22 @@ mod tests {
         );
         assert!(again.latency_p99_us >= 98_000, "{again:?}");
         assert_eq!(book.variant("iris", "b").snapshot().requests, 0);
+    }
+
+    #[test]
+    fn variants_no_longer_served_are_forgotten() {
+        let book = StatsBook::default();
+        for (endpoint, variant) in [("ab", "a"), ("ab", "b"), ("gone", "a")] {
+            book.variant(endpoint, variant)
+                .record(Duration::from_millis(1), false);
+            book.shadow(endpoint, variant).dropped();
+        }
+        book.keep_only(|endpoint, variant| (endpoint, variant) == ("ab", "a"));
+        assert_eq!(book.variants.lock().unwrap().len(), 1);
+        assert_eq!(book.shadows.lock().unwrap().len(), 1);
+        assert_eq!(book.variant("ab", "a").snapshot().requests, 1);
+        // One that comes back starts afresh.
+        assert_eq!(book.variant("gone", "a").snapshot().requests, 0);
     }
 
     #[test]

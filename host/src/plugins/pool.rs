@@ -93,11 +93,14 @@ impl<W: World> Pool<W> {
         Ok(Live { store, bindings })
     }
 
+    /// Keeps `live` for a later call, unless as many instances as may ever be needed at
+    /// once are idle already: then it is dropped (after the lock), so a burst's instances
+    /// do not hold their memory for good.
     fn give_back(&self, live: Live<W>) {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(live);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.limits.idle_instances.max(1) {
+            idle.push(live);
+        }
     }
 
     /// Calls that failed since this binding was made: traps, deadlines, out-of-memory,
@@ -385,6 +388,7 @@ mod tests {
             call_deadline: Duration::from_millis(20),
             wall_limit: Duration::from_secs(5),
             memory_bytes: 1 << 20,
+            idle_instances: 2,
         };
         Pool::new(
             "probe".into(),
@@ -419,6 +423,19 @@ mod tests {
         assert_eq!(run(&pool, 0).unwrap(), 3);
         assert_eq!(pool.failures(), 0);
         assert!(pool.last_failure().is_none());
+    }
+
+    #[test]
+    fn a_burst_leaves_no_more_idle_instances_than_the_limit() {
+        let pool = probe("0").unwrap();
+        // Five calls at once: five instances, all answering, coming back.
+        let burst: Vec<_> = (0..5).map(|_| pool.fresh().unwrap()).collect();
+        for live in burst {
+            pool.give_back(live);
+        }
+        assert_eq!(pool.idle.lock().unwrap().len(), 2);
+        assert_eq!(run(&pool, 0).unwrap(), 1);
+        assert_eq!(pool.idle.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Limits {
     pub wall_limit: Duration,
     /// Linear memory one instance may grow to.
     pub memory_bytes: usize,
+    /// Idle instances one configured plugin keeps for the next calls, at most: as many as
+    /// calls can run at once. A burst's extra instances are dropped as they come back.
+    pub idle_instances: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +41,7 @@ impl Default for Limits {
             call_deadline: Duration::from_millis(10),
             wall_limit: Duration::from_secs(1),
             memory_bytes: 64 * 1024 * 1024,
+            idle_instances: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! What one rescan changed, for the audit trail and the load metrics: versions loaded,
-//! replaced, refused and unloaded, and `model.toml` files refused.
+//! What one rescan changed, for the audit trail and the metrics: versions loaded,
+//! replaced, refused and unloaded (their series removed), models gone, and `model.toml`
+//! files refused.
 
 use std::sync::Arc;
 
@@ -90,12 +91,20 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot, telemetry: &Telemetry
                 .is_some_and(|e| e.loaded.is_some());
             if let Some(gone) = entry.loaded.as_ref().filter(|_| !still) {
                 forget_drift(telemetry, gone);
+                if let Some(metrics) = telemetry.metrics() {
+                    metrics.forget_version(name, *version);
+                }
                 count(telemetry, name, Load::Unloaded);
                 telemetry.audit(Change {
                     from: Some(format!("version {version}")),
                     ..Change::new("model.unloaded", "file", name.as_str())
                 });
             }
+        }
+        if !next.models.contains_key(name)
+            && let Some(metrics) = telemetry.metrics()
+        {
+            metrics.forget_model(name);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The live repository: the current snapshot, swapped whole after each rescan, and the
-//! watch on the model directory that triggers rescans. Events only say "look again": each
+//! watch on the model directory that triggers rescans (for the files a scan reads only: a
+//! log file written into the directory must not rescan it). Events only say "look again": each
 //! burst of them (debounced) triggers a rescan of the whole directory, so a missed, merged
 //! or reordered event cannot leave the repository out of date.
 
@@ -72,7 +73,10 @@ impl ModelRepository {
             Ok(next) => {
                 changes::report(&self.current.load(), &next, &self.telemetry);
                 if let Some(metrics) = self.telemetry.metrics() {
-                    next.models.keys().for_each(|name| metrics.know_model(name));
+                    for (name, model) in &next.models {
+                        let serving = model.versions.iter().filter(|(_, e)| e.loaded.is_some());
+                        metrics.know_model(name, serving.map(|(v, _)| *v));
+                    }
                 }
                 self.current.store(Arc::new(next));
                 self.ready.store(true, Ordering::Release);
@@ -89,7 +93,10 @@ impl ModelRepository {
         if !self.dir.is_dir() {
             return Err(RepositoryError::Missing(self.dir.clone()));
         }
-        let watch = Watch::new(&[(&self.dir, RecursiveMode::Recursive)], |_| true)?;
+        let dir = self.dir.clone();
+        let watch = Watch::new(&[(&self.dir, RecursiveMode::Recursive)], move |path| {
+            scan::is_followed(&dir, path)
+        })?;
         let repository = self.clone();
         Ok(tokio::spawn(async move {
             repository.rescan().await;

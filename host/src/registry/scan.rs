@@ -37,6 +37,27 @@ fn subdirectories(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
         .collect()
 }
 
+/// Whether a change to `path`, under the model directory `dir`, can change what a scan
+/// finds: a model's directory, its `model.toml`, a version's directory or the files in it
+/// a scan reads. A path outside `dir` (as the watch reports it) counts, to be safe.
+pub(super) fn is_followed(dir: &Path, path: &Path) -> bool {
+    let Ok(inside) = path.strip_prefix(dir) else {
+        return true;
+    };
+    let parts: Vec<&str> = inside.iter().filter_map(|p| p.to_str()).collect();
+    let version = |v: &str| v.parse::<u64>().is_ok();
+    match parts[..] {
+        [] => true,
+        // A file beside the models is none; a directory, or one just removed, may be.
+        [model] => !is_ignored(model) && !path.is_file(),
+        [model, file] => !is_ignored(model) && (file == CONFIG_FILE || version(file)),
+        [model, v, file] => {
+            !is_ignored(model) && version(v) && (file == MODEL_FILE || file == REFERENCE_FILE)
+        }
+        _ => false,
+    }
+}
+
 pub(super) fn scan(dir: &Path, previous: &Snapshot, telemetry: &Telemetry) -> Snapshot {
     let models = subdirectories(dir)
         .into_iter()
@@ -289,6 +310,36 @@ mod tests {
             "{refused}"
         );
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn only_what_a_scan_reads_wakes_a_rescan() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("iris/1")).unwrap();
+        let log = dir.path().join("server.log");
+        fs::write(&log, "a line\n").unwrap();
+        let followed = |p: &str| is_followed(dir.path(), &dir.path().join(p));
+        for path in [
+            "iris",
+            "gone",
+            "iris/model.toml",
+            "iris/1",
+            "iris/1/model.onnx",
+            "iris/1/reference.json",
+        ] {
+            assert!(followed(path), "{path}");
+        }
+        for path in [
+            "server.log",
+            ".hidden",
+            "iris/notes.md",
+            "iris/1/notes.md",
+            "iris/latest/model.onnx",
+            ".iris/1/model.onnx",
+            "iris/1/deep/model.onnx",
+        ] {
+            assert!(!followed(path), "{path}");
+        }
     }
 
     #[test]

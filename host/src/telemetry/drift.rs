@@ -346,13 +346,9 @@ fn psi(quantiles: &[f64], sorted: &[f64]) -> f64 {
     sum
 }
 
-/// Evaluates one version's monitor, updates its metrics, and logs and audits the flips.
-pub fn judge(
-    telemetry: &Telemetry,
-    model: &str,
-    version: u64,
-    monitor: &DriftMonitor,
-) -> Vec<FeatureDrift> {
+/// Evaluates one version's monitor, updates its metrics, and logs and audits the flips:
+/// the drift timer's work alone (readers see [`DriftMonitor::last`]).
+pub fn judge(telemetry: &Telemetry, model: &str, version: u64, monitor: &DriftMonitor) {
     let (figures, flips) = monitor.evaluate();
     if let Some(metrics) = telemetry.metrics() {
         for f in figures.iter().filter(|f| f.ks.is_some()) {
@@ -389,7 +385,6 @@ pub fn judge(
             ..Change::new(kind, "host", model)
         });
     }
-    figures
 }
 
 #[cfg(test)]

@@ -2,11 +2,13 @@
 //! label value comes from the configuration, the model repository, the plugin directory or
 //! a small fixed set (status, outcome, reason), never from a request as sent, so the
 //! number of series stays bounded whatever clients send: the values a request or a plugin
-//! brings are checked here against the names the host declared (`know_*`).
+//! brings are checked here against the names the host declared (`know_*`). The series of
+//! a model version, model, endpoint or variant that is gone are removed (`forget_*`), so
+//! that swapping them for as long as the server runs does not grow the scrape.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -160,6 +162,13 @@ pub enum VariantFailure {
 }
 
 impl VariantFailure {
+    const ALL: [VariantFailure; 4] = [
+        VariantFailure::Error,
+        VariantFailure::Crash,
+        VariantFailure::Timeout,
+        VariantFailure::Refused,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             VariantFailure::Error => "error",
@@ -211,6 +220,25 @@ pub enum ShadowOutcome {
     Failed,
 }
 
+impl ShadowOutcome {
+    const ALL: [ShadowOutcome; 3] = [
+        ShadowOutcome::Agreed,
+        ShadowOutcome::Disagreed,
+        ShadowOutcome::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ShadowOutcome::Agreed => "agreed",
+            ShadowOutcome::Disagreed => "disagreed",
+            ShadowOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// A model's queue rejection reasons, as the `reason` label says them.
+const REJECTIONS: [&str; 3] = ["queue_full", "timeout", "in_flight_limit"];
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -238,19 +266,84 @@ pub struct Metrics {
     drifted: Family<FeatureLabels, Gauge>,
     request_log_dropped: Counter,
     turned_away: Family<OverloadLabels, Counter>,
+    config_refreshes: Counter,
     known: RwLock<Known>,
+    /// The label sets `requests` has: the one family whose labels cannot be derived from
+    /// what the host knows (any HTTP status), kept so that a gone model's or endpoint's
+    /// series can be found (the family cannot be listed).
+    request_series: Mutex<HashSet<RequestLabels>>,
 }
 
 /// The label values a request or a plugin may bring that the metrics accept: the names of
-/// endpoints and models that exist (or did), and the flags and flag variants the flags
-/// plugins declared. Anything else is counted under one shared value, so clients cannot
-/// grow the number of series.
+/// endpoints, variants, models and versions that serve, and the flags and flag variants
+/// the flags plugins declared. Anything else is counted under one shared value, so clients
+/// cannot grow the number of series, and nothing brings back the series of what is gone.
+///
+/// Series are made while this is read-locked, and `forget_*` write-lock it to take a name
+/// out before removing its series: a request that was running on a version or variant as
+/// it went cannot make its series again after the removal.
 #[derive(Default)]
 struct Known {
-    names: HashSet<String>,
-    /// Endpoint → flag → the flag's declared variants: nested, so that a lookup on the
-    /// request path borrows the names it is given rather than building a key.
-    flags: HashMap<String, HashMap<String, HashSet<String>>>,
+    /// Model → its serving versions, as label values.
+    models: HashMap<String, HashSet<String>>,
+    endpoints: HashMap<String, Declared>,
+}
+
+/// What an endpoint declared: its variants, and flag → the flag's declared variants
+/// (nested, so that a lookup on the request path borrows the names it is given rather than
+/// building a key).
+#[derive(Default)]
+struct Declared {
+    variants: HashSet<String>,
+    flags: Flags,
+}
+
+type Flags = HashMap<String, HashSet<String>>;
+
+impl Known {
+    fn variant(&self, endpoint: &str, variant: &str) -> bool {
+        self.endpoints
+            .get(endpoint)
+            .is_some_and(|d| d.variants.contains(variant))
+    }
+
+    /// The labels a request counts under: a name that is neither an endpoint nor a model
+    /// as `unknown` with nothing else, and a variant or version that no longer serves as
+    /// empty.
+    fn request_labels(&self, mut labels: RequestLabels) -> RequestLabels {
+        let endpoint = self.endpoints.get(&labels.endpoint);
+        if endpoint.is_none() && !self.models.contains_key(&labels.endpoint) {
+            return RequestLabels {
+                endpoint: "unknown".to_string(),
+                status: labels.status,
+                ..RequestLabels::default()
+            };
+        }
+        if !endpoint.is_some_and(|d| d.variants.contains(&labels.variant)) {
+            labels.variant.clear();
+        }
+        match self.models.get(&labels.model) {
+            Some(versions) if versions.contains(&labels.version) => {}
+            Some(_) => labels.version.clear(),
+            None => {
+                labels.model.clear();
+                labels.version.clear();
+            }
+        }
+        labels
+    }
+}
+
+/// The `(flag, variant)` label pairs an endpoint's flags count under: each declared
+/// variant and `other` per flag, and `other` for undeclared flags.
+fn flag_series(flags: &Flags) -> impl Iterator<Item = (&str, &str)> {
+    flags
+        .iter()
+        .flat_map(|(flag, variants)| {
+            let variants = variants.iter().map(String::as_str).chain(["other"]);
+            variants.map(move |variant| (flag.as_str(), variant))
+        })
+        .chain([("other", "other")])
 }
 
 /// A model version's response cache, batching and queue series, looked up once at load.
@@ -475,6 +568,12 @@ impl Default for Metrics {
             "Inference requests the server's own limits turned away, by reason: in_flight_limit (503, server.max_in_flight), deadline (504), body_timeout (408)",
             Family::default(),
         );
+        let config_refreshes = register(
+            &mut r,
+            "config_refreshes",
+            "Times the control plane reread the configuration and the plugin directory, after a change to a file it follows",
+            Counter::default(),
+        );
         Metrics {
             registry: r,
             requests,
@@ -502,7 +601,9 @@ impl Default for Metrics {
             drifted,
             request_log_dropped,
             turned_away,
+            config_refreshes,
             known: RwLock::default(),
+            request_series: Mutex::default(),
         }
     }
 }
@@ -513,52 +614,201 @@ impl Metrics {
         InFlight(self)
     }
 
-    /// `name` is a model of the repository: requests may name it.
-    pub fn know_model(&self, name: &str) {
+    /// `name` is a model of the repository serving `versions`: requests may name it.
+    pub fn know_model(&self, name: &str, versions: impl IntoIterator<Item = u64>) {
+        let versions = versions.into_iter().map(|v| v.to_string()).collect();
         self.known
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .names
-            .insert(name.to_string());
+            .models
+            .insert(name.to_string(), versions);
     }
 
-    /// `name` is a configured endpoint, whose flags plugins declared these flags and their
-    /// variants: requests may name it, and its flag evaluations count under them.
+    /// `name` is a configured endpoint of these `variants`, whose flags plugins declared
+    /// these flags and their variants: requests may name it, and its flag evaluations
+    /// count under them. The series of flags and flag variants it no longer declares go.
     pub fn know_endpoint<'a>(
         &self,
         name: &str,
+        variants: impl IntoIterator<Item = &'a str>,
         flags: impl IntoIterator<Item = (&'a str, &'a [String])>,
     ) {
+        let declared = Declared {
+            variants: variants.into_iter().map(str::to_string).collect(),
+            flags: flags
+                .into_iter()
+                .map(|(flag, variants)| (flag.to_string(), variants.iter().cloned().collect()))
+                .collect(),
+        };
         let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
-        known.names.insert(name.to_string());
-        let declared = known.flags.entry(name.to_string()).or_default();
-        for (flag, variants) in flags {
-            declared.insert(flag.to_string(), variants.iter().cloned().collect());
+        let before = known.endpoints.get(name).map(|d| &d.flags);
+        for (flag, variant) in before.into_iter().flat_map(flag_series) {
+            let kept = (flag, variant) == ("other", "other")
+                || declared
+                    .flags
+                    .get(flag)
+                    .is_some_and(|v| variant == "other" || v.contains(variant));
+            if !kept {
+                self.flag_evaluations.remove(&FlagLabels {
+                    endpoint: name.to_string(),
+                    flag: flag.to_string(),
+                    variant: variant.to_string(),
+                });
+            }
+        }
+        known.endpoints.insert(name.to_string(), declared);
+    }
+
+    /// A model version stopped serving: its series go.
+    pub fn forget_version(&self, model: &str, version: u64) {
+        let labels = ModelLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+        };
+        if let Some(versions) = self
+            .known
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .models
+            .get_mut(model)
+        {
+            versions.remove(&labels.version);
+        }
+        self.inference_seconds.remove(&labels);
+        self.batch_sizes.remove(&labels);
+        for family in [
+            &self.model_crashes,
+            &self.cache_hits,
+            &self.cache_misses,
+            &self.cache_evictions,
+        ] {
+            family.remove(&labels);
+        }
+        for reason in REJECTIONS {
+            self.queue_rejections.remove(&RejectionLabels {
+                model: model.to_string(),
+                version: version.to_string(),
+                reason,
+            });
+        }
+        self.forget_requests(|l| l.model == model && l.version == labels.version);
+    }
+
+    /// A model left the repository: requests no longer name it, and its series go (its
+    /// versions' with [`Metrics::forget_version`]).
+    pub fn forget_model(&self, model: &str) {
+        let endpoint = {
+            let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+            known.models.remove(model);
+            known.endpoints.contains_key(model)
+        };
+        if !endpoint {
+            self.forget_called(model);
+        }
+        self.forget_requests(|l| l.model == model);
+    }
+
+    /// An endpoint left the configuration: requests no longer name it, and its series and
+    /// those of its `variants` go.
+    pub fn forget_endpoint<'a>(&self, endpoint: &str, variants: impl Iterator<Item = &'a str>) {
+        let (flags, model) = {
+            let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+            let declared = known.endpoints.remove(endpoint).unwrap_or_default();
+            (declared.flags, known.models.contains_key(endpoint))
+        };
+        for (flag, variant) in flag_series(&flags) {
+            self.flag_evaluations.remove(&FlagLabels {
+                endpoint: endpoint.to_string(),
+                flag: flag.to_string(),
+                variant: variant.to_string(),
+            });
+        }
+        for variant in variants {
+            self.forget_variant(endpoint, variant);
+        }
+        if !model {
+            self.forget_called(endpoint);
         }
     }
 
-    /// Counts one answered inference request. A name that is neither an endpoint nor a
-    /// model is counted as `unknown`, with no variant, model or version.
-    pub fn answered(&self, mut labels: RequestLabels, took: Duration) {
-        let known = self
+    /// A variant left its endpoint (or the endpoint left): its series go.
+    pub fn forget_variant(&self, endpoint: &str, variant: &str) {
+        if let Some(declared) = self
             .known
-            .read()
+            .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .names
-            .contains(&labels.endpoint);
-        if !known {
-            labels = RequestLabels {
-                endpoint: "unknown".to_string(),
-                status: labels.status,
-                ..RequestLabels::default()
-            };
+            .endpoints
+            .get_mut(endpoint)
+        {
+            declared.variants.remove(variant);
         }
+        for reason in VariantFailure::ALL {
+            self.variant_failures.remove(&VariantFailureLabels {
+                endpoint: endpoint.to_string(),
+                variant: variant.to_string(),
+                reason: reason.label(),
+            });
+        }
+        for result in ShadowOutcome::ALL {
+            self.shadow_comparisons.remove(&ComparisonLabels {
+                endpoint: endpoint.to_string(),
+                variant: variant.to_string(),
+                result: result.label(),
+            });
+        }
+        self.shadow_dropped.remove(&ShadowLabels {
+            endpoint: endpoint.to_string(),
+            variant: variant.to_string(),
+        });
+        self.forget_requests(|l| l.endpoint == endpoint && l.variant == variant);
+    }
+
+    /// The series of a name no client may call any more, endpoint or model.
+    fn forget_called(&self, name: &str) {
+        let label = EndpointLabel {
+            endpoint: name.to_string(),
+        };
+        self.request_seconds.remove(&label);
+        self.queue_seconds.remove(&label);
+        self.forget_requests(|l| l.endpoint == name);
+    }
+
+    fn forget_requests(&self, gone: impl Fn(&RequestLabels) -> bool) {
+        self.request_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|labels| {
+                let gone = gone(labels);
+                if gone {
+                    self.requests.remove(labels);
+                }
+                !gone
+            });
+    }
+
+    /// Counts one answered inference request. A name that is neither an endpoint nor a
+    /// model is counted as `unknown`, with no variant, model or version; a variant or
+    /// version that no longer serves, as empty.
+    pub fn answered(&self, labels: RequestLabels, took: Duration) {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        let labels = known.request_labels(labels);
         self.request_seconds
             .get_or_create(&EndpointLabel {
                 endpoint: labels.endpoint.clone(),
             })
             .observe(took.as_secs_f64());
+        if let Some(count) = self.requests.get(&labels) {
+            count.inc();
+            return;
+        }
+        // A new series: made, then noted (never both locks held: `forget_requests` takes
+        // them the other way round).
         self.requests.get_or_create(&labels).inc();
+        self.request_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(labels);
+        drop(known);
     }
 
     /// The queue-time series of an endpoint (or of a model called by name).
@@ -584,7 +834,12 @@ impl Metrics {
         )
     }
 
+    /// Counts a failure charged to a variant that serves (one gone since is no one's).
     pub fn variant_failed(&self, endpoint: &str, variant: &str, reason: VariantFailure) {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        if !known.variant(endpoint, variant) {
+            return;
+        }
         self.variant_failures
             .get_or_create(&VariantFailureLabels {
                 endpoint: endpoint.to_string(),
@@ -610,7 +865,7 @@ impl Metrics {
             model: model.to_string(),
             version: version.to_string(),
         };
-        let rejected = |reason| {
+        let rejected = |reason: &'static str| {
             self.queue_rejections
                 .get_or_create(&RejectionLabels {
                     model: model.to_string(),
@@ -624,9 +879,9 @@ impl Metrics {
             cache_misses: self.cache_misses.get_or_create(&labels).clone(),
             cache_evictions: self.cache_evictions.get_or_create(&labels).clone(),
             batch_size: self.batch_sizes.get_or_create(&labels).clone(),
-            queue_full: rejected("queue_full"),
-            timed_out: rejected("timeout"),
-            busy: rejected("in_flight_limit"),
+            queue_full: rejected(REJECTIONS[0]),
+            timed_out: rejected(REJECTIONS[1]),
+            busy: rejected(REJECTIONS[2]),
         }
     }
 
@@ -652,20 +907,24 @@ impl Metrics {
     }
 
     pub fn shadow_compared(&self, endpoint: &str, variant: &str, result: ShadowOutcome) {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        if !known.variant(endpoint, variant) {
+            return;
+        }
         self.shadow_comparisons
             .get_or_create(&ComparisonLabels {
                 endpoint: endpoint.to_string(),
                 variant: variant.to_string(),
-                result: match result {
-                    ShadowOutcome::Agreed => "agreed",
-                    ShadowOutcome::Disagreed => "disagreed",
-                    ShadowOutcome::Failed => "failed",
-                },
+                result: result.label(),
             })
             .inc();
     }
 
     pub fn shadow_dropped(&self, endpoint: &str, variant: &str) {
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        if !known.variant(endpoint, variant) {
+            return;
+        }
         self.shadow_dropped
             .get_or_create(&ShadowLabels {
                 endpoint: endpoint.to_string(),
@@ -675,15 +934,17 @@ impl Metrics {
     }
 
     /// Counts a flag evaluation under the flag and variant its plugin declared; an
-    /// undeclared variant counts as `other`, and so does an undeclared flag.
+    /// undeclared variant counts as `other`, and so does an undeclared flag. An endpoint
+    /// gone since counts nothing.
     pub fn flag_evaluated(&self, endpoint: &str, flag: &str, variant: &str) {
-        let (flag, variant) = {
-            let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
-            match known.flags.get(endpoint).and_then(|flags| flags.get(flag)) {
-                Some(variants) if variants.contains(variant) => (flag, variant),
-                Some(_) => (flag, "other"),
-                None => ("other", "other"),
-            }
+        let known = self.known.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(declared) = known.endpoints.get(endpoint) else {
+            return;
+        };
+        let (flag, variant) = match declared.flags.get(flag) {
+            Some(variants) if variants.contains(variant) => (flag, variant),
+            Some(_) => (flag, "other"),
+            None => ("other", "other"),
         };
         self.flag_evaluations
             .get_or_create(&FlagLabels {
@@ -726,6 +987,11 @@ impl Metrics {
         }
     }
 
+    /// One control-plane refresh began.
+    pub fn config_refreshed(&self) {
+        self.config_refreshes.inc();
+    }
+
     /// Sampled requests the store or the sink had to drop.
     pub fn request_log_dropped(&self) -> Counter {
         self.request_log_dropped.clone()
@@ -744,5 +1010,84 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sample lines of the scrape (what Prometheus stores as series), as text.
+    fn series(metrics: &Metrics) -> Vec<String> {
+        let text = metrics.encode().unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn request(endpoint: &str, variant: &str, version: &str) -> RequestLabels {
+        RequestLabels {
+            endpoint: endpoint.to_string(),
+            variant: variant.to_string(),
+            model: "iris".to_string(),
+            version: version.to_string(),
+            status: "200".to_string(),
+        }
+    }
+
+    #[test]
+    fn the_series_of_what_is_gone_go_with_it() {
+        let metrics = Metrics::default();
+        let baseline = series(&metrics).len();
+        metrics.know_model("iris", [2, 3]);
+        let on = ["on".to_string()];
+        metrics.know_endpoint("ab", ["a", "b"], [("f", &on[..])]);
+        let took = Duration::from_millis(1);
+        for version in [2, 3] {
+            metrics.scheduling_meters("iris", version);
+            metrics.inference_seconds("iris", version).observe(took);
+            metrics.model_crashes("iris", version).inc();
+            metrics.answered(request("iris", "", &version.to_string()), took);
+        }
+        metrics.answered(request("ab", "a", "2"), took);
+        metrics.answered(request("ab", "b", "2"), took);
+        metrics.queue_seconds("ab").observe(took);
+        metrics.variant_failed("ab", "b", VariantFailure::Timeout);
+        metrics.shadow_compared("ab", "b", ShadowOutcome::Agreed);
+        metrics.shadow_dropped("ab", "b");
+        metrics.flag_evaluated("ab", "f", "on");
+        metrics.flag_evaluated("ab", "g", "x");
+        let has = |needle: &str| series(&metrics).iter().any(|s| s.contains(needle));
+
+        metrics.forget_version("iris", 3);
+        assert!(!has("version=\"3\""));
+        assert!(has("version=\"2\""));
+        // A request that was running on it as it went does not bring its series back.
+        metrics.answered(request("iris", "", "3"), took);
+        assert!(!has("version=\"3\""));
+
+        // A flag the endpoint no longer declares.
+        metrics.know_endpoint("ab", ["a", "b"], []);
+        assert!(!has("flag=\"f\""));
+        assert!(has("flag=\"other\""));
+
+        metrics.forget_variant("ab", "b");
+        assert!(!has("variant=\"b\""));
+        assert!(has("variant=\"a\""));
+        metrics.answered(request("ab", "b", "2"), took);
+        metrics.variant_failed("ab", "b", VariantFailure::Error);
+        assert!(!has("variant=\"b\""));
+
+        metrics.forget_endpoint("ab", ["a"].into_iter());
+        assert!(!has("endpoint=\"ab\""));
+        metrics.forget_version("iris", 2);
+        metrics.forget_model("iris");
+        assert_eq!(series(&metrics).len(), baseline, "{:#?}", series(&metrics));
+
+        // Requests no longer name what is gone: they count as unknown.
+        metrics.answered(request("iris", "", "2"), took);
+        assert!(has("endpoint=\"unknown\""));
+        assert!(!has("endpoint=\"iris\""));
     }
 }

@@ -2,19 +2,26 @@
 //! endpoint's router state across restarts. Writes go to one thread of their own, in batches, so a request never waits
 //! on the disk; reads (the admin API) use a second connection, which WAL mode lets run
 //! beside the writer.
+//!
+//! The queue to the writer is bounded. When the disk falls behind, a sampled request is
+//! dropped and counted (a sample may miss some; the request path must not wait), while a
+//! change or a router state waits for room: the audit trail must not lose an entry, and
+//! those come from the control plane's blocking thread, admin calls and rare router
+//! decisions, never at the rate of requests.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::clock::{now_ms, rfc3339};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params_from_iter, types::Value};
 
-/// Sampled requests waiting for the writer at most; more are dropped and counted.
-const PENDING_REQUESTS: usize = 10_000;
+/// Writes waiting for the writer at most: beyond, sampled requests are dropped and counted,
+/// and changes wait.
+const QUEUE: usize = 10_000;
 
 /// Rows written in one transaction at most.
 const BATCH: usize = 512;
@@ -145,7 +152,7 @@ enum Write {
 }
 
 pub struct Store {
-    writes: Sender<Write>,
+    writes: SyncSender<Write>,
     pending: Arc<AtomicUsize>,
     reads: Mutex<Connection>,
 }
@@ -205,7 +212,7 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let (writes, queue) = std::sync::mpsc::channel();
+        let (writes, queue) = std::sync::mpsc::sync_channel(QUEUE);
         let pending = Arc::new(AtomicUsize::new(0));
         let counted = pending.clone();
         std::thread::Builder::new()
@@ -219,11 +226,12 @@ impl Store {
         })
     }
 
+    /// Queues `write`, waiting for room; `false` when the writer has stopped.
     fn send(&self, write: Write) -> bool {
         self.writes.send(write).is_ok()
     }
 
-    /// Queues a change; changes are never dropped.
+    /// Queues a change; changes are never dropped (a full queue makes the caller wait).
     pub fn change(&self, at_ms: u64, change: Change) {
         if !self.send(Write::Change { at_ms, change }) {
             tracing::error!(
@@ -258,11 +266,14 @@ impl Store {
 
     /// Queues a sampled request; `false` when it was dropped because the writer is behind.
     pub fn request(&self, record: RequestRecord) -> bool {
-        if self.pending.fetch_add(1, Ordering::Relaxed) >= PENDING_REQUESTS {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-            return false;
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        match self.writes.try_send(Write::Request(record)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+                false
+            }
         }
-        self.send(Write::Request(record))
     }
 
     /// Waits (a second at most) until everything queued before this call is written, so
@@ -459,6 +470,35 @@ mod tests {
             to: Some("x".to_string()),
             ..Change::new(kind, "file", subject)
         }
+    }
+
+    #[test]
+    fn a_full_queue_drops_requests_and_makes_changes_wait() {
+        // A store whose writer is held back: the test drains the queue itself.
+        let (writes, queue) = std::sync::mpsc::sync_channel(QUEUE);
+        let store = Arc::new(Store {
+            writes,
+            pending: Arc::new(AtomicUsize::new(0)),
+            reads: Mutex::new(Connection::open_in_memory().unwrap()),
+        });
+        let record = RequestRecord::default();
+        assert!((0..QUEUE).all(|_| store.request(record.clone())));
+        assert!(!store.request(record), "dropped when full");
+        assert_eq!(store.pending.load(Ordering::Relaxed), QUEUE);
+        let writer = store.clone();
+        let change = std::thread::spawn(move || writer.change(1, change("plugin.loaded", "x")));
+        // The change waits for room rather than being lost: it comes after every request.
+        let received: Vec<Write> = (0..=QUEUE).map(|_| queue.recv().unwrap()).collect();
+        change.join().unwrap();
+        assert!(
+            received[..QUEUE]
+                .iter()
+                .all(|w| matches!(w, Write::Request(_)))
+        );
+        assert!(matches!(
+            &received[QUEUE],
+            Write::Change { change, .. } if change.subject == "x"
+        ));
     }
 
     #[test]

@@ -19,7 +19,17 @@ fn drift_stays_low_for_iris_and_flags_shifted_inputs() {
             .post_json("/v2/models/iris/infer", &iris_request(chunk))
             .ok();
     }
-    let drift = server.get_with("/admin/drift/iris", &[OPS]).ok();
+    // Judged by the timer, not by the read: wait for a judgement of all 300 inputs.
+    let judged = |drift: &Value, version: usize, done: &dyn Fn(&Value) -> bool| {
+        drift["versions"][version]["features"]
+            .as_array()
+            .is_some_and(|f| f.iter().all(done))
+    };
+    let mut drift = Value::Null;
+    server.wait_until("a judgement of 300 inputs", || {
+        drift = server.get_with("/admin/drift/iris", &[OPS]).ok();
+        judged(&drift, 1, &|f| f["samples"] == 300 && f["ks"].is_f64())
+    });
     let version2 = drift["versions"]
         .as_array()
         .unwrap()
@@ -54,7 +64,12 @@ fn drift_stays_low_for_iris_and_flags_shifted_inputs() {
                 .ok();
         }
     }
-    let drift = server.get_with("/admin/drift/iris", &[OPS]).ok();
+    server.wait_until("a judgement of the shifted inputs", || {
+        drift = server.get_with("/admin/drift/iris", &[OPS]).ok();
+        judged(&drift, 1, &|f| {
+            f["feature"] != "petal_length" || f["drifted"] == true
+        })
+    });
     let features = drift["versions"][1]["features"].as_array().unwrap().clone();
     for feature in &features {
         eprintln!(
@@ -126,4 +141,43 @@ fn drift_stays_low_for_iris_and_flags_shifted_inputs() {
         server.get("/v2/models/iris/versions/1/ready").ok()["ready"],
         true
     );
+}
+
+#[test]
+fn reading_drift_judges_nothing() {
+    let setup = Setup::plugins(&[]);
+    // The timer judges once at start, before any input, then not for an hour.
+    let server = setup.start(&format!(
+        "{TOKENS}\n[monitoring]\ndrift_interval_ms = 3600000\n"
+    ));
+    let (rows, _) = crate::harness::iris_data();
+    let shifted: Vec<[f32; 4]> = rows
+        .iter()
+        .map(|r| [r[0], r[1], r[2] + 2.0, r[3]])
+        .collect();
+    for _ in 0..4 {
+        for chunk in shifted.chunks(50) {
+            server
+                .post_json("/v2/models/iris/infer", &iris_request(chunk))
+                .ok();
+        }
+    }
+    for _ in 0..3 {
+        let drift = server.get_with("/admin/drift/iris", &[OPS]).ok();
+        for feature in drift["versions"][1]["features"].as_array().unwrap() {
+            assert_eq!(feature["ks"], Value::Null, "{feature}");
+            assert_eq!(feature["drifted"], false, "{feature}");
+        }
+    }
+    let detected = audit(&server, "?kind=drift");
+    assert!(
+        detected["changes"].as_array().unwrap().is_empty(),
+        "{detected}"
+    );
+    assert!(!server.logs().contains("input drift detected"));
+    let drift_series = samples(&server)
+        .iter()
+        .filter(|s| s["name"].as_str().unwrap().starts_with("modelyard_drift"))
+        .count();
+    assert_eq!(drift_series, 0);
 }
