@@ -13,7 +13,9 @@ use notify::RecursiveMode;
 use crate::config::{Config, EndpointConfig};
 use crate::endpoint::{Build, EndpointSet};
 use crate::pipeline::Pipeline;
-use crate::plugins::{Library, Limits, PluginEngine, PluginError};
+use crate::plugins::{
+    CacheDir, CacheError, Library, Limits, PluginEngine, PluginError, default_cache_dir,
+};
 use crate::telemetry::{Change, Telemetry};
 use crate::watch::{Watch, WatchError};
 
@@ -28,6 +30,8 @@ pub enum ControlError {
     Watch(#[from] WatchError),
     #[error(transparent)]
     Plugins(#[from] PluginError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 struct Control {
@@ -169,12 +173,8 @@ pub async fn start(
         wall_limit: Duration::from_millis(config.plugins.call_wall_limit_ms),
         memory_bytes: config.plugins.memory_limit_mib.saturating_mul(1024 * 1024),
     };
-    let cache_dir = config
-        .plugins
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("modelyard-cache"));
-    let engine = PluginEngine::new(limits, Some(cache_dir), config.plugins.pooling_allocator)?;
+    let cache = cache_dir(config.plugins.cache_dir.as_deref())?;
+    let engine = PluginEngine::new(limits, cache, config.plugins.pooling_allocator)?;
     let mut watched = vec![(plugin_dir.as_path(), RecursiveMode::NonRecursive)];
     let config_dir = config_file.as_ref().and_then(|f| f.parent()).map(|d| {
         if d.as_os_str().is_empty() {
@@ -228,6 +228,28 @@ pub async fn start(
             control = refresh(control).await;
         }
     }))
+}
+
+/// The compiled-plugin cache: the configured directory, which must be usable and safe (else
+/// the server does not start), or the user's cache directory, without which plugins are
+/// compiled at every start. An unsafe directory is refused either way.
+fn cache_dir(configured: Option<&std::path::Path>) -> Result<Option<CacheDir>, CacheError> {
+    if let Some(dir) = configured {
+        return CacheDir::open(dir).map(Some);
+    }
+    let advice = "set plugins.cache_dir to a directory only the server's user can write to keep compiled plugins between runs";
+    let Some(dir) = default_cache_dir() else {
+        tracing::warn!("neither XDG_CACHE_HOME nor HOME names a directory: plugins are compiled at every start; {advice}");
+        return Ok(None);
+    };
+    match CacheDir::open(&dir) {
+        Ok(cache) => Ok(Some(cache)),
+        Err(CacheError::Unusable { path, problem }) => {
+            tracing::warn!(dir = %path.display(), %problem, "cannot use the default compiled-plugin cache: plugins are compiled at every start; {advice}");
+            Ok(None)
+        }
+        Err(refused) => Err(refused),
+    }
 }
 
 async fn refresh(control: Option<Control>) -> Option<Control> {
