@@ -388,6 +388,7 @@ fn plugin_chain(
             engine,
             plugins.path(),
             &Library::default(),
+            None,
             &Telemetry::off(),
         );
         let prepared = library.files["weighted"].prepared.clone().unwrap();
@@ -433,7 +434,7 @@ fn plugin_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 fn bind(pipeline: &Pipeline, plugins: &Path, config: &Config) -> (Library, EndpointSet) {
     let engine = PluginEngine::new(Limits::default(), None, false).unwrap();
     let telemetry = Telemetry::off();
-    let library = Library::scan(&engine, plugins, &Library::default(), &telemetry);
+    let library = Library::scan(&engine, plugins, &Library::default(), None, &telemetry);
     let endpoints = Build {
         configs: &config.endpoints,
         library: &library,

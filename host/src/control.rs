@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use notify::RecursiveMode;
 
-use crate::config::{Config, EndpointConfig};
+use crate::config::{Config, EndpointConfig, PublicKey};
 use crate::endpoint::{Build, EndpointSet};
 use crate::pipeline::Pipeline;
 use crate::plugins::{
@@ -37,6 +37,8 @@ pub enum ControlError {
 struct Control {
     engine: PluginEngine,
     plugin_dir: PathBuf,
+    /// The keys a plugin must be signed by, when signatures are required; as at start.
+    trusted_keys: Option<Vec<PublicKey>>,
     config_file: Option<PathBuf>,
     endpoints: BTreeMap<String, EndpointConfig>,
     library: Library,
@@ -78,6 +80,7 @@ impl Control {
             &self.engine,
             &self.plugin_dir,
             &self.library,
+            self.trusted_keys.as_deref(),
             &self.telemetry,
         );
         let previous = self.pipeline.endpoints();
@@ -214,6 +217,10 @@ pub async fn start(
     let mut control = Some(Control {
         engine,
         plugin_dir,
+        trusted_keys: config
+            .plugins
+            .require_signatures
+            .then(|| config.plugins.trusted_keys.clone()),
         config_file,
         endpoints: config.endpoints.clone(),
         library: Library::default(),
@@ -239,7 +246,9 @@ fn cache_dir(configured: Option<&std::path::Path>) -> Result<Option<CacheDir>, C
     }
     let advice = "set plugins.cache_dir to a directory only the server's user can write to keep compiled plugins between runs";
     let Some(dir) = default_cache_dir() else {
-        tracing::warn!("neither XDG_CACHE_HOME nor HOME names a directory: plugins are compiled at every start; {advice}");
+        tracing::warn!(
+            "neither XDG_CACHE_HOME nor HOME names a directory: plugins are compiled at every start; {advice}"
+        );
         return Ok(None);
     };
     match CacheDir::open(&dir) {

@@ -65,7 +65,17 @@ mod tests {
         let key: PublicKey = text.parse().unwrap();
         assert_eq!(key.to_string(), text);
         let short = STANDARD.encode([7u8; 31]);
-        assert!(short.parse::<PublicKey>().unwrap_err().contains("31 bytes, not 32"));
-        assert!("not a key!".parse::<PublicKey>().unwrap_err().contains("not base64"));
+        assert!(
+            short
+                .parse::<PublicKey>()
+                .unwrap_err()
+                .contains("31 bytes, not 32")
+        );
+        assert!(
+            "not a key!"
+                .parse::<PublicKey>()
+                .unwrap_err()
+                .contains("not base64")
+        );
     }
 }

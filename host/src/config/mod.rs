@@ -410,7 +410,10 @@ mod tests {
         let path = dir.path().join("modelyard.toml");
         let good = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
         for (plugins, refused) in [
-            (format!("trusted_keys = [\"{good}\"]\nrequire_signatures = true"), None),
+            (
+                format!("trusted_keys = [\"{good}\"]\nrequire_signatures = true"),
+                None,
+            ),
             (
                 format!("trusted_keys = [\"{good}\", \"c2hvcnQ=\"]"),
                 Some("'c2hvcnQ=' is not an ed25519 public key (5 bytes, not 32)"),

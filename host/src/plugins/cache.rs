@@ -40,14 +40,22 @@ pub enum CacheError {
          plugins.cache_dir to a directory of the server's user",
         .path.display()
     )]
-    Owner { path: PathBuf, owner: u32, user: u32 },
+    Owner {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+    },
     #[error(
         "the compiled-plugin cache {} is open to other users (mode {mode:o}), and what is \
          in it runs as native code: run `chmod {wanted:o} {}`, or set plugins.cache_dir to \
          another directory",
         .path.display(), .path.display()
     )]
-    Open { path: PathBuf, mode: u32, wanted: u32 },
+    Open {
+        path: PathBuf,
+        mode: u32,
+        wanted: u32,
+    },
     #[error(
         "cannot use {} for the compiled-plugin cache: {problem}; fix it, or set \
          plugins.cache_dir to another directory",
@@ -352,7 +360,11 @@ mod tests {
             .unwrap();
         let other_key = CacheDir::open(&dir.path().join("elsewhere")).unwrap();
         let retagged = [tag(&other_key, &name, &foreign).as_ref(), &foreign].concat();
-        for planted in [foreign.clone(), [[0; TAG_LEN].as_slice(), &foreign].concat(), retagged] {
+        for planted in [
+            foreign.clone(),
+            [[0; TAG_LEN].as_slice(), &foreign].concat(),
+            retagged,
+        ] {
             std::fs::write(&path, &planted).unwrap();
             let component = cache.get_or_compile(&engine, &honest).unwrap();
             assert_eq!(call(&engine, &component), 42);
@@ -388,16 +400,25 @@ mod tests {
         };
         set(&cache, 0o777);
         let error = CacheDir::open(&cache).err().unwrap();
-        assert!(matches!(error, CacheError::Open { mode: 0o777, .. }), "{error}");
+        assert!(
+            matches!(error, CacheError::Open { mode: 0o777, .. }),
+            "{error}"
+        );
         let says = error.to_string();
-        assert!(says.contains(&format!("chmod 700 {}", cache.display())), "{says}");
+        assert!(
+            says.contains(&format!("chmod 700 {}", cache.display())),
+            "{says}"
+        );
         assert!(says.contains("plugins.cache_dir"), "{says}");
 
         set(&cache, 0o700);
         let key = cache.join(KEY_FILE);
         set(&key, 0o644);
         let error = CacheDir::open(&cache).err().unwrap().to_string();
-        assert!(error.contains(&format!("chmod 600 {}", key.display())), "{error}");
+        assert!(
+            error.contains(&format!("chmod 600 {}", key.display())),
+            "{error}"
+        );
 
         set(&key, 0o600);
         CacheDir::open(&cache).unwrap();

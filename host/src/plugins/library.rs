@@ -1,6 +1,7 @@
 //! The plugin directory as the last scan found it: one entry per `*.wasm` file, compiled
 //! and identified off the request path. A file that fails is refused, and the version that
-//! was prepared from the previous file keeps serving.
+//! was prepared from the previous file keeps serving. When signatures are required, a file
+//! without a good `<file>.wasm.sig` by a trusted key is refused before it is compiled.
 //!
 //! Owns: the scan's outcome per file, and reporting loads, swaps and refusals (log, audit,
 //! metrics). Must not touch: when to scan (the watcher), which endpoints use a file (the
@@ -13,6 +14,9 @@ use std::time::SystemTime;
 
 use super::cache::component_hash;
 use super::engine::{PluginEngine, Prepared};
+use super::error::PluginError;
+use super::signature::{Signature, read_signature, verify};
+use crate::config::PublicKey;
 use crate::telemetry::{Change, Load, Telemetry};
 use crate::watch::is_ignored;
 
@@ -29,6 +33,8 @@ pub struct PluginFile {
     pub error: Option<String>,
     /// The hash of the file now on disk, so it is prepared once, refused or not.
     seen: String,
+    /// Its signature file as it was then, when signatures are required.
+    seen_signature: Option<Signature>,
 }
 
 /// Every plugin file, as of one scan.
@@ -39,11 +45,13 @@ pub struct Library {
 
 impl Library {
     /// Rescans `dir`: unchanged files keep their prepared component, changed and new ones
-    /// are prepared, removed ones are dropped.
+    /// are prepared, removed ones are dropped. With `trusted` keys, only components signed
+    /// by one of them are prepared; a new or changed signature file counts as a change.
     pub fn scan(
         engine: &PluginEngine,
         dir: &Path,
         previous: &Library,
+        trusted: Option<&[PublicKey]>,
         telemetry: &Telemetry,
     ) -> Library {
         let entries = match std::fs::read_dir(dir) {
@@ -66,8 +74,9 @@ impl Library {
                 continue;
             }
             let before = previous.files.get(name);
+            let signed = trusted.map(|keys| (read_signature(&path), keys));
             let file = match std::fs::read(&path) {
-                Ok(bytes) => Self::prepare(engine, name, &path, &bytes, before, telemetry),
+                Ok(bytes) => Self::prepare(engine, name, &path, &bytes, signed, before, telemetry),
                 Err(error) => {
                     tracing::warn!(file = %path.display(), %error, "cannot read plugin file");
                     continue;
@@ -91,23 +100,37 @@ impl Library {
         name: &str,
         path: &Path,
         bytes: &[u8],
+        signed: Option<(Signature, &[PublicKey])>,
         before: Option<&PluginFile>,
         telemetry: &Telemetry,
     ) -> PluginFile {
         let seen = component_hash(bytes);
-        if let Some(before) = before.filter(|b| b.seen == seen) {
+        let (seen_signature, trusted) = signed.unzip();
+        if let Some(before) =
+            before.filter(|b| b.seen == seen && b.seen_signature == seen_signature)
+        {
             return before.clone();
         }
-        match engine.prepare(name, bytes) {
-            Ok(prepared) => {
-                tracing::info!(plugin = name, world = prepared.world.as_str(), hash = %seen, "plugin loaded");
+        let signer = match (&seen_signature, trusted) {
+            (Some(signature), Some(trusted)) => verify(bytes, signature, trusted)
+                .map(|key| Some(format!(", signed by {key}")))
+                .map_err(|unsigned| PluginError::Refused {
+                    plugin: name.to_string(),
+                    reason: unsigned.to_string(),
+                }),
+            _ => Ok(None),
+        };
+        match signer.and_then(|signer| Ok((engine.prepare(name, bytes)?, signer))) {
+            Ok((prepared, signer)) => {
+                let signer = signer.unwrap_or_default();
+                tracing::info!(plugin = name, world = prepared.world.as_str(), hash = %seen, "plugin loaded{signer}");
                 let from = before.and_then(|b| b.hash.clone());
                 let kind = if from.is_some() {
                     "plugin.swapped"
                 } else {
                     "plugin.loaded"
                 };
-                let to = format!("{} world, sha256 {seen}", prepared.world.as_str());
+                let to = format!("{} world, sha256 {seen}{signer}", prepared.world.as_str());
                 report(
                     telemetry,
                     Load::Loaded,
@@ -124,6 +147,7 @@ impl Library {
                     prepared: Some(Arc::new(prepared)),
                     error: None,
                     seen,
+                    seen_signature,
                 }
             }
             Err(error) => {
@@ -145,6 +169,7 @@ impl Library {
                     prepared: before.and_then(|b| b.prepared.clone()),
                     error: Some(error.to_string()),
                     seen,
+                    seen_signature,
                 }
             }
         }

@@ -37,8 +37,8 @@ pub use error::PluginError;
 pub use library::{Library, PluginFile};
 pub use pool::{Direction, Pool};
 pub use sandbox::Limits;
+pub use scaffold::{ScaffoldError, new_plugin};
 pub use signature::{
     Signature, SigningError, SigningKey, Unsigned, read_signature, signature_path, verify,
 };
-pub use scaffold::{ScaffoldError, new_plugin};
 pub use world::{FlagsWorld, ProcessorWorld, RouterWorld, World};

@@ -3,7 +3,7 @@
 //! `plugins.require_signatures` is on.
 //!
 //! Files: a private key is PKCS#8 in PEM (`-----BEGIN PRIVATE KEY-----`, as
-//! `modelyard plugin keygen` or `openssl genpkey -algorithm ed25519` write it); a public
+//! `modelyard plugin keygen` and `openssl genpkey -algorithm ed25519` both write it); a public
 //! key is its 32 bytes in base64; `<component>.wasm.sig` is one line,
 //! `ed25519 <public key> <signature>`, both base64, the signature over the component file
 //! as it is.
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use ring::rand::SystemRandom;
+use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 use crate::config::PublicKey;
@@ -27,6 +27,11 @@ use crate::config::PublicKey;
 const SCHEME: &str = "ed25519";
 const PEM_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
 const PEM_END: &str = "-----END PRIVATE KEY-----";
+/// A PKCS#8 v1 ed25519 private key (RFC 8410) is these bytes, then the 32-byte seed: the
+/// form OpenSSL writes and reads (it does not read the v2 documents ring makes).
+const PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
 
 /// A key file or a component that cannot be used for signing.
 #[derive(Debug, thiserror::Error)]
@@ -153,19 +158,17 @@ impl SigningKey {
     /// Makes a key pair and writes its private key to `out` (PEM, 0600), which must not
     /// exist yet.
     pub fn generate(out: &Path) -> Result<SigningKey, SigningError> {
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+        let mut seed = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut seed)
             .map_err(|_| SigningError::Random)?;
-        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| SigningError::Key {
-            path: out.to_path_buf(),
-            problem: e.to_string(),
-        })?;
-        let mut pem = format!("{PEM_BEGIN}\n");
-        for line in STANDARD.encode(pkcs8.as_ref()).as_bytes().chunks(64) {
-            pem.push_str(&String::from_utf8_lossy(line));
-            pem.push('\n');
-        }
-        pem.push_str(PEM_END);
-        pem.push('\n');
+        let pkcs8 = [PKCS8_V1_PREFIX.as_slice(), &seed].concat();
+        let key =
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(&pkcs8).map_err(|e| SigningError::Key {
+                path: out.to_path_buf(),
+                problem: e.to_string(),
+            })?;
+        let pem = format!("{PEM_BEGIN}\n{}\n{PEM_END}\n", STANDARD.encode(&pkcs8));
         let write = |source| SigningError::Write {
             path: out.to_path_buf(),
             source,
@@ -205,7 +208,7 @@ impl SigningKey {
         let der = STANDARD
             .decode(body.split_whitespace().collect::<String>())
             .map_err(|e| refused(format!("not base64: {e}")))?;
-        // Also takes the PKCS#8 v1 keys OpenSSL writes, which leave the public key out.
+        // v1 (no public key inside) as `generate` and OpenSSL write it, or v2.
         Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
             .map(SigningKey)
             .map_err(|e| refused(e.to_string()))
@@ -292,9 +295,10 @@ mod tests {
             })
         );
         // A signature file that claims a trusted key it was not made with.
-        let forged = ours
-            .sign(COMPONENT)
-            .replace(&ours.public_key().to_string(), &theirs.public_key().to_string());
+        let forged = ours.sign(COMPONENT).replace(
+            &ours.public_key().to_string(),
+            &theirs.public_key().to_string(),
+        );
         assert_eq!(
             verify(COMPONENT, &text(forged), &trusted),
             Err(Unsigned::Mismatch {
@@ -313,8 +317,14 @@ mod tests {
         for (garbage, says) in [
             (b"\xff\xfe".to_vec(), "not text"),
             (b"".to_vec(), "not three words"),
-            (format!("rsa {} {}", words[1], words[2]).into(), "scheme 'rsa'"),
-            (format!("ed25519 c2hvcnQ= {}", words[2]).into(), "5 bytes, not 32"),
+            (
+                format!("rsa {} {}", words[1], words[2]).into(),
+                "scheme 'rsa'",
+            ),
+            (
+                format!("ed25519 c2hvcnQ= {}", words[2]).into(),
+                "5 bytes, not 32",
+            ),
             (format!("ed25519 {} !!!", words[1]).into(), "not base64"),
         ] {
             let error = verify(COMPONENT, &text(garbage), &trusted).unwrap_err();
@@ -329,7 +339,10 @@ mod tests {
         ));
         let missing = read_signature(&dir.path().join("p.wasm"));
         let error = verify(COMPONENT, &missing, &trusted).unwrap_err();
-        assert_eq!(error.to_string(), "not signed: there is no p.wasm.sig beside it (sign it with `modelyard plugin sign`)");
+        assert_eq!(
+            error.to_string(),
+            "not signed: there is no p.wasm.sig beside it (sign it with `modelyard plugin sign`)"
+        );
     }
 
     #[test]
@@ -345,7 +358,10 @@ mod tests {
             SigningKey::generate(&path),
             Err(SigningError::Exists { .. })
         ));
-        assert_eq!(SigningKey::read(&path).unwrap().public_key(), made.public_key());
+        assert_eq!(
+            SigningKey::read(&path).unwrap().public_key(),
+            made.public_key()
+        );
 
         // Signed files round-trip through their `.sig`.
         let component = dir.path().join("p.wasm");
@@ -358,8 +374,11 @@ mod tests {
             Ok(made.public_key())
         );
 
-        std::fs::write(&path, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let error = SigningKey::read(&path).err().unwrap().to_string();
         assert!(error.contains("signing.pem"), "{error}");
     }
