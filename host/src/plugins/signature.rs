@@ -346,6 +346,30 @@ mod tests {
     }
 
     #[test]
+    fn keys_openssl_wrote_sign_too() {
+        // `openssl genpkey -algorithm ed25519`, and its public key as
+        // `openssl pkey -pubout -outform DER | tail -c 32 | base64` prints it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("openssl.pem");
+        std::fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\n\
+             MC4CAQAwBQYDK2VwBCIEIBkyIlrpSD26ruWD8jc48GDj55fgG90NPMrPYWyv3bhq\n\
+             -----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let key = SigningKey::read(&path).unwrap();
+        let public: PublicKey = "affuHfhXuiXeZR6Yd/KvgpDugnSEZqnu4flJhpQ3+og="
+            .parse()
+            .unwrap();
+        assert_eq!(key.public_key(), public);
+        assert_eq!(
+            verify(COMPONENT, &text(key.sign(COMPONENT)), &[public]),
+            Ok(public)
+        );
+    }
+
+    #[test]
     fn keys_are_written_private_read_back_and_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("signing.pem");
