@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use notify::RecursiveMode;
 
-use crate::config::{Config, EndpointConfig, PublicKey};
+use crate::config::{Config, EndpointConfig};
 use crate::endpoint::{Build, EndpointSet};
 use crate::pipeline::Pipeline;
 use crate::plugins::{
-    CacheDir, CacheError, Library, Limits, PluginEngine, PluginError, default_cache_dir,
+    CacheDir, CacheError, Library, Limits, PluginEngine, PluginError, Provenance, default_cache_dir,
 };
 use crate::telemetry::{Change, Telemetry};
 use crate::watch::{Watch, WatchError};
@@ -37,8 +37,7 @@ pub enum ControlError {
 struct Control {
     engine: PluginEngine,
     plugin_dir: PathBuf,
-    /// The keys a plugin must be signed by, when signatures are required; as at start.
-    trusted_keys: Option<Vec<PublicKey>>,
+    provenance: Provenance,
     config_file: Option<PathBuf>,
     endpoints: BTreeMap<String, EndpointConfig>,
     library: Library,
@@ -80,7 +79,7 @@ impl Control {
             &self.engine,
             &self.plugin_dir,
             &self.library,
-            self.trusted_keys.as_deref(),
+            &self.provenance,
             &self.telemetry,
         );
         let previous = self.pipeline.endpoints();
@@ -217,10 +216,13 @@ pub async fn start(
     let mut control = Some(Control {
         engine,
         plugin_dir,
-        trusted_keys: config
-            .plugins
-            .require_signatures
-            .then(|| config.plugins.trusted_keys.clone()),
+        provenance: Provenance {
+            trusted_keys: config
+                .plugins
+                .require_signatures
+                .then(|| config.plugins.trusted_keys.clone()),
+            pinned: config.plugins.pinned.clone(),
+        },
         config_file,
         endpoints: config.endpoints.clone(),
         library: Library::default(),

@@ -39,6 +39,8 @@ pub struct PluginsConfig {
     pub require_signatures: bool,
     /// The ed25519 public keys (base64) whose signatures are trusted.
     pub trusted_keys: Vec<PublicKey>,
+    /// `[plugins.pinned]`: plugin name → the hex SHA-256 its file must have.
+    pub pinned: BTreeMap<String, String>,
     /// CPU time one plugin call may take (the guest's own thread's CPU time: a call that
     /// is merely descheduled on a busy machine is not cut).
     pub call_deadline_ms: u64,
@@ -60,6 +62,7 @@ impl Default for PluginsConfig {
             cache_dir: None,
             require_signatures: false,
             trusted_keys: Vec::new(),
+            pinned: BTreeMap::new(),
             call_deadline_ms: 10,
             call_wall_limit_ms: 1_000,
             memory_limit_mib: 64,
@@ -309,6 +312,18 @@ impl Config {
                     .to_string(),
             });
         }
+        for (name, hash) in &mut config.plugins.pinned {
+            if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    problem: format!(
+                        "plugins.pinned.{name} is '{hash}', not a SHA-256 (64 hex digits, as \
+                         `sha256sum` or GET /admin/plugins show it)"
+                    ),
+                });
+            }
+            hash.make_ascii_lowercase();
+        }
         if let Some(base) = path.parent() {
             config.models.dir = base.join(&config.models.dir);
             config.models.onnxruntime_library =
@@ -434,6 +449,22 @@ mod tests {
                 (loaded, _) => panic!("{plugins}: {loaded:?}"),
             }
         }
+    }
+
+    #[test]
+    fn pinned_hashes_are_sha256s() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("modelyard.toml");
+        let hash = "AB".repeat(32);
+        std::fs::write(&path, format!("[plugins.pinned]\nweighted = \"{hash}\"\n")).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.plugins.pinned["weighted"], "ab".repeat(32));
+        std::fs::write(&path, "[plugins.pinned]\nweighted = \"abc\"\n").unwrap();
+        let error = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("plugins.pinned.weighted is 'abc'"),
+            "{error}"
+        );
     }
 
     #[test]

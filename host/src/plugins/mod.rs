@@ -34,7 +34,7 @@ pub use contract::{HOST_VERSION, PACKAGE, WorldKind};
 pub use convert::{from_plugin, to_plugin};
 pub use engine::{Inspection, Plugin, PluginEngine, Prepared};
 pub use error::PluginError;
-pub use library::{Library, PluginFile};
+pub use library::{Library, PluginFile, Provenance};
 pub use pool::{Direction, Pool};
 pub use sandbox::Limits;
 pub use scaffold::{ScaffoldError, new_plugin};

@@ -1,7 +1,7 @@
 //! Where plugin code comes from: with `plugins.require_signatures`, only components signed
-//! (with the real `modelyard plugin keygen` and `sign`) by a trusted key load, the rest are
-//! refused with the reason in the admin API and the audit trail; `plugin verify` says the
-//! same by its exit status. And a compiled-plugin cache other users could write stops the
+//! (with the real `modelyard plugin keygen` and `sign`) by a trusted key load, and pinned
+//! ones only with their pinned SHA-256; the rest are refused with the reason in the admin
+//! API and the audit trail. `plugin verify` says the same by its exit status. And a compiled-plugin cache other users could write stops the
 //! server from starting.
 
 use std::os::unix::fs::PermissionsExt;
@@ -75,7 +75,7 @@ fn plugin_states(server: &crate::harness::Server) -> Vec<(String, String, String
 }
 
 #[test]
-fn only_plugins_signed_by_a_trusted_key_load() {
+fn only_plugins_signed_by_a_trusted_key_and_as_pinned_load() {
     let keys = tempfile::tempdir().unwrap();
     let (trusted, public) = keygen(keys.path(), "trusted.pem");
     let (stranger, _) = keygen(keys.path(), "stranger.pem");
@@ -84,6 +84,7 @@ fn only_plugins_signed_by_a_trusted_key_load() {
         ("iris-features.wasm", component("iris-features", None)),
         ("untrusted.wasm", component("weighted", None)),
         ("tampered.wasm", component("iris-features", None)),
+        ("pinned.wasm", component("weighted", None)),
     ]);
     let dir = setup.plugins.path();
     sign(&trusted, &dir.join("weighted.wasm"));
@@ -91,9 +92,17 @@ fn only_plugins_signed_by_a_trusted_key_load() {
     // Signed as one component, then swapped for another under the same signature.
     sign(&trusted, &dir.join("tampered.wasm"));
     drop_in(&component("weighted", None), dir, "tampered.wasm");
+    // Well signed, but pinned to another component's hash.
+    sign(&trusted, &dir.join("pinned.wasm"));
+    let sha256 = |name: &str| {
+        let bytes = std::fs::read(component(name, None)).unwrap();
+        modelyard::plugins::component_hash(&bytes)
+    };
+    let (weighted, features) = (sha256("weighted"), sha256("iris-features"));
 
     let config = format!(
-        "require_signatures = true\ntrusted_keys = [{public:?}]\n{AB}\
+        "require_signatures = true\ntrusted_keys = [{public:?}]\n\
+         [plugins.pinned]\nweighted = {weighted:?}\npinned = {features:?}\n{AB}\
          [endpoints.features]\nvariants = {{ only = \"iris\" }}\n\
          [[endpoints.features.processors]]\nplugin = \"iris-features\"\n"
     );
@@ -109,7 +118,13 @@ fn only_plugins_signed_by_a_trusted_key_load() {
     let names: Vec<&str> = states.iter().map(|(n, _, _)| n.as_str()).collect();
     assert_eq!(
         names,
-        ["iris-features", "tampered", "untrusted", "weighted"]
+        [
+            "iris-features",
+            "pinned",
+            "tampered",
+            "untrusted",
+            "weighted"
+        ]
     );
     for (name, state, refused) in &states {
         let reason = match name.as_str() {
@@ -119,6 +134,7 @@ fn only_plugins_signed_by_a_trusted_key_load() {
             }
             "iris-features" => "not signed: there is no iris-features.wasm.sig beside it",
             "untrusted" => "which is not a trusted key",
+            "pinned" => "not the one plugins.pinned gives for 'pinned'",
             _ => "does not match its bytes",
         };
         assert_eq!(state, "refused", "{name}");
@@ -142,6 +158,7 @@ fn only_plugins_signed_by_a_trusted_key_load() {
             ("iris-features", "not signed"),
             ("untrusted", "not a trusted key"),
             ("tampered", "does not match its bytes"),
+            ("pinned", "plugins.pinned"),
         ]
         .iter()
         .all(|(name, reason)| {
@@ -156,7 +173,7 @@ fn only_plugins_signed_by_a_trusted_key_load() {
             && c["to"]
                 .as_str()
                 .unwrap()
-                .contains(&format!("signed by {public}"))),
+                .contains(&format!("pinned, signed by {public}"))),
         "{loaded:?}"
     );
 
