@@ -147,44 +147,67 @@ fn owned_alone(
 /// The key in `path`, made (32 random bytes, 0600) if there is none. Only the server's
 /// user may read it: whoever has it can make an artefact pass.
 fn read_or_create_key(path: &Path) -> Result<[u8; KEY_LEN], CacheError> {
-    let created = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path);
-    match created {
-        Ok(mut file) => {
-            let mut key = [0u8; KEY_LEN];
-            SystemRandom::new()
-                .fill(&mut key)
-                .map_err(|_| CacheError::Unusable {
-                    path: path.to_path_buf(),
-                    problem: "the system's random number generator failed".to_string(),
-                })?;
-            file.write_all(&key)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| CacheError::io(path, e))?;
-            Ok(key)
-        }
-        // Made before, or by another server starting at the same time.
+    match File::open(path) {
+        Ok(file) => return read_key(path, file),
+        Err(error) if error.kind() == ErrorKind::NotFound => {}
+        Err(error) => return Err(CacheError::io(path, error)),
+    }
+    // The key, and a name of its own for the file it is first written to.
+    let (mut key, mut nonce) = ([0u8; KEY_LEN], [0u8; 8]);
+    let random = SystemRandom::new();
+    random
+        .fill(&mut key)
+        .and_then(|()| random.fill(&mut nonce))
+        .map_err(|_| CacheError::Unusable {
+            path: path.to_path_buf(),
+            problem: "the system's random number generator failed".to_string(),
+        })?;
+    // Written whole under that name, then linked in place (which fails if a key is there):
+    // whoever starts at the same time reads a whole key, the one key.
+    let temp = path.with_extension(format!("tmp{}", u64::from_le_bytes(nonce)));
+    let linked = write_private(&temp, &[&key]).and_then(|()| std::fs::hard_link(&temp, path));
+    if let Err(error) = std::fs::remove_file(&temp) {
+        tracing::warn!(file = %temp.display(), %error, "cannot remove a temporary key file");
+    }
+    match linked {
+        Ok(()) => Ok(key),
         Err(error) if error.kind() == ErrorKind::AlreadyExists => {
-            let mut file = File::open(path).map_err(|e| CacheError::io(path, e))?;
-            let metadata = file.metadata().map_err(|e| CacheError::io(path, e))?;
-            owned_alone(path, &metadata, 0o077, 0o600)?;
-            let mut key = Vec::new();
-            file.read_to_end(&mut key)
-                .map_err(|e| CacheError::io(path, e))?;
-            <[u8; KEY_LEN]>::try_from(key.as_slice()).map_err(|_| CacheError::Unusable {
-                path: path.to_path_buf(),
-                problem: format!(
-                    "the key is {} bytes, not {KEY_LEN}; remove it and a new one is made (the \
-                     cached plugins then compile once again)",
-                    key.len()
-                ),
-            })
+            let file = File::open(path).map_err(|e| CacheError::io(path, e))?;
+            read_key(path, file)
         }
         Err(error) => Err(CacheError::io(path, error)),
     }
+}
+
+/// The key in `file`, refused if another user owns it or could read it.
+fn read_key(path: &Path, mut file: File) -> Result<[u8; KEY_LEN], CacheError> {
+    let metadata = file.metadata().map_err(|e| CacheError::io(path, e))?;
+    owned_alone(path, &metadata, 0o077, 0o600)?;
+    let mut key = Vec::new();
+    file.read_to_end(&mut key)
+        .map_err(|e| CacheError::io(path, e))?;
+    <[u8; KEY_LEN]>::try_from(key.as_slice()).map_err(|_| CacheError::Unusable {
+        path: path.to_path_buf(),
+        problem: format!(
+            "the key is {} bytes, not {KEY_LEN}; remove it and a new one is made (the \
+             cached plugins then compile once again)",
+            key.len()
+        ),
+    })
+}
+
+/// Creates or truncates `path`, readable and writable by its owner alone, with `parts`.
+fn write_private(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
+    file.sync_all()
 }
 
 pub struct ArtifactCache {
@@ -297,15 +320,7 @@ fn verified<'a>(cache: &CacheDir, name: &str, file: &'a [u8]) -> Option<&'a [u8]
 fn write_tagged(cache: &CacheDir, name: &str, artefact: &[u8]) -> std::io::Result<()> {
     let path = cache.dir.join(name);
     let temp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)?;
-    file.write_all(tag(cache, name, artefact).as_ref())?;
-    file.write_all(artefact)?;
-    drop(file);
+    write_private(&temp, &[tag(cache, name, artefact).as_ref(), artefact])?;
     std::fs::rename(&temp, &path)
 }
 
@@ -384,6 +399,25 @@ mod tests {
         std::fs::copy(dir.path().join(cache.file_name(&other)), &path).unwrap();
         let component = cache.get_or_compile(&engine, &honest).unwrap();
         assert_eq!(call(&engine, &component), 42);
+    }
+
+    #[test]
+    fn servers_starting_together_share_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let artefact = b"the same bytes";
+        let tags: Vec<Vec<u8>> = std::thread::scope(|scope| {
+            let opening: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| CacheDir::open(&cache).unwrap()))
+                .collect();
+            opening
+                .into_iter()
+                .map(|o| tag(&o.join().unwrap(), "a", artefact).as_ref().to_vec())
+                .collect()
+        });
+        assert!(tags.iter().all(|t| *t == tags[0]));
+        let names: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
     }
 
     #[test]
