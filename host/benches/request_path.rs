@@ -16,7 +16,7 @@ use modelyard::endpoint::{Build, EndpointSet};
 use modelyard::http::{OutputEncoding, decode_request, encode_response};
 use modelyard::pipeline::{InferRequest, Options, Pipeline};
 use modelyard::plugins::{
-    Datatype, Direction, Library, Limits, Plugin, PluginEngine, RequestContext, Tensor,
+    Datatype, Direction, Library, Limits, Plugin, PluginEngine, Provenance, RequestContext, Tensor,
     VariantStats,
 };
 use modelyard::registry::ModelRepository;
@@ -389,6 +389,7 @@ fn plugin_chain(
             engine,
             plugins.path(),
             &Library::default(),
+            &Provenance::default(),
             &Telemetry::off(),
         );
         let prepared = library.files["weighted"].prepared.clone().unwrap();
@@ -434,7 +435,13 @@ fn plugin_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 fn bind(pipeline: &Pipeline, plugins: &Path, config: &Config) -> (Library, EndpointSet) {
     let engine = PluginEngine::new(Limits::default(), None, false).unwrap();
     let telemetry = Telemetry::off();
-    let library = Library::scan(&engine, plugins, &Library::default(), &telemetry);
+    let library = Library::scan(
+        &engine,
+        plugins,
+        &Library::default(),
+        &Provenance::default(),
+        &telemetry,
+    );
     let endpoints = Build {
         configs: &config.endpoints,
         library: &library,

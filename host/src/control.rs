@@ -19,7 +19,9 @@ use notify::RecursiveMode;
 use crate::config::{Config, EndpointConfig};
 use crate::endpoint::{Build, EndpointSet};
 use crate::pipeline::Pipeline;
-use crate::plugins::{Library, Limits, PluginEngine, PluginError};
+use crate::plugins::{
+    CacheDir, CacheError, Library, Limits, PluginEngine, PluginError, Provenance, default_cache_dir,
+};
 use crate::telemetry::{Change, Telemetry};
 use crate::watch::{Watch, WatchError};
 
@@ -34,11 +36,14 @@ pub enum ControlError {
     Watch(#[from] WatchError),
     #[error(transparent)]
     Plugins(#[from] PluginError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 struct Control {
     engine: PluginEngine,
     plugin_dir: PathBuf,
+    provenance: Provenance,
     config_file: Option<PathBuf>,
     endpoints: BTreeMap<String, EndpointConfig>,
     library: Library,
@@ -83,6 +88,7 @@ impl Control {
             &self.engine,
             &self.plugin_dir,
             &self.library,
+            &self.provenance,
             &self.telemetry,
         );
         let previous = self.pipeline.endpoints();
@@ -252,12 +258,8 @@ pub async fn start(
         // Plugins run on an inference slot: no more calls than slots run at once.
         idle_instances: config.inference_threads(),
     };
-    let cache_dir = config
-        .plugins
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("modelyard-cache"));
-    let engine = PluginEngine::new(limits, Some(cache_dir), config.plugins.pooling_allocator)?;
+    let cache = cache_dir(config.plugins.cache_dir.as_deref())?;
+    let engine = PluginEngine::new(limits, cache, config.plugins.pooling_allocator)?;
     // Directories as the watch reports its events' paths: canonical, so that they compare
     // equal to the followed files'.
     let plugin_dir = plugin_dir.canonicalize().unwrap_or(plugin_dir);
@@ -289,6 +291,13 @@ pub async fn start(
     let mut control = Some(Control {
         engine,
         plugin_dir,
+        provenance: Provenance {
+            trusted_keys: config
+                .plugins
+                .require_signatures
+                .then(|| config.plugins.trusted_keys.clone()),
+            pinned: config.plugins.pinned.clone(),
+        },
         config_file,
         endpoints: config.endpoints.clone(),
         library: Library::default(),
@@ -305,6 +314,31 @@ pub async fn start(
         }
     }))
 }
+
+/// The compiled-plugin cache: the configured directory, which must be usable and safe (else
+/// the server does not start), or the user's cache directory, without which plugins are
+/// compiled at every start. An unsafe directory is refused either way.
+fn cache_dir(configured: Option<&std::path::Path>) -> Result<Option<CacheDir>, CacheError> {
+    if let Some(dir) = configured {
+        return CacheDir::open(dir).map(Some);
+    }
+    let advice = "set plugins.cache_dir to a directory only the server's user can write to keep compiled plugins between runs";
+    let Some(dir) = default_cache_dir() else {
+        tracing::warn!(
+            "neither XDG_CACHE_HOME nor HOME names a directory: plugins are compiled at every start; {advice}"
+        );
+        return Ok(None);
+    };
+    match CacheDir::open(&dir) {
+        Ok(cache) => Ok(Some(cache)),
+        Err(CacheError::Unusable { path, problem }) => {
+            tracing::warn!(dir = %path.display(), %problem, "cannot use the default compiled-plugin cache: plugins are compiled at every start; {advice}");
+            Ok(None)
+        }
+        Err(refused) => Err(refused),
+    }
+}
+
 
 /// One refresh (`step`: [`Control::refresh`]), off the reactor. A refresh that panics
 /// leaves the control as it was (whatever it had applied stays, what serves keeps
@@ -537,6 +571,10 @@ mod tests {
         let control = Some(Control {
             engine: PluginEngine::new(Limits::default(), None, false).unwrap(),
             plugin_dir: plugin_dir.clone(),
+            provenance: Provenance {
+                trusted_keys: None,
+                pinned: BTreeMap::new(),
+            },
             config_file: Some(file.clone()),
             endpoints: BTreeMap::new(),
             library: Library::default(),

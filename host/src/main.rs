@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use modelyard::config::Config;
-use modelyard::plugins::{HOST_VERSION, Limits, PACKAGE, PluginEngine, WorldKind, new_plugin};
+use modelyard::config::{Config, PublicKey};
+use modelyard::plugins::{
+    HOST_VERSION, Limits, PACKAGE, PluginEngine, SigningKey, WorldKind, new_plugin, read_signature,
+    verify,
+};
 use modelyard::telemetry::{self, LogFormat};
 
 /// Modelyard serves ONNX models over the Open Inference Protocol (KServe v2).
@@ -40,7 +43,7 @@ enum Command {
         #[arg(long, short)]
         models: Option<PathBuf>,
     },
-    /// Check and create plugins (WebAssembly components for wasm32-wasip2).
+    /// Check, create and sign plugins (WebAssembly components for wasm32-wasip2).
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
@@ -70,6 +73,33 @@ enum PluginCommand {
         /// registry's: written as a `[patch.crates-io]` entry.
         #[arg(long)]
         sdk: Option<PathBuf>,
+    },
+    /// Make an ed25519 key pair for signing plugins: the private key goes to `--out`
+    /// (PKCS#8 PEM, mode 0600); the public key (base64) is printed on stdout, for
+    /// `plugins.trusted_keys`.
+    Keygen {
+        /// The private key file to create; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a component with a private key: writes `<file>.sig` beside it, which goes into
+    /// the plugin directory with the component.
+    Sign {
+        /// The private key file `keygen` wrote.
+        #[arg(long)]
+        key: PathBuf,
+        file: PathBuf,
+    },
+    /// Check a component's `<file>.sig`: exit status 0 and who signed it, or 1 and why it
+    /// is not signed by a trusted key.
+    Verify {
+        /// A trusted public key (base64); repeat for several.
+        #[arg(long = "key", required_unless_present = "config")]
+        keys: Vec<PublicKey>,
+        /// Trust the keys of this configuration's `plugins.trusted_keys`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        file: PathBuf,
     },
 }
 
@@ -121,6 +151,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 root.display(),
                 root.display()
             );
+            Ok(())
+        }
+        Command::Plugin {
+            command: PluginCommand::Keygen { out },
+        } => {
+            let key = SigningKey::generate(&out)?;
+            eprintln!(
+                "wrote the private key to {} (keep it secret: it signs plugins); trust the \
+                 public key below with plugins.trusted_keys",
+                out.display()
+            );
+            println!("{}", key.public_key());
+            Ok(())
+        }
+        Command::Plugin {
+            command: PluginCommand::Sign { key, file },
+        } => {
+            let key = SigningKey::read(&key)?;
+            let written = key.sign_file(&file)?;
+            println!(
+                "wrote {} (signed by {})",
+                written.display(),
+                key.public_key()
+            );
+            Ok(())
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Verify {
+                    mut keys,
+                    config,
+                    file,
+                },
+        } => {
+            if let Some(config) = config {
+                keys.extend(Config::load(&config)?.plugins.trusted_keys);
+            }
+            anyhow::ensure!(!keys.is_empty(), "no trusted keys to verify with");
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let signer = verify(&bytes, &read_signature(&file), &keys)
+                .with_context(|| format!("{} is not accepted", file.display()))?;
+            println!("{}: signed by {signer}", file.display());
             Ok(())
         }
     }

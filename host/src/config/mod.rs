@@ -3,8 +3,12 @@
 //!
 //! Owns: reading and checking the file. Must not touch: anything the settings configure.
 
+mod keys;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+pub use keys::PublicKey;
 
 /// The whole configuration file.
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
@@ -29,7 +33,14 @@ pub struct PluginsConfig {
     /// Where operators drop `*.wasm` components; watched while the server runs.
     pub dir: PathBuf,
     /// Compiled components, kept between runs; outside `dir`, writable by the server alone.
+    /// Default: `$XDG_CACHE_HOME/modelyard`, else `$HOME/.cache/modelyard`.
     pub cache_dir: Option<PathBuf>,
+    /// Refuse every component without a `<file>.wasm.sig` made by one of `trusted_keys`.
+    pub require_signatures: bool,
+    /// The ed25519 public keys (base64) whose signatures are trusted.
+    pub trusted_keys: Vec<PublicKey>,
+    /// `[plugins.pinned]`: plugin name → the hex SHA-256 its file must have.
+    pub pinned: BTreeMap<String, String>,
     /// CPU time one plugin call may take (the guest's own thread's CPU time: a call that
     /// is merely descheduled on a busy machine is not cut).
     pub call_deadline_ms: u64,
@@ -49,6 +60,9 @@ impl Default for PluginsConfig {
         PluginsConfig {
             dir: PathBuf::from("plugins"),
             cache_dir: None,
+            require_signatures: false,
+            trusted_keys: Vec::new(),
+            pinned: BTreeMap::new(),
             call_deadline_ms: 10,
             call_wall_limit_ms: 1_000,
             memory_limit_mib: 64,
@@ -337,6 +351,27 @@ impl Config {
                 });
             }
         }
+        if plugins.require_signatures && plugins.trusted_keys.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem: "plugins.require_signatures is true but plugins.trusted_keys is \
+                          empty: no plugin could load; add the public key that \
+                          `modelyard plugin keygen` printed"
+                    .to_string(),
+            });
+        }
+        for (name, hash) in &mut config.plugins.pinned {
+            if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    problem: format!(
+                        "plugins.pinned.{name} is '{hash}', not a SHA-256 (64 hex digits, as \
+                         `sha256sum` or GET /admin/plugins show it)"
+                    ),
+                });
+            }
+            hash.make_ascii_lowercase();
+        }
         if let Some(base) = path.parent() {
             config.models.dir = base.join(&config.models.dir);
             config.models.onnxruntime_library =
@@ -441,6 +476,54 @@ mod tests {
             let loaded = Config::load(&path);
             assert_eq!(loaded.is_ok(), ok, "{limits}: {loaded:?}");
         }
+    }
+
+    #[test]
+    fn trusted_keys_are_checked_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("modelyard.toml");
+        let good = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        for (plugins, refused) in [
+            (
+                format!("trusted_keys = [\"{good}\"]\nrequire_signatures = true"),
+                None,
+            ),
+            (
+                format!("trusted_keys = [\"{good}\", \"c2hvcnQ=\"]"),
+                Some("'c2hvcnQ=' is not an ed25519 public key (5 bytes, not 32)"),
+            ),
+            (
+                "require_signatures = true".to_string(),
+                Some("plugins.trusted_keys is empty"),
+            ),
+        ] {
+            std::fs::write(&path, format!("[plugins]\n{plugins}\n")).unwrap();
+            match (Config::load(&path), refused) {
+                (Ok(config), None) => assert_eq!(config.plugins.trusted_keys[0].0, [0; 32]),
+                (Err(error), Some(says)) => {
+                    let error = error.to_string();
+                    assert!(error.contains(says), "{error}");
+                    assert!(error.contains("trusted_keys"), "{error}");
+                }
+                (loaded, _) => panic!("{plugins}: {loaded:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pinned_hashes_are_sha256s() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("modelyard.toml");
+        let hash = "AB".repeat(32);
+        std::fs::write(&path, format!("[plugins.pinned]\nweighted = \"{hash}\"\n")).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.plugins.pinned["weighted"], "ab".repeat(32));
+        std::fs::write(&path, "[plugins.pinned]\nweighted = \"abc\"\n").unwrap();
+        let error = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("plugins.pinned.weighted is 'abc'"),
+            "{error}"
+        );
     }
 
     #[test]

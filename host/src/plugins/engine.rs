@@ -6,7 +6,6 @@
 //! the rule for which components are plugins of which version (`contract`), running calls
 //! (`pool`), the plugin directory (`library`).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,7 +14,7 @@ use semver::Version;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use super::cache::ArtifactCache;
+use super::cache::{ArtifactCache, CacheDir};
 use super::contract::{self, HOST_VERSION, WorldKind};
 use super::error::PluginError;
 use super::pool::Pool;
@@ -72,7 +71,7 @@ pub struct PluginEngine {
 }
 
 impl PluginEngine {
-    /// `cache_dir` keeps compiled components between runs and swaps; `None` compiles every
+    /// `cache` keeps compiled components between runs and swaps; `None` compiles every
     /// time.
     ///
     /// `pooling` preallocates instance slots (the pooling allocator): fresh instances get
@@ -80,7 +79,7 @@ impl PluginEngine {
     /// which some hosts refuse.
     pub fn new(
         limits: Limits,
-        cache_dir: Option<PathBuf>,
+        cache: Option<CacheDir>,
         pooling: bool,
     ) -> Result<PluginEngine, PluginError> {
         let mut config = Config::new();
@@ -113,7 +112,7 @@ impl PluginEngine {
                 }
             })
             .map_err(|e| PluginError::Engine(e.into()))?;
-        let cache = ArtifactCache::new(cache_dir, &engine);
+        let cache = ArtifactCache::new(cache, &engine);
         Ok(PluginEngine {
             engine,
             linker,

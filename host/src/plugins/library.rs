@@ -1,6 +1,8 @@
 //! The plugin directory as the last scan found it: one entry per `*.wasm` file, compiled
 //! and identified off the request path. A file that fails is refused, and the version that
-//! was prepared from the previous file keeps serving.
+//! was prepared from the previous file keeps serving. A file that does not prove where it
+//! comes from (a good `<file>.wasm.sig` by a trusted key, when signatures are required; the
+//! pinned SHA-256, when its name has one) is refused before it is compiled.
 //!
 //! Owns: the scan's outcome per file, and reporting loads, swaps and refusals (log, audit,
 //! metrics). Must not touch: when to scan (the watcher), which endpoints use a file (the
@@ -13,6 +15,9 @@ use std::time::SystemTime;
 
 use super::cache::component_hash;
 use super::engine::{PluginEngine, Prepared};
+use super::error::PluginError;
+use super::signature::{Signature, read_signature, verify};
+use crate::config::PublicKey;
 use crate::telemetry::{Change, Load, Telemetry};
 use crate::watch::is_ignored;
 
@@ -29,6 +34,43 @@ pub struct PluginFile {
     pub error: Option<String>,
     /// The hash of the file now on disk, so it is prepared once, refused or not.
     seen: String,
+    /// Its signature file as it was then, when signatures are required.
+    seen_signature: Option<Signature>,
+}
+
+/// What a component must prove before it is compiled; fixed at start.
+#[derive(Clone, Debug, Default)]
+pub struct Provenance {
+    /// When signatures are required: the keys one of which must have signed it.
+    pub trusted_keys: Option<Vec<PublicKey>>,
+    /// Plugin name → the hex SHA-256 its file must have.
+    pub pinned: BTreeMap<String, String>,
+}
+
+impl Provenance {
+    /// What the component proved (for the log and the audit trail), or why it is refused.
+    fn check(
+        &self,
+        name: &str,
+        hash: &str,
+        bytes: &[u8],
+        signature: Option<&Signature>,
+    ) -> Result<String, String> {
+        let mut proved = String::new();
+        if let Some(pin) = self.pinned.get(name) {
+            if pin != hash {
+                return Err(format!(
+                    "its SHA-256 is {hash}, not the one plugins.pinned gives for '{name}' ({pin})"
+                ));
+            }
+            proved.push_str(", pinned");
+        }
+        if let (Some(keys), Some(signature)) = (&self.trusted_keys, signature) {
+            let key = verify(bytes, signature, keys).map_err(|e| e.to_string())?;
+            proved.push_str(&format!(", signed by {key}"));
+        }
+        Ok(proved)
+    }
 }
 
 /// Every plugin file, as of one scan.
@@ -39,11 +81,14 @@ pub struct Library {
 
 impl Library {
     /// Rescans `dir`: unchanged files keep their prepared component, changed and new ones
-    /// are prepared, removed ones are dropped.
+    /// are prepared, removed ones are dropped. Only components that prove their
+    /// `provenance` are prepared; when signatures are required, a new or changed signature
+    /// file counts as a change to its component.
     pub fn scan(
         engine: &PluginEngine,
         dir: &Path,
         previous: &Library,
+        provenance: &Provenance,
         telemetry: &Telemetry,
     ) -> Library {
         let entries = match std::fs::read_dir(dir) {
@@ -67,7 +112,9 @@ impl Library {
             }
             let before = previous.files.get(name);
             let file = match std::fs::read(&path) {
-                Ok(bytes) => Self::prepare(engine, name, &path, &bytes, before, telemetry),
+                Ok(bytes) => {
+                    Self::prepare(engine, name, &path, &bytes, provenance, before, telemetry)
+                }
                 Err(error) => {
                     tracing::warn!(file = %path.display(), %error, "cannot read plugin file");
                     continue;
@@ -91,23 +138,36 @@ impl Library {
         name: &str,
         path: &Path,
         bytes: &[u8],
+        provenance: &Provenance,
         before: Option<&PluginFile>,
         telemetry: &Telemetry,
     ) -> PluginFile {
         let seen = component_hash(bytes);
-        if let Some(before) = before.filter(|b| b.seen == seen) {
+        let seen_signature = provenance
+            .trusted_keys
+            .as_ref()
+            .map(|_| read_signature(path));
+        if let Some(before) =
+            before.filter(|b| b.seen == seen && b.seen_signature == seen_signature)
+        {
             return before.clone();
         }
-        match engine.prepare(name, bytes) {
-            Ok(prepared) => {
-                tracing::info!(plugin = name, world = prepared.world.as_str(), hash = %seen, "plugin loaded");
+        let proved = provenance
+            .check(name, &seen, bytes, seen_signature.as_ref())
+            .map_err(|reason| PluginError::Refused {
+                plugin: name.to_string(),
+                reason,
+            });
+        match proved.and_then(|proved| Ok((engine.prepare(name, bytes)?, proved))) {
+            Ok((prepared, proved)) => {
+                tracing::info!(plugin = name, world = prepared.world.as_str(), hash = %seen, "plugin loaded{proved}");
                 let from = before.and_then(|b| b.hash.clone());
                 let kind = if from.is_some() {
                     "plugin.swapped"
                 } else {
                     "plugin.loaded"
                 };
-                let to = format!("{} world, sha256 {seen}", prepared.world.as_str());
+                let to = format!("{} world, sha256 {seen}{proved}", prepared.world.as_str());
                 report(
                     telemetry,
                     Load::Loaded,
@@ -124,6 +184,7 @@ impl Library {
                     prepared: Some(Arc::new(prepared)),
                     error: None,
                     seen,
+                    seen_signature,
                 }
             }
             Err(error) => {
@@ -145,6 +206,7 @@ impl Library {
                     prepared: before.and_then(|b| b.prepared.clone()),
                     error: Some(error.to_string()),
                     seen,
+                    seen_signature,
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! apply live (bad ones are refused), the admin API's tokens, compiled plugins cached.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -228,18 +229,24 @@ fn the_admin_api_takes_a_bearer_token_and_compiled_plugins_are_cached() {
         .iter()
         .map(|p| p["hash"].as_str().unwrap().to_string())
         .collect();
-    // One artifact per component, named by its hash, outside the plugin directory.
-    let cached: BTreeSet<String> = std::fs::read_dir(setup.cache.path())
+    // One artifact per component, named by its hash, outside the plugin directory, beside
+    // the installation's key; nothing in it open to other users.
+    let names: Vec<String> = std::fs::read_dir(setup.cache.path())
         .unwrap()
-        .map(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .split('-')
-                .next()
-                .unwrap()
-                .to_string()
-        })
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let cached: BTreeSet<String> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(".cwasm"))
+        .map(|n| n.split('-').next().unwrap().to_string())
         .collect();
     assert_eq!(cached, hashes);
+    assert_eq!(names.len(), hashes.len() + 1, "{names:?}");
+    for name in &names {
+        let mode = std::fs::metadata(setup.cache.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{name}: {mode:o}");
+    }
 }

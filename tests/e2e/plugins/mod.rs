@@ -1,12 +1,14 @@
 //! Endpoints served through real plugin components, built from source by `tests/run`
 //! (`plugins/build`), by feature: the standard plugins, hostile fixtures, live changes
 //! (hot swaps under load, configuration edits, the admin API), feedback and experiments,
-//! the fallback variant; with the setup they share.
+//! the fallback variant, signed plugins and the compiled-plugin cache; with the setup they
+//! share.
 
 mod fallback;
 mod feedback;
 mod hostile;
 mod live_changes;
+mod provenance;
 mod standard;
 
 use std::path::{Path, PathBuf};
