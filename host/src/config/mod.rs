@@ -245,6 +245,9 @@ impl Default for ModelsConfig {
     }
 }
 
+/// The most shadow requests that may wait (`server.shadow_queue`).
+const MAX_SHADOW_QUEUE: usize = 1 << 16;
+
 /// A settings file that cannot be used, with its path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -286,6 +289,16 @@ impl Config {
                      deadline must be above 0 and the wall-clock limit at least as long (a \
                      shorter one would cut calls by the clock again)",
                     plugins.call_deadline_ms, plugins.call_wall_limit_ms
+                ),
+            });
+        }
+        // The shadow queue's slots are allocated when the server starts.
+        if config.server.shadow_queue > MAX_SHADOW_QUEUE {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "server.shadow_queue is {}; at most {MAX_SHADOW_QUEUE}",
+                    config.server.shadow_queue
                 ),
             });
         }
@@ -390,3 +403,6 @@ mod tests {
         assert!(err.to_string().contains("listen_on"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod fuzz;
