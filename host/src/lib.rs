@@ -16,6 +16,8 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod endpoint;
+#[cfg(test)]
+mod fuzzing;
 pub mod http;
 pub mod pipeline;
 pub mod plugins;

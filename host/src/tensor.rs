@@ -125,6 +125,53 @@ impl Tensor {
         shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
     }
 
+    /// A shape as the protocol and the plugin contract carry it. Their dimensions are
+    /// int64: `None` if one is above `i64::MAX`, which a backend would read as negative
+    /// (even in a tensor of no elements).
+    pub fn shape_from_wire(dims: &[u64]) -> Option<Vec<usize>> {
+        dims.iter()
+            .map(|&d| i64::try_from(d).ok().and_then(|d| usize::try_from(d).ok()))
+            .collect()
+    }
+
+    /// Checks that `data` is exactly `count` valid elements of `datatype`: the check data
+    /// from outside (a client's binary data, a plugin's output) passes before a backend
+    /// reads it as the shape says.
+    pub fn check_data(datatype: DataType, count: usize, data: &[u8]) -> Result<(), String> {
+        match datatype.element_size() {
+            Some(size) => {
+                let want = count.saturating_mul(size);
+                if data.len() != want {
+                    return Err(format!(
+                        "{} bytes, but the shape's {count} {datatype} elements take {want}",
+                        data.len()
+                    ));
+                }
+            }
+            None => {
+                let elements = Tensor::byte_elements(data).ok_or_else(|| {
+                    "BYTES data is not a sequence of 4-byte little-endian lengths, each followed by that many bytes".to_string()
+                })?;
+                if elements.len() != count {
+                    return Err(format!(
+                        "{} BYTES elements, but the shape needs {count}",
+                        elements.len()
+                    ));
+                }
+            }
+        }
+        // Backends read BOOL bytes as C++ or Rust bools, for which any value but 0 and 1
+        // is undefined.
+        if datatype == DataType::Bool
+            && let Some((at, byte)) = data.iter().enumerate().find(|(_, b)| **b > 1)
+        {
+            return Err(format!(
+                "BOOL element {at} is the byte {byte}; a BOOL is one byte, 0 or 1"
+            ));
+        }
+        Ok(())
+    }
+
     /// Splits BYTES data into its elements; `None` if the length prefixes do not add up.
     pub fn byte_elements(data: &[u8]) -> Option<Vec<&[u8]>> {
         let mut elements = Vec::new();

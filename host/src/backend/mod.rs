@@ -93,6 +93,11 @@ pub fn warm_up(graph: &LoadedGraph, batches: &[usize]) -> Result<Duration, RunEr
     Ok(fastest)
 }
 
+/// The largest warm-up input made: a declared shape beyond it (a typo in `model.toml`, a
+/// model that claims a huge fixed input) would take the machine's memory, or abort it,
+/// before any request came.
+const WARM_UP_BYTES: usize = 256 << 20;
+
 fn zeros(spec: &TensorSpec, batch: usize) -> Result<Tensor, RunError> {
     let shape: Vec<usize> = spec
         .shape
@@ -104,17 +109,46 @@ fn zeros(spec: &TensorSpec, batch: usize) -> Result<Tensor, RunError> {
             Err(_) => 1,
         })
         .collect();
-    let count = Tensor::element_count(&shape)
-        .ok_or_else(|| RunError::Failed(format!("input '{}' is too large", spec.name)))?;
-    let data = match spec.datatype.element_size() {
-        Some(size) => vec![0; count * size],
-        // Empty strings: a zero length prefix each.
-        None => vec![0; count * 4],
-    };
+    // Empty strings for BYTES: a zero length prefix each.
+    let size = spec.datatype.element_size().unwrap_or(4);
+    let bytes = Tensor::element_count(&shape)
+        .and_then(|count| count.checked_mul(size))
+        .filter(|&bytes| bytes <= WARM_UP_BYTES)
+        .ok_or_else(|| {
+            RunError::Failed(format!(
+                "input '{}' of shape {shape:?} takes over {WARM_UP_BYTES} bytes, too many to warm up with (warmup = false skips it)",
+                spec.name
+            ))
+        })?;
+    let data = vec![0; bytes];
     Ok(Tensor {
         name: spec.name.clone(),
         datatype: spec.datatype,
         shape,
         data,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DataType;
+
+    #[test]
+    fn warm_up_inputs_of_a_huge_declared_shape_are_refused_not_allocated() {
+        let spec = |shape: Vec<i64>| TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape,
+        };
+        for shape in [vec![-1, 1 << 40], vec![1 << 61], vec![1 << 32, 1 << 32]] {
+            let (made, largest) =
+                crate::fuzzing::largest_allocation(|| zeros(&spec(shape.clone()), 1));
+            let err = made.unwrap_err().to_string();
+            assert!(err.contains("too many to warm up with"), "{shape:?}: {err}");
+            assert!(largest < 1 << 20, "{shape:?}: {largest} bytes");
+        }
+        let made = zeros(&spec(vec![-1, 4]), 3).unwrap();
+        assert_eq!((made.shape, made.data.len()), (vec![3, 4], 48));
+    }
 }

@@ -292,6 +292,9 @@ impl Default for ModelsConfig {
     }
 }
 
+/// The most shadow requests that may wait (`server.shadow_queue`).
+const MAX_SHADOW_QUEUE: usize = 1 << 16;
+
 /// A settings file that cannot be used, with its path.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -371,6 +374,16 @@ impl Config {
                 });
             }
             hash.make_ascii_lowercase();
+        }
+        // The shadow queue's slots are allocated when the server starts.
+        if config.server.shadow_queue > MAX_SHADOW_QUEUE {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "server.shadow_queue is {}; at most {MAX_SHADOW_QUEUE}",
+                    config.server.shadow_queue
+                ),
+            });
         }
         if let Some(base) = path.parent() {
             config.models.dir = base.join(&config.models.dir);
@@ -532,3 +545,6 @@ mod tests {
         assert!(err.to_string().contains("listen_on"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -116,12 +116,13 @@ pub fn decode_request(
                 DataType::ALL.map(DataType::as_str).join(", ")
             ))
         })?;
-        let shape = input
-            .shape
-            .iter()
-            .map(|&d| usize::try_from(d))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| at("a dimension is too large".to_string()))?;
+        let shape = Tensor::shape_from_wire(&input.shape).ok_or_else(|| {
+            at(format!(
+                "a dimension of {:?} is above the protocol's limit of {}",
+                input.shape,
+                i64::MAX
+            ))
+        })?;
         let count = Tensor::element_count(&shape)
             .ok_or_else(|| at("the shape describes too many elements".to_string()))?;
         let data = match (input.parameters.binary_data_size, input.data) {
@@ -148,7 +149,8 @@ pub fn decode_request(
                     ))
                 })?;
                 binary = rest;
-                check_binary(datatype, data, count).map_err(at)?;
+                Tensor::check_data(datatype, count, data)
+                    .map_err(|e| at(format!("binary data: {e}")))?;
                 data.to_vec()
             }
             (None, Some(raw)) => decode_json_data(raw, datatype, count).map_err(at)?,
@@ -204,32 +206,6 @@ pub fn decode_request(
         },
         encoding,
     ))
-}
-
-fn check_binary(datatype: DataType, data: &[u8], count: usize) -> Result<(), String> {
-    match datatype.element_size() {
-        Some(size) => {
-            let want = count.saturating_mul(size);
-            if data.len() != want {
-                return Err(format!(
-                    "binary_data_size is {} bytes, but the shape needs {count} {datatype} elements = {want} bytes",
-                    data.len()
-                ));
-            }
-        }
-        None => {
-            let elements = Tensor::byte_elements(data).ok_or_else(|| {
-                "BYTES binary data is not a sequence of 4-byte little-endian lengths, each followed by that many bytes".to_string()
-            })?;
-            if elements.len() != count {
-                return Err(format!(
-                    "binary data holds {} BYTES elements, but the shape needs {count}",
-                    elements.len()
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 fn decode_json_data(raw: &RawValue, datatype: DataType, count: usize) -> Result<Vec<u8>, String> {
@@ -573,6 +549,182 @@ mod tests {
         assert!(err.to_string().contains("1 bytes of binary data"), "{err}");
     }
 
+    /// One body for each way the decoder refuses a request: the body, whether it is sent
+    /// with its JSON part's length as `Inference-Header-Content-Length` (and binary bytes
+    /// after it), and what the error must say.
+    fn refusals() -> Vec<(String, Option<Vec<u8>>, &'static str)> {
+        let one = |datatype: &str, shape: &str, rest: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"x","datatype":"{datatype}","shape":{shape},{rest}}}]}}"#
+            )
+        };
+        let sized = |datatype: &str, shape: &str, size: u64| {
+            one(
+                datatype,
+                shape,
+                &format!(r#""parameters":{{"binary_data_size":{size}}}"#),
+            )
+        };
+        vec![
+            (
+                "{\"inputs\": [".into(),
+                None,
+                "malformed inference request JSON",
+            ),
+            (one("FP32", "[-1]", r#""data":[1]"#), None, "malformed"),
+            (
+                one(
+                    "FP32",
+                    "[2]",
+                    r#""data":[1,2],"parameters":{"binary_data_size":"8"}"#,
+                ),
+                None,
+                "malformed",
+            ),
+            (
+                one("FLOAT", "[1]", r#""data":[1]"#),
+                None,
+                "unknown datatype 'FLOAT'",
+            ),
+            (
+                one("FP32", "[9223372036854775808]", r#""data":[]"#),
+                None,
+                "above the protocol's limit of 9223372036854775807",
+            ),
+            (
+                one("FP32", "[4294967296,4294967296]", r#""data":[]"#),
+                None,
+                "too many elements",
+            ),
+            (
+                one("FP32", "[1099511627776]", r#""data":[1]"#),
+                None,
+                "data has 1 elements, but the shape needs 1099511627776",
+            ),
+            (
+                one("UINT8", "[1]", r#""data":[256]"#),
+                None,
+                "not a valid UINT8",
+            ),
+            (
+                one(
+                    "FP32",
+                    "[1]",
+                    r#""data":[1],"parameters":{"binary_data_size":4}"#,
+                ),
+                None,
+                "send one",
+            ),
+            (one("FP32", "[1]", r#""name2":1"#), None, "has no data"),
+            (
+                sized("FP32", "[1]", 4),
+                None,
+                "no Inference-Header-Content-Length",
+            ),
+            (
+                sized("FP32", "[1099511627776]", 4),
+                Some(vec![0; 4]),
+                "the shape's 1099511627776 FP32 elements take",
+            ),
+            (
+                sized("FP32", "[1]", 1 << 40),
+                Some(vec![0; 4]),
+                "only 4 bytes of binary data are left",
+            ),
+            (
+                sized("BOOL", "[2]", 2),
+                Some(vec![1, 7]),
+                "BOOL element 1 is the byte 7",
+            ),
+            (
+                sized("BYTES", "[1]", 4),
+                Some(vec![9, 0, 0, 0]),
+                "not a sequence of 4-byte",
+            ),
+            (
+                sized("BYTES", "[1099511627776]", 4),
+                Some(vec![0; 4]),
+                "1 BYTES elements, but the shape needs 1099511627776",
+            ),
+            (
+                sized("INT8", "[1]", 1),
+                Some(vec![1, 2]),
+                "1 bytes of binary data follow the inputs",
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_refusal_says_what_is_wrong() {
+        for (json, binary, says) in refusals() {
+            let mut body = json.clone().into_bytes();
+            let header = binary.map(|binary| {
+                body.extend(binary);
+                json.len()
+            });
+            let err = decode_request(&body, header).unwrap_err().to_string();
+            assert!(err.contains(says), "{json}: {err}");
+        }
+        let err = decode_request(b"{}", Some(3)).unwrap_err().to_string();
+        assert!(
+            err.contains("Inference-Header-Content-Length is 3"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_are_answered_400_over_http() {
+        use crate::http::routes::tests::{app, send};
+        let (app, _) = app(None, &[]).await;
+        for (json, binary, says) in refusals() {
+            let length = json.len().to_string();
+            let mut body = json.clone();
+            let mut headers = Vec::new();
+            if let Some(binary) = binary {
+                body.push_str(std::str::from_utf8(&binary).unwrap());
+                headers.push((HEADER_LENGTH, length.as_str()));
+            }
+            let (status, _, answer) =
+                send(&app, "POST", "/v2/models/iris/infer", &headers, &body).await;
+            assert_eq!(
+                status,
+                axum::http::StatusCode::BAD_REQUEST,
+                "{json}: {answer}"
+            );
+            let message = answer["error"].as_str().unwrap_or_default();
+            assert!(message.contains(says), "{json}: {answer}");
+        }
+    }
+
+    #[test]
+    fn a_claimed_shape_allocates_nothing_without_its_data() {
+        // A 2^40-element shape over a few bytes: refused, having allocated about the body.
+        for dt in DataType::ALL {
+            for (json, binary) in [
+                (input(dt.as_str(), "[1099511627776]", "[1]"), None),
+                (
+                    format!(
+                        r#"{{"inputs":[{{"name":"x","datatype":"{dt}","shape":[1099511627776],"parameters":{{"binary_data_size":8}}}}]}}"#
+                    ),
+                    Some([0u8; 8]),
+                ),
+            ] {
+                let mut body = json.clone().into_bytes();
+                let header = binary.map(|b| {
+                    body.extend(b);
+                    json.len()
+                });
+                let (decoded, largest) =
+                    crate::fuzzing::largest_allocation(|| decode_request(&body, header));
+                assert!(decoded.is_err(), "{dt}");
+                assert!(
+                    largest <= crate::fuzzing::allocation_bound(body.len()),
+                    "{dt}: {largest} bytes"
+                );
+            }
+        }
+    }
+
     #[test]
     fn responses_mix_json_and_binary_outputs() {
         let response = InferResponse {
@@ -612,5 +764,293 @@ mod tests {
         assert!(json_length.is_none());
         let all_json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(all_json["outputs"][1]["data"], serde_json::json!([7]));
+    }
+}
+
+/// The decoder under fuzzing: arbitrary bytes, and requests that are valid JSON but lie
+/// about everything (datatypes, shapes up to 2^64, data that disagrees with the shape,
+/// binary sizes that disagree with the buffer, parameters of the wrong type).
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+    use proptest::sample::select;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::fuzzing::{allocation_bound, config, largest_allocation, valid_tensor, well_formed};
+    use crate::http::ApiError;
+
+    /// Decodes `body`, checking what must hold of any input: no allocation beyond a small
+    /// multiple of the body, every accepted tensor well formed, every refusal a 4xx.
+    fn decode_checked(
+        body: &[u8],
+        json_length: Option<usize>,
+    ) -> Result<Option<InferRequest>, TestCaseError> {
+        let (decoded, largest) = largest_allocation(|| decode_request(body, json_length));
+        prop_assert!(
+            largest <= allocation_bound(body.len()),
+            "a {}-byte body made an allocation of {largest} bytes",
+            body.len()
+        );
+        match decoded {
+            Ok((request, _)) => {
+                for t in &request.inputs {
+                    prop_assert!(well_formed(t), "accepted a malformed tensor: {t:?}");
+                }
+                Ok(Some(request))
+            }
+            Err(error) => {
+                let message = error.to_string();
+                let status = ApiError::from(error).status();
+                prop_assert!(status.is_client_error(), "{status} for: {message}");
+                Ok(None)
+            }
+        }
+    }
+
+    fn hostile_dim() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => (0u64..4).prop_map(Value::from),
+            1 => select(vec![1u64 << 32, 1 << 40, 1 << 62, i64::MAX as u64, 1 << 63, u64::MAX])
+                .prop_map(Value::from),
+            1 => any::<u64>().prop_map(Value::from),
+            1 => (-3i64..0).prop_map(Value::from),
+            1 => select(vec![json!("2"), json!(1.5), json!(null), json!([1])]),
+        ]
+    }
+
+    fn hostile_shape() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            8 => vec(hostile_dim(), 0..4).prop_map(Value::from),
+            1 => vec(hostile_dim(), 0..4).prop_map(|mut dims| { dims.push(json!(0)); Value::from(dims) }),
+            1 => select(vec![json!(null), json!(4), json!("[4]"), json!({"0": 4})]),
+        ]
+    }
+
+    fn hostile_datatype() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            8 => select(DataType::ALL.map(DataType::as_str).to_vec()).prop_map(Value::from),
+            1 => "[A-Za-z0-9]{0,6}".prop_map(Value::from),
+            1 => select(vec![json!(null), json!(32), json!(["FP32"])]),
+        ]
+    }
+
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            (-300i64..300).prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            any::<bool>().prop_map(Value::from),
+            "\\PC{0,6}".prop_map(Value::from),
+            Just(Value::Null),
+        ]
+    }
+
+    fn hostile_data() -> impl Strategy<Value = Value> {
+        scalar().prop_recursive(4, 48, 8, |inner| {
+            prop_oneof![
+                vec(inner.clone(), 0..8).prop_map(Value::from),
+                btree_map("[a-z]{1,3}", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn hostile_size() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => (0u64..40).prop_map(Value::from),
+            1 => select(vec![1u64 << 40, 1 << 63, u64::MAX]).prop_map(Value::from),
+            1 => select(vec![json!(-1), json!("8"), json!(2.5), json!(null)]),
+        ]
+    }
+
+    /// An input that lies somewhere: in its datatype, its shape, its data or its
+    /// parameters. Half of them carry as many elements (0 or 1, a value of every datatype
+    /// but BYTES) as their shape needs, so that a lie in the shape alone gets through to
+    /// the checks after it.
+    fn hostile_input() -> impl Strategy<Value = Value> {
+        (
+            "[a-z]{1,3}",
+            hostile_datatype(),
+            hostile_shape(),
+            prop_oneof![
+                Just(None),
+                Just(Some(Value::Null)),
+                hostile_data().prop_map(Some),
+            ],
+            prop::option::of(hostile_size()),
+            prop::option::of(scalar()),
+            any::<u64>(),
+        )
+            .prop_map(|(name, datatype, shape, data, size, parameters, bits)| {
+                let mut input = json!({"name": name, "datatype": datatype, "shape": shape});
+                // `Null` stands for data that fills the shape, where the shape is small.
+                let fill = || {
+                    let count = shape
+                        .as_array()?
+                        .iter()
+                        .try_fold(1u64, |n, d| n.checked_mul(d.as_u64()?))?;
+                    (count <= 64).then(|| {
+                        (0..count)
+                            .map(|i| json!((bits >> (i % 64)) & 1))
+                            .collect::<Value>()
+                    })
+                };
+                match data {
+                    Some(Value::Null) => input["data"] = fill().unwrap_or_default(),
+                    Some(data) => input["data"] = data,
+                    None => {}
+                }
+                match (size, parameters) {
+                    (Some(size), _) => input["parameters"] = json!({"binary_data_size": size}),
+                    (None, Some(wrong)) => input["parameters"] = wrong,
+                    (None, None) => {}
+                }
+                input
+            })
+    }
+
+    fn hostile_request() -> impl Strategy<Value = Value> {
+        (
+            vec(hostile_input(), 0..4),
+            btree_map("[a-z_]{1,18}", hostile_data(), 0..3),
+            prop::option::of(vec(("[a-z]{1,3}", scalar()), 0..3)),
+            prop::option::of(scalar()),
+        )
+            .prop_map(|(inputs, parameters, outputs, id)| {
+                let mut request = json!({
+                    "inputs": inputs,
+                    "parameters": Value::Object(parameters.into_iter().collect()),
+                });
+                if let Some(outputs) = outputs {
+                    request["outputs"] = outputs
+                        .into_iter()
+                        .map(|(name, binary)| json!({"name": name, "parameters": {"binary_data": binary}}))
+                        .collect();
+                }
+                if let Some(id) = id {
+                    request["id"] = id;
+                }
+                request
+            })
+    }
+
+    /// The header length given: none, the truth, past the end, or anything.
+    fn header_length(json: usize) -> impl Strategy<Value = Option<usize>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(json)),
+            (0..json + 80).prop_map(Some),
+            any::<usize>().prop_map(Some),
+        ]
+    }
+
+    /// A body for `inputs` (each a tensor and its data as JSON), each input sent as
+    /// binary data when its flag says so; and the length of the body's JSON part.
+    fn binary_body(inputs: &[(Tensor, Value)], binary: &[bool]) -> (Vec<u8>, usize) {
+        let json_inputs: Vec<Value> = inputs
+            .iter()
+            .zip(binary)
+            .map(|((t, values), &binary)| {
+                let mut input =
+                    json!({"name": t.name, "datatype": t.datatype.as_str(), "shape": t.shape});
+                if binary {
+                    input["parameters"] = json!({"binary_data_size": t.data.len()});
+                } else {
+                    input["data"] = values.clone();
+                }
+                input
+            })
+            .collect();
+        let mut body = serde_json::to_vec(&json!({"inputs": json_inputs})).unwrap();
+        let json_length = body.len();
+        for ((t, _), _) in inputs.iter().zip(binary).filter(|(_, b)| **b) {
+            body.extend(&t.data);
+        }
+        (body, json_length)
+    }
+
+    proptest! {
+        #![proptest_config(config(10_000))]
+
+        #[test]
+        fn fuzz_decode_arbitrary_bytes(
+            body in vec(any::<u8>(), 0..512),
+            json_length in prop::option::of(any::<usize>()),
+        ) {
+            decode_checked(&body, json_length)?;
+            decode_checked(&body, json_length.map(|n| n % (body.len() + 1)))?;
+        }
+
+        #[test]
+        fn fuzz_decode_hostile_json(request in hostile_request()) {
+            let body = serde_json::to_vec(&request).unwrap_or_default();
+            decode_checked(&body, None)?;
+        }
+
+        #[test]
+        fn fuzz_decode_hostile_binary(
+            (request, tail, json_length) in (hostile_request(), vec(any::<u8>(), 0..64))
+                .prop_flat_map(|(request, tail)| {
+                    let json = serde_json::to_vec(&request).unwrap_or_default().len();
+                    (Just(request), Just(tail), header_length(json))
+                }),
+        ) {
+            let mut body = serde_json::to_vec(&request).unwrap_or_default();
+            body.extend(tail);
+            decode_checked(&body, json_length)?;
+        }
+
+        #[test]
+        fn fuzz_decode_valid_requests_round_trip(
+            (inputs, binary) in vec(valid_tensor(), 1..4)
+                .prop_flat_map(|inputs| { let n = inputs.len(); (Just(inputs), vec(any::<bool>(), n)) }),
+        ) {
+            let (body, json_length) = binary_body(&inputs, &binary);
+            let with_header = binary.contains(&true).then_some(json_length);
+            let request = decode_checked(&body, with_header)?;
+            let request = request.ok_or_else(|| TestCaseError::fail("a valid request was refused"))?;
+            let sent: Vec<&Tensor> = inputs.iter().map(|(t, _)| t).collect();
+            prop_assert_eq!(request.inputs.iter().collect::<Vec<_>>(), sent);
+        }
+
+        #[test]
+        fn fuzz_decode_binary_bytes_flipped(
+            (inputs, flips) in vec(valid_tensor(), 1..4)
+                .prop_flat_map(|inputs| (Just(inputs), vec((any::<usize>(), any::<u8>()), 1..4))),
+        ) {
+            // Sizes that add up, over bytes that may not be values: BOOL bytes past 1,
+            // BYTES length prefixes that overrun.
+            let (mut body, json_length) = binary_body(&inputs, &vec![true; inputs.len()]);
+            let binary = body.len() - json_length;
+            for (at, mask) in flips.into_iter().filter(|_| binary > 0) {
+                body[json_length + at % binary] ^= mask;
+            }
+            decode_checked(&body, Some(json_length))?;
+        }
+
+        #[test]
+        fn fuzz_decode_binary_sizes_that_lie(
+            (inputs, victim, delta, cut) in vec(valid_tensor(), 1..4)
+                .prop_flat_map(|inputs| { let n = inputs.len(); (Just(inputs), 0..n, -9i64..9, 0usize..12) }),
+        ) {
+            let (body, json_length) = binary_body(&inputs, &vec![true; inputs.len()]);
+            let mut request: Value = serde_json::from_slice(&body[..json_length]).unwrap();
+            let size = &mut request["inputs"][victim]["parameters"]["binary_data_size"];
+            let was = size.as_i64().unwrap();
+            let told = was.saturating_add(delta).max(0);
+            *size = json!(told);
+            let mut lying = serde_json::to_vec(&request).unwrap();
+            let header = lying.len();
+            let cut = cut.min(body.len() - json_length);
+            lying.extend(&body[json_length..body.len() - cut]);
+            let decoded = decode_checked(&lying, Some(header))?;
+            // The sizes no longer add up to the binary part: nothing may be accepted.
+            let lies = told != was || cut != 0;
+            prop_assert_eq!(decoded.is_none(), lies);
+        }
     }
 }

@@ -77,7 +77,7 @@ fn scan_model(dir: &Path, name: &str, previous: Option<&Model>, telemetry: &Tele
     let (config, refused_config, config_changed) = match unchanged {
         Some(p) => (p.config.clone(), p.refused_config.clone(), false),
         None if config_stamp.is_none() => (ModelConfig::default(), None, true),
-        None => match crate::config::read_toml::<ModelConfig>(&config_path) {
+        None => match ModelConfig::read(&config_path) {
             Ok(config) => (config, None, true),
             Err(error) => {
                 tracing::error!(model = name, %error, "model.toml refused; the model keeps its previous settings");

@@ -67,37 +67,60 @@ pub struct FlagdFlags {
     flags: Vec<Flag>,
 }
 
-/// Replaces `{"$ref": "name"}` with the named evaluator, refusing cycles.
-fn resolve_refs(
-    value: &mut Value,
-    evaluators: &Map<String, Value>,
-    stack: &mut Vec<String>,
-) -> Result<(), Error> {
-    match value {
-        Value::Object(object) => {
-            if let (1, Some(name)) = (object.len(), object.get("$ref").and_then(Value::as_str)) {
-                let name = name.to_string();
-                if stack.contains(&name) {
-                    return fail!("evaluator '{name}' refers to itself");
-                }
-                let mut replacement = evaluators
-                    .get(&name)
-                    .cloned()
-                    .ok_or_else(|| Error::new(format!("no evaluator '{name}' in $evaluators")))?;
-                stack.push(name);
-                resolve_refs(&mut replacement, evaluators, stack)?;
-                stack.pop();
-                *value = replacement;
-                return Ok(());
-            }
-            object
-                .values_mut()
-                .try_for_each(|v| resolve_refs(v, evaluators, stack))
+/// Bounds on the targeting rules once their `$ref`s are replaced: evaluators that refer
+/// to one another twice over (`a` = [b, b], `b` = [c, c] …) grow a small file
+/// exponentially, and a rule nested deeper than the JSON parser allows overflows the stack
+/// of the code that compiles and evaluates it.
+const MAX_RULE_VALUES: usize = 100_000;
+const MAX_RULE_DEPTH: usize = 128;
+
+/// Replaces `{"$ref": "name"}` with the named evaluator, refusing cycles and rules past
+/// the bounds; `values` counts what every flag's rules hold so far.
+struct Expansion<'a> {
+    evaluators: &'a Map<String, Value>,
+    stack: Vec<String>,
+    values: usize,
+}
+
+impl Expansion<'_> {
+    fn resolve(&mut self, value: &mut Value, depth: usize) -> Result<(), Error> {
+        self.values += 1;
+        if self.values > MAX_RULE_VALUES {
+            return fail!(
+                "the targeting rules, their $refs replaced, hold over {MAX_RULE_VALUES} values"
+            );
         }
-        Value::Array(items) => items
-            .iter_mut()
-            .try_for_each(|v| resolve_refs(v, evaluators, stack)),
-        _ => Ok(()),
+        if depth > MAX_RULE_DEPTH {
+            return fail!(
+                "the targeting rule, its $refs replaced, nests deeper than {MAX_RULE_DEPTH}"
+            );
+        }
+        match value {
+            Value::Object(object) => {
+                if let (1, Some(name)) = (object.len(), object.get("$ref").and_then(Value::as_str))
+                {
+                    let name = name.to_string();
+                    if self.stack.contains(&name) {
+                        return fail!("evaluator '{name}' refers to itself");
+                    }
+                    let mut replacement = self.evaluators.get(&name).cloned().ok_or_else(|| {
+                        Error::new(format!("no evaluator '{name}' in $evaluators"))
+                    })?;
+                    self.stack.push(name);
+                    self.resolve(&mut replacement, depth)?;
+                    self.stack.pop();
+                    *value = replacement;
+                    return Ok(());
+                }
+                object
+                    .values_mut()
+                    .try_for_each(|v| self.resolve(v, depth + 1))
+            }
+            Value::Array(items) => items
+                .iter_mut()
+                .try_for_each(|v| self.resolve(v, depth + 1)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -132,6 +155,11 @@ impl Flags for FlagdFlags {
     fn new(config: Config) -> Result<Self, Error> {
         let engine = Engine::new();
         let mut flags = Vec::with_capacity(config.flags.len());
+        let mut expansion = Expansion {
+            evaluators: &config.evaluators,
+            stack: Vec::new(),
+            values: 0,
+        };
         for (key, definition) in config.flags {
             let d: Definition = serde_json::from_value(definition)
                 .map_err(|e| Error::new(format!("flag '{key}': {e}")))?;
@@ -143,7 +171,8 @@ impl Flags for FlagdFlags {
             }
             let targeting = match d.targeting {
                 Some(mut rule) if rule.as_object().is_none_or(|o| !o.is_empty()) => {
-                    resolve_refs(&mut rule, &config.evaluators, &mut Vec::new())
+                    expansion
+                        .resolve(&mut rule, 0)
                         .map_err(|e| Error::new(format!("flag '{key}': {e}")))?;
                     Some(engine.compile(&rule).map_err(|e| {
                         Error::new(format!(
@@ -446,6 +475,48 @@ mod tests {
     }
 
     #[test]
+    fn references_that_multiply_are_refused_not_expanded() {
+        // 40 evaluators, each referring to the next twice: 2^40 values once replaced.
+        let mut evaluators = Map::new();
+        for i in 0..40 {
+            let next = serde_json::json!({"$ref": format!("e{}", i + 1)});
+            evaluators.insert(format!("e{i}"), serde_json::json!({"or": [next, next]}));
+        }
+        evaluators.insert("e40".into(), serde_json::json!(true));
+        let doc = serde_json::json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1},
+            "defaultVariant": "a", "targeting": {"$ref": "e0"}}}, "$evaluators": evaluators});
+        let err = FlagdFlags::new(serde_json::from_value(doc).unwrap())
+            .err()
+            .unwrap()
+            .0;
+        assert!(
+            err.contains("flag 'f'") && err.contains("over 100000 values"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn references_that_nest_too_deep_are_refused() {
+        // Each evaluator is shallow; chained, they would nest 50 × 4 deep.
+        let mut evaluators = Map::new();
+        for i in 0..50 {
+            let next = serde_json::json!({"!": [{"!": [{"$ref": format!("e{}", i + 1)}]}]});
+            evaluators.insert(format!("e{i}"), next);
+        }
+        evaluators.insert("e50".into(), serde_json::json!(true));
+        let doc = serde_json::json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1},
+            "defaultVariant": "a", "targeting": {"$ref": "e0"}}}, "$evaluators": evaluators});
+        let err = FlagdFlags::new(serde_json::from_value(doc).unwrap())
+            .err()
+            .unwrap()
+            .0;
+        assert!(
+            err.contains("flag 'f'") && err.contains("deeper than 128"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn broken_definitions_are_refused() {
         for bad in [
             r#"{"flags": {"f": {"state": "ENABLED", "variants": {"a": 1}, "defaultVariant": "zz"}}}"#,
@@ -457,6 +528,303 @@ mod tests {
                 FlagdFlags::new(serde_json::from_str(bad).unwrap()).is_err(),
                 "{bad}"
             );
+        }
+    }
+}
+
+/// The plugin under fuzzing: arbitrary flag documents (JsonLogic rules of flagd's and
+/// JsonLogic's operators over hostile arguments, `$ref`s among evaluators, cycles
+/// included) and evaluation contexts. A panic here is a trap in the server: the plugin's
+/// call fails. So configuring never panics (a refusal is an `Error` that names the flag),
+/// and neither do evaluating and describing, which answer one of each flag's variants.
+///
+/// `PROPTEST_CASES=100000 cargo test --release -p flagd fuzz_` is the long run.
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+    use proptest::sample::select;
+    use proptest::test_runner::Config as Cases;
+    use serde_json::json;
+
+    use super::*;
+
+    /// The suite's cases unless `PROPTEST_CASES` says otherwise; no failure files (each
+    /// finding is kept as a named regression test).
+    fn cases(n: u32) -> Cases {
+        let mut config = Cases {
+            failure_persistence: None,
+            ..Cases::default()
+        };
+        if std::env::var_os("PROPTEST_CASES").is_none() {
+            config.cases = n;
+        }
+        config
+    }
+
+    const OPERATORS: &[&str] = &[
+        "var",
+        "if",
+        "?:",
+        "==",
+        "===",
+        "!=",
+        "!==",
+        "<",
+        "<=",
+        ">",
+        ">=",
+        "!",
+        "!!",
+        "and",
+        "or",
+        "in",
+        "cat",
+        "substr",
+        "+",
+        "-",
+        "*",
+        "/",
+        "%",
+        "min",
+        "max",
+        "merge",
+        "map",
+        "filter",
+        "reduce",
+        "all",
+        "some",
+        "none",
+        "missing",
+        "missing_some",
+        "fractional",
+        "sem_ver",
+        "starts_with",
+        "ends_with",
+        "$ref",
+        "unknown_op",
+    ];
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            (-5i64..5).prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            any::<bool>().prop_map(Value::from),
+            select(vec![
+                "a",
+                "b",
+                "on",
+                "off",
+                "",
+                "1.2.3",
+                "v2.0.0-rc.1",
+                ">=",
+                "^",
+                "~",
+                "NL",
+                "e0",
+                "e1"
+            ])
+            .prop_map(Value::from),
+            "\\PC{0,6}".prop_map(Value::from),
+            Just(Value::Null),
+            select(vec![
+                "country",
+                "targetingKey",
+                "$flagd.flagKey",
+                "$flagd.timestamp",
+                "a.b",
+                "",
+                "0"
+            ])
+            .prop_map(|name| json!({"var": name})),
+        ]
+    }
+
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            (-3i64..100).prop_map(Value::from),
+            select(vec![
+                json!(0),
+                json!(-1),
+                json!(i64::MAX),
+                json!(i64::MIN),
+                json!(u64::MAX),
+                json!(1e308),
+                json!(-0.5),
+            ]),
+        ]
+    }
+
+    fn variant() -> impl Strategy<Value = Value> {
+        select(vec!["a", "b", "on", "off"]).prop_map(Value::from)
+    }
+
+    /// JsonLogic as flagd files write it (conditions choosing variants, `fractional`
+    /// splits, `sem_ver` comparisons, `substr`) and any operator over anything, nested.
+    fn rule() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(5, 64, 5, |inner| {
+            prop_oneof![
+                (inner.clone(), variant(), variant())
+                    .prop_map(|(c, a, b)| json!({"if": [c, a, b]})),
+                (
+                    prop::option::of(inner.clone()),
+                    vec((variant(), number()).prop_map(|(v, w)| json!([v, w])), 0..4),
+                )
+                    .prop_map(|(by, mut buckets)| {
+                        if let Some(by) = by {
+                            buckets.insert(0, by);
+                        }
+                        json!({ "fractional": buckets })
+                    }),
+                (
+                    inner.clone(),
+                    select(vec!["=", "!=", "<", "<=", ">", ">=", "^", "~", "??"]),
+                    inner.clone()
+                )
+                    .prop_map(|(a, op, b)| json!({"sem_ver": [a, op, b]})),
+                (inner.clone(), number(), prop::option::of(number()))
+                    .prop_map(|(s, from, len)| json!({"substr": [s, from, len]})),
+                (select(OPERATORS), vec(inner.clone(), 0..5))
+                    .prop_map(|(op, args)| json!({ op: args })),
+                (select(OPERATORS), inner.clone()).prop_map(|(op, arg)| json!({ op: arg })),
+                vec(inner, 0..4).prop_map(Value::from),
+            ]
+        })
+    }
+
+    fn definition() -> impl Strategy<Value = Value> {
+        (
+            prop_oneof![18 => Just(json!("ENABLED")), 1 => Just(json!("DISABLED")), 1 => leaf()],
+            btree_map(
+                select(vec!["a", "b", "on", "off", "true", "false"]),
+                leaf(),
+                1..4,
+            ),
+            any::<prop::sample::Index>(),
+            prop_oneof![30 => Just(None), 1 => Just(Some("nope"))],
+            prop::option::of(prop_oneof![9 => rule(), 1 => Just(json!({"$ref": "e0"}))]),
+            prop::option::of(prop_oneof![
+                16 => select(vec!["2026-01-31", "2026-01-31T12:00:00Z", "9999-12-31", "0000-01-01"])
+                    .prop_map(Value::from),
+                1 => select(vec!["-9999-01-01", "soon", "2026-02-30"]).prop_map(Value::from),
+                1 => leaf(),
+            ]),
+        )
+            .prop_map(|(state, variants, pick, other, targeting, expiry)| {
+                let keys: Vec<&str> = variants.keys().copied().collect();
+                let default = other.unwrap_or(*pick.get(&keys));
+                let mut d =
+                    json!({"state": state, "variants": variants, "defaultVariant": default});
+                if let Some(targeting) = targeting {
+                    d["targeting"] = targeting;
+                }
+                if let Some(expiry) = expiry {
+                    d["metadata"] = json!({"expiry": expiry, "owner": "o"});
+                }
+                d
+            })
+    }
+
+    fn document() -> impl Strategy<Value = Value> {
+        (
+            btree_map("[a-z]{1,3}", definition(), 1..4),
+            btree_map(
+                select(vec!["e0", "e1", "e2"]),
+                prop_oneof![
+                    rule(),
+                    select(vec!["e0", "e1", "e2"]).prop_map(|name| json!({"$ref": name})),
+                    vec(
+                        select(vec!["e0", "e1", "e2"]).prop_map(|name| json!({"$ref": name})),
+                        0..3
+                    )
+                    .prop_map(|refs| json!({"or": refs})),
+                ],
+                0..3,
+            ),
+        )
+            .prop_map(|(flags, evaluators)| json!({"flags": flags, "$evaluators": evaluators}))
+    }
+
+    fn context() -> impl Strategy<Value = RequestContext> {
+        (
+            prop_oneof![
+                Just(None),
+                "[a-z0-9]{1,8}".prop_map(Some),
+                "\\PC{0,8}".prop_map(Some)
+            ],
+            vec(
+                (
+                    select(vec![
+                        "country",
+                        "a",
+                        "app_version",
+                        "$flagd",
+                        "targetingKey",
+                    ]),
+                    "\\PC{0,8}|1\\.2\\.3|NL|-?[0-9]{1,20}",
+                ),
+                0..4,
+            ),
+            any::<u64>(),
+        )
+            .prop_map(|(targeting_key, attributes, now_ms)| RequestContext {
+                targeting_key,
+                attributes: attributes
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                now_ms,
+                ..Default::default()
+            })
+    }
+
+    /// Configures from `doc`; when the plugin takes it, evaluates and describes, checking
+    /// that every answer is one of its flag's variants for a reason flagd gives.
+    fn exercise(doc: Value, contexts: &[RequestContext]) -> Result<(), TestCaseError> {
+        let Ok(config) = serde_json::from_value::<Config>(doc.clone()) else {
+            return Ok(());
+        };
+        let flags = match FlagdFlags::new(config) {
+            Ok(flags) => flags,
+            Err(error) => {
+                let per_flag = error.0.starts_with("flag '");
+                prop_assert!(per_flag, "a refusal that names no flag: {}", error.0);
+                return Ok(());
+            }
+        };
+        for ctx in contexts {
+            for e in flags.evaluate(ctx) {
+                let variants = &doc["flags"][&e.flag]["variants"];
+                prop_assert!(
+                    variants.get(&e.variant).is_some(),
+                    "{e:?} not in {variants}"
+                );
+                prop_assert!(
+                    ["STATIC", "TARGETING_MATCH", "DEFAULT", "ERROR"].contains(&e.reason.as_str())
+                );
+            }
+            flags.describe(ctx.now_ms);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(cases(5_000))]
+
+        #[test]
+        fn fuzz_flagd_documents_and_contexts(doc in document(), contexts in vec(context(), 1..4)) {
+            exercise(doc, &contexts)?;
+        }
+
+        #[test]
+        fn fuzz_flagd_arbitrary_json(text in "\\PC{0,64}|[\\[\\]{}\":,0-9a-z$]{0,64}") {
+            if let Ok(doc) = serde_json::from_str::<Value>(&text) {
+                exercise(doc, &[RequestContext::default()])?;
+            }
         }
     }
 }
