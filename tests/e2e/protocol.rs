@@ -425,3 +425,56 @@ fn backend_failures_are_500_naming_the_model_and_the_server_survives() {
         200
     );
 }
+
+#[test]
+fn bodies_that_lie_about_their_tensors_are_400_and_the_server_serves_on() {
+    // What the decoder's fuzzing found, over the wire: bytes a backend would read as
+    // invalid bools, a dimension a backend would read as negative, and shapes of 2^40
+    // elements over a few bytes, which must cost nothing.
+    let models = repository(&[]);
+    let server = Server::start(models.path(), "");
+    let infer = "/v2/models/iris/infer";
+    let binary = |datatype: &str, shape: Value, bytes: &[u8]| {
+        let header = json!({"inputs": [{"name": "input", "datatype": datatype, "shape": shape,
+            "parameters": {"binary_data_size": bytes.len()}}]})
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        body.extend(bytes);
+        (body, header.len())
+    };
+    let cases = [
+        (
+            binary("BOOL", json!([1, 4]), &[1, 0, 7, 1]),
+            "BOOL element 2 is the byte 7",
+        ),
+        (
+            binary("FP32", json!([1099511627776_u64]), &[0; 4]),
+            "1099511627776 FP32 elements",
+        ),
+        (
+            binary("BYTES", json!([1099511627776_u64]), &[0; 4]),
+            "the shape needs 1099511627776",
+        ),
+        (
+            binary("FP32", json!([0, 9223372036854775808_u64]), &[]),
+            "above the protocol's limit",
+        ),
+    ];
+    for ((body, json_length), says) in cases {
+        let error = server
+            .post(
+                infer,
+                &[("inference-header-content-length", &json_length.to_string())],
+                &body,
+            )
+            .error(400);
+        assert!(error.contains(says), "{says:?} not in {error:?}");
+    }
+    let huge = json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1099511627776_u64, 4], "data": [1]}]});
+    let error = server.post_json(infer, &huge).error(400);
+    assert!(error.contains("needs 4398046511104"), "{error}");
+    assert_eq!(
+        server.post_json(infer, &iris_request(&[[1.0; 4]])).status,
+        200
+    );
+}
