@@ -520,6 +520,29 @@ mod tests {
         control.abort();
     }
 
+    #[test]
+    fn a_configmap_swap_is_followed_through_its_link() {
+        // Kubernetes' layout: the file links through `..data`, which is swapped by rename.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("..2026_12_01")).unwrap();
+        std::fs::write(dir.path().join("..2026_12_01/modelyard.toml"), AB).unwrap();
+        std::os::unix::fs::symlink("..2026_12_01", dir.path().join("..data")).unwrap();
+        let file = dir.path().join("modelyard.toml");
+        std::os::unix::fs::symlink("..data/modelyard.toml", &file).unwrap();
+        let followed = Followed {
+            plugin_dir: dir.path().join("plugins"),
+            files: followed_files(Some(&file), &BTreeMap::new()),
+        };
+        let canonical_dir = dir.path().canonicalize().unwrap();
+        assert!(followed.wakes(&canonical_dir.join("modelyard.toml")));
+        assert!(followed.wakes(&canonical_dir.join("..data")));
+        assert!(!followed.wakes(&canonical_dir.join("..data_tmp")));
+        assert!(!followed.wakes(&canonical_dir.join("server.log")));
+        assert!(followed.wakes(&dir.path().join("plugins/weighted.wasm")));
+        assert!(followed.wakes(&dir.path().join("plugins/weighted.wasm.sig")));
+        assert!(!followed.wakes(&dir.path().join("plugins/.weighted.wasm.tmp")));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refresh_that_panics_does_not_end_reloading() {
         let dir = tempfile::tempdir().unwrap();
