@@ -153,6 +153,7 @@ fn benches(c: &mut Criterion) {
             performance_bucket: std::time::Duration::from_secs(60),
             shadow_queue: 1024,
             seed: Some(7),
+            request_timeout: None,
         },
         telemetry,
     );

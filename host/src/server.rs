@@ -29,6 +29,8 @@ pub enum ServeError {
     Tokens(#[from] http::TokenError),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error(transparent)]
+    Tls(#[from] http::TlsError),
     #[error("the HTTP server stopped: {0}")]
     Http(std::io::Error),
 }
@@ -41,6 +43,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let tokens = http::Tokens::new(&config.server.tokens)?;
+    // Bad TLS files stop the start, before the port is taken.
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(http::Tls::load)
+        .transpose()?;
     let listener = bind(&config.server.listen).await?;
     let metrics_listener = match &config.monitoring.metrics_listen {
         Some(addr) if config.server.metrics => Some(bind(addr).await?),
@@ -66,6 +75,7 @@ pub async fn run(
             ),
             shadow_queue: config.server.shadow_queue,
             seed: config.server.seed,
+            request_timeout: config.request_timeout(),
         },
         telemetry.clone(),
     ));
@@ -78,16 +88,35 @@ pub async fn run(
     let state = Arc::new(HttpState {
         pipeline,
         telemetry: telemetry.clone(),
-        max_body_bytes: config.server.max_body_bytes,
+        admission: http::Admission::new(
+            config.server.max_in_flight,
+            config.server.max_body_bytes,
+            Duration::from_millis(config.server.body_read_timeout_ms),
+        ),
+        client_certificates: tls.as_ref().is_some_and(|tls| tls.checks_clients()),
         tokens,
         metrics_here: metrics_listener.is_none(),
     });
-    tracing::info!(%addr, "listening");
+    let certificates = tls.clone().map(http::Tls::follow).transpose()?;
+    let listening = http::Listening {
+        tls,
+        header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms),
+    };
+    let scheme = if listening.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, scheme, "listening");
     let metrics_server = metrics_listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "serving /metrics");
         }
-        tokio::spawn(http::serve_metrics(listener, telemetry.clone()))
+        tokio::spawn(http::serve_metrics(
+            listener,
+            telemetry.clone(),
+            listening.clone(),
+        ))
     });
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -97,7 +126,7 @@ pub async fn run(
         let _ = stopping_tx.send(());
     };
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let server = http::serve(listener, state, signal);
+    let server = http::serve(listener, state, listening, signal);
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result.map_err(ServeError::Http),
@@ -111,6 +140,9 @@ pub async fn run(
     };
     watcher.abort();
     control.abort();
+    if let Some(certificates) = certificates {
+        certificates.abort();
+    }
     drift.abort();
     telemetry.shutdown();
     if let Some(metrics_server) = metrics_server {

@@ -46,6 +46,7 @@ pub fn pipeline(repository: Arc<ModelRepository>, telemetry: Arc<Telemetry>) -> 
             performance_bucket: Duration::from_secs(60),
             shadow_queue: 16,
             seed: Some(1),
+            request_timeout: None,
         },
         telemetry,
     ))

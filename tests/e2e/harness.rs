@@ -133,6 +133,18 @@ impl Server {
     /// Starts a server over `models` with `config` as its `modelyard.toml` and waits until
     /// it is ready.
     pub fn start(models: &Path, config: &str) -> Server {
+        let server = Server::launch(models, config);
+        // Ready, or done loading and (deliberately, in some tests) without a model.
+        server.wait_until("the server has loaded its models", || {
+            let ready = server.get("/v2/health/ready");
+            ready.status == 200 || String::from_utf8_lossy(&ready.body).contains("no model")
+        });
+        server
+    }
+
+    /// Starts a server and returns once it listens, without asking it anything (it may
+    /// speak only HTTPS).
+    pub fn launch(models: &Path, config: &str) -> Server {
         let config_dir = tempfile::tempdir().unwrap();
         let config_path = config_dir.path().join("modelyard.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -180,20 +192,14 @@ impl Server {
             .http_status_as_error(false)
             .build()
             .into();
-        let server = Server {
+        Server {
             child,
             addr,
             logs,
             agent,
             config_path,
             _config_dir: config_dir,
-        };
-        // Ready, or done loading and (deliberately, in some tests) without a model.
-        server.wait_until("the server has loaded its models", || {
-            let ready = server.get("/v2/health/ready");
-            ready.status == 200 || String::from_utf8_lossy(&ready.body).contains("no model")
-        });
-        server
+        }
     }
 
     /// Replaces the server's `modelyard.toml` to change endpoints live, the way operators'

@@ -153,6 +153,34 @@ pub struct ServerConfig {
     pub metrics: bool,
     /// The width of the time buckets accuracy and reward are reported in.
     pub performance_bucket_seconds: u64,
+    /// Inference requests the server holds at once, reading, waiting or running; beyond
+    /// it, 503 with `Retry-After` at once rather than a queue without end.
+    pub max_in_flight: usize,
+    /// How long a client waits for an answer unless its `timeout` parameter says less;
+    /// past it, the waits stop (503) or, for a run already going, the client gets 504.
+    /// 0: no server deadline.
+    pub request_timeout_ms: u64,
+    /// A connection that has not sent a whole request head in this time is closed (also
+    /// an idle keep-alive connection, and the TLS handshake).
+    pub header_read_timeout_ms: u64,
+    /// A request body not received whole in this time is answered 408.
+    pub body_read_timeout_ms: u64,
+    /// Serve HTTPS: `[server.tls]` with `cert` and `key` (PEM files, reloaded when they
+    /// change) and optionally `client_ca`.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the listeners' certificate, and who may use `/admin/`.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates (PEM): when set, `/admin/` answers only clients that present a
+    /// certificate one of them signed; other routes still take any client.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A bearer token for the admin API and what it may do.
@@ -186,6 +214,11 @@ impl Default for ServerConfig {
             seed: None,
             metrics: true,
             performance_bucket_seconds: 60,
+            max_in_flight: 256,
+            request_timeout_ms: 60_000,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            tls: None,
         }
     }
 }
@@ -289,12 +322,32 @@ impl Config {
                 ),
             });
         }
+        let server = &config.server;
+        for (key, value) in [
+            ("max_in_flight", server.max_in_flight as u64),
+            ("header_read_timeout_ms", server.header_read_timeout_ms),
+            ("body_read_timeout_ms", server.body_read_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    problem: format!(
+                        "server.{key} is 0; it bounds what a client can hold, so it must be above 0"
+                    ),
+                });
+            }
+        }
         if let Some(base) = path.parent() {
             config.models.dir = base.join(&config.models.dir);
             config.models.onnxruntime_library =
                 config.models.onnxruntime_library.map(|l| base.join(l));
             config.plugins.dir = base.join(&config.plugins.dir);
             config.plugins.cache_dir = config.plugins.cache_dir.map(|d| base.join(d));
+            if let Some(tls) = &mut config.server.tls {
+                tls.cert = base.join(&tls.cert);
+                tls.key = base.join(&tls.key);
+                tls.client_ca = tls.client_ca.take().map(|ca| base.join(ca));
+            }
             if !config.monitoring.database.as_os_str().is_empty() {
                 config.monitoring.database = base.join(&config.monitoring.database);
             }
@@ -309,6 +362,12 @@ impl Config {
             }
         }
         Ok(config)
+    }
+
+    /// The server's limit on how long a client waits; `None` when 0 turns it off.
+    pub fn request_timeout(&self) -> Option<std::time::Duration> {
+        let ms = self.server.request_timeout_ms;
+        (ms > 0).then(|| std::time::Duration::from_millis(ms))
     }
 
     /// Model runs allowed at once, with 0 resolved to the cores available.

@@ -1,6 +1,7 @@
 //! The operator API under `/admin/`: plugins, endpoints and their strategies, experiments,
 //! the audit trail and request log, drift, model cards and a status summary. Reads need a
-//! read token once any exist; changes need an admin token.
+//! read token once any exist; changes need an admin token; with `server.tls.client_ca`,
+//! every route also needs a verified client certificate.
 
 use std::sync::Arc;
 
@@ -9,19 +10,21 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde_json::json;
 
 use super::error::{ApiError, blocking};
 use super::monitor;
 use super::state::HttpState;
+use super::tls::ClientCertified;
 use crate::config::Role;
 use crate::endpoint::{ActError, Endpoint, EndpointSet, compare};
 use crate::telemetry::Change;
 
 type AppState = State<Arc<HttpState>>;
 
-pub(super) fn routes() -> Router<Arc<HttpState>> {
+pub(super) fn routes(state: Arc<HttpState>) -> Router<Arc<HttpState>> {
     Router::new()
         .route("/admin/experiments/{endpoint}", get(admin_experiment))
         .route("/admin/plugins", get(admin_plugins))
@@ -33,6 +36,28 @@ pub(super) fn routes() -> Router<Arc<HttpState>> {
         .route("/admin/drift/{model}", get(monitor::drift))
         .route("/admin/models/{model}/card", get(monitor::card))
         .route("/admin/status", get(monitor::status))
+        .route_layer(axum::middleware::from_fn_with_state(state, certified))
+}
+
+/// With `server.tls.client_ca`, only a client whose certificate verified in the handshake
+/// may use `/admin/`; the tokens apply on top.
+async fn certified(
+    State(state): AppState,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let verified = matches!(
+        request.extensions().get::<ClientCertified>(),
+        Some(ClientCertified(true))
+    );
+    if state.client_certificates && !verified {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the operator API needs a client certificate signed by server.tls.client_ca; connect with one (e.g. curl --cert client.pem --key client.key)",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 fn unix_seconds(time: Option<std::time::SystemTime>) -> serde_json::Value {

@@ -200,6 +200,7 @@ pub fn decode_request(
             outputs,
             parameters,
             trace_id: None,
+            deadline: None,
         },
         encoding,
     ))

@@ -30,6 +30,14 @@ impl ApiError {
         }
     }
 
+    /// 503 with `Retry-After`: the server is overloaded, not the request wrong.
+    pub fn retry_later(message: impl Into<String>) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         self.status
     }
@@ -64,8 +72,11 @@ pub(super) async fn blocking<T: Send + 'static>(
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // A failure of the server's own (not "not ready yet", which readiness probes ask
-        // about all day) is logged as an error and kept for `/admin/status`.
-        let fault = self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE;
+        // about all day, nor a deadline, which load explains) is logged as an error and
+        // kept for `/admin/status`.
+        let fault = self.status.is_server_error()
+            && self.status != StatusCode::SERVICE_UNAVAILABLE
+            && self.status != StatusCode::GATEWAY_TIMEOUT;
         if fault {
             tracing::error!(status = self.status.as_u16(), variant = self.variant.as_deref(), error = %self.message, "request failed");
         } else {
@@ -114,10 +125,9 @@ impl From<InferError> for ApiError {
         match error {
             InferError::Lookup(e) => e.into(),
             InferError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
-            e @ InferError::Overloaded { .. } => ApiError {
-                retry_after: Some(1),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-            },
+            e @ (InferError::Overloaded { .. } | InferError::Busy { .. }) => {
+                ApiError::retry_later(e.to_string())
+            }
             e @ (InferError::Backend { .. }
             | InferError::Crashed { .. }
             | InferError::Plugin { .. }) => {

@@ -9,7 +9,6 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::json;
 
 use super::codec::{self, HEADER_LENGTH, VARIANT_HEADER};
@@ -56,7 +55,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
             get(version_ready),
         )
         .route("/v2/models/{model}/feedback", post(feedback))
-        .merge(super::admin::routes())
+        .merge(super::admin::routes(state.clone()))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -205,6 +204,8 @@ async fn infer(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // Before the body is read: a request turned away holds nothing.
+    let admitted = state.admission.admit(model, &state.telemetry)?;
     if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
         && encoding != "identity"
     {
@@ -230,23 +231,35 @@ async fn infer(
                 })?,
         ),
     };
-    let body = read_body(body, headers, state.max_body_bytes).await?;
+    let body = state
+        .admission
+        .body(body, headers, &state.telemetry)
+        .await?;
     let (mut request, encoding) = codec::decode_request(&body, json_length)?;
     drop(body);
     // The client's id, else one of the server's: a trace spans many requests, so its id
     // (in every log line beside this one) cannot name one.
     traced.set_id(state.pipeline.identify(&mut request));
     request.trace_id = Some(traced.trace.trace_id.clone());
-    let lookup = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
+    let deadline = state.pipeline.deadline(&mut request)?;
+    let (pipeline, headers_kept) = (state.pipeline.clone(), headers.clone());
+    let (called, version_kept) = (model.to_string(), version.map(str::to_string));
+    let work = async move {
+        let _admitted = admitted;
+        let lookup = |name: &str| {
+            headers_kept
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        pipeline
+            .infer(&called, version_kept.as_deref(), request, &lookup)
+            .await
     };
     let response = state
-        .pipeline
-        .infer(model, version, request, &lookup)
-        .await?;
+        .admission
+        .by_deadline(model, deadline, &state.telemetry, work)
+        .await??;
     let (bytes, json_length) = codec::encode_response(&response, &encoding).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -285,32 +298,6 @@ async fn infer(
         }
     }
     Ok(reply.into_response())
-}
-
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is larger than the server's limit of {limit} bytes (server.max_body_bytes)"
-            ),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read the request body: {error}"),
-        )),
-    }
 }
 
 #[derive(serde::Deserialize)]
@@ -421,11 +408,12 @@ pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use axum::http::{HeaderMap, Request};
+    use http_body_util::BodyExt;
     use tower::ServiceExt;
 
     use super::*;
     use crate::config::{MonitoringConfig, Role, TokenConfig};
-    use crate::http::Tokens;
+    use crate::http::{Admission, Tokens};
     use crate::telemetry::Telemetry;
     use crate::testing::{bind, loaded_repository, pipeline};
 
@@ -461,7 +449,8 @@ pub(super) mod tests {
         let state = Arc::new(HttpState {
             pipeline,
             telemetry: telemetry.clone(),
-            max_body_bytes: 4096,
+            admission: Admission::new(64, 4096, std::time::Duration::from_secs(5)),
+            client_certificates: false,
             tokens: Tokens::new(&tokens).unwrap(),
             metrics_here: true,
         });

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::auth::Tokens;
+use super::overload::Admission;
 use crate::pipeline::Pipeline;
 use crate::telemetry::Telemetry;
 
@@ -10,8 +11,10 @@ pub struct HttpState {
     pub pipeline: Arc<Pipeline>,
     /// Metrics, the audit trail, the request log and the errors `/admin/status` shows.
     pub telemetry: Arc<Telemetry>,
-    /// Request bodies above this many bytes are refused with 413.
-    pub max_body_bytes: usize,
+    /// What an inference request may hold: a place, its body, its client's time.
+    pub admission: Admission,
+    /// Whether `/admin/` asks for a client certificate (`server.tls.client_ca`).
+    pub client_certificates: bool,
     /// Who may read and change things under `/admin/`.
     pub tokens: Tokens,
     /// Whether `/metrics` is on this port (it is not when `monitoring.metrics_listen`

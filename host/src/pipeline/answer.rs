@@ -121,7 +121,7 @@ impl Answering {
         let slot = match (slot, &attempt) {
             (_, Some(_)) => None,
             (Some(slot), None) => Some(slot),
-            (None, None) => match self.slot(&endpoint.name).await {
+            (None, None) => match self.slot(&endpoint.name, request.deadline).await {
                 Ok(slot) => Some(slot),
                 Err(error) => return failed("not served", error),
             },
@@ -268,15 +268,24 @@ impl Answering {
         answered
     }
 
+    /// A slot, waited for until `deadline` at most.
     pub(super) async fn slot(
         &self,
         what: &str,
+        deadline: Option<Instant>,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, InferError> {
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| shutting_down(what))
+        let since = Instant::now();
+        let acquire = self.slots.clone().acquire_owned();
+        let acquired = match deadline {
+            None => acquire.await,
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), acquire)
+                .await
+                .map_err(|_| InferError::Busy {
+                    what: what.to_string(),
+                    waited_ms: since.elapsed().as_millis(),
+                })?,
+        };
+        acquired.map_err(|_| shutting_down(what))
     }
 
     pub(super) async fn run(

@@ -32,7 +32,7 @@ pub(super) async fn answer_or_fall_back(
         .latency_budget
         .map(|budget| (budget, tokio::time::Instant::from_std(since) + budget));
     // The request's one slot: the routed run holds it, the fallback inherits it.
-    let slot = match answering.slot(&endpoint.name).await {
+    let slot = match answering.slot(&endpoint.name, request.deadline).await {
         Ok(slot) => slot,
         Err(error) => return (Answered::failed(fallback, "not served", error), false),
     };

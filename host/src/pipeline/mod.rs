@@ -31,7 +31,7 @@ mod validate;
 mod variant;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -40,7 +40,7 @@ use crate::plugins::Library;
 use crate::registry::{LookupError, ModelRepository};
 use crate::telemetry::Telemetry;
 use answer::Answering;
-use request::{queue_deadline, select};
+use request::select;
 use sampling::{Outcome, Sampled};
 
 pub use request::{Headers, InferError, InferRequest, InferResponse};
@@ -54,6 +54,7 @@ pub struct Pipeline {
     /// an investigation needs the same decisions again.
     seeds: std::sync::Mutex<fastrand::Rng>,
     telemetry: Arc<Telemetry>,
+    request_timeout: Option<Duration>,
 }
 
 /// How a pipeline is sized.
@@ -68,6 +69,9 @@ pub struct Options {
     pub shadow_queue: usize,
     /// Seeds every request's randomness; `None` draws a fresh sequence per run.
     pub seed: Option<u64>,
+    /// How long a client waits unless its request asks for less; `None`: as long as it
+    /// takes.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Pipeline {
@@ -95,6 +99,7 @@ impl Pipeline {
             plugins: ArcSwap::from_pointee(Library::default()),
             stats: StatsBook::default(),
             telemetry,
+            request_timeout: options.request_timeout,
         }
     }
 
@@ -118,6 +123,15 @@ impl Pipeline {
         request
             .id
             .get_or_insert_with(|| self.answering.feedback.host_id())
+    }
+
+    /// When the request's client stops waiting (see `InferRequest::deadline`), settled
+    /// the first time it is asked; the HTTP layer asks first, to stop waiting itself.
+    pub fn deadline(&self, request: &mut InferRequest) -> Result<Option<Instant>, InferError> {
+        if request.deadline.is_none() {
+            request.deadline = request::deadline(&request.parameters, self.request_timeout)?;
+        }
+        Ok(request.deadline)
     }
 
     pub fn endpoints(&self) -> Arc<EndpointSet> {
@@ -145,6 +159,7 @@ impl Pipeline {
         headers: Headers<'_>,
     ) -> Result<InferResponse, InferError> {
         let id = self.identify(&mut request).to_string();
+        self.deadline(&mut request)?;
         if version.is_none() {
             let endpoints = self.endpoints.load();
             if let Some(endpoint) = endpoints.endpoints.get(name) {
@@ -203,10 +218,9 @@ impl Pipeline {
             })
             .transpose()
             .map_err(charged)?;
-        let deadline = queue_deadline(&request.parameters).map_err(charged)?;
         let outputs = self
             .answering
-            .run(&target, request.inputs, deadline)
+            .run(&target, request.inputs, request.deadline)
             .await
             .map_err(charged)?;
         Ok(InferResponse {

@@ -1,8 +1,8 @@
 //! A request on its way through the pipeline: the decoded request, the answer, the errors
-//! it can end in, and the rules every path shares (the queue deadline a request sets, the
+//! it can end in, and the rules every path shares (the deadline a request sets, the
 //! outputs it asks for, a failed model call as the request's error).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::registry::{LoadedVersion, LookupError};
 use crate::runner::RunFailure;
@@ -21,6 +21,9 @@ pub struct InferRequest {
     pub parameters: Vec<(String, String)>,
     /// The W3C trace the request belongs to, for the request log.
     pub trace_id: Option<String>,
+    /// When its client stops waiting: set once, by `Pipeline::deadline`, from the
+    /// request's `timeout` parameter and the server's request timeout.
+    pub deadline: Option<Instant>,
 }
 
 /// What the model answered, ready to encode.
@@ -68,6 +71,11 @@ pub enum InferError {
         version: u64,
         reason: String,
     },
+    /// No inference slot came free before the request's deadline: 503, to be retried.
+    #[error(
+        "'{what}' waited {waited_ms} ms for an inference slot until its deadline passed; the server is busy"
+    )]
+    Busy { what: String, waited_ms: u128 },
     /// A processor failed and the endpoint's policy is to fail the request.
     #[error("endpoint '{endpoint}': {reason}")]
     Plugin { endpoint: String, reason: String },
@@ -95,7 +103,7 @@ impl InferError {
     pub(super) fn failure(&self) -> VariantFailure {
         match self {
             InferError::Crashed { .. } => VariantFailure::Crash,
-            InferError::Overloaded { .. } => VariantFailure::Refused,
+            InferError::Overloaded { .. } | InferError::Busy { .. } => VariantFailure::Refused,
             _ => VariantFailure::Error,
         }
     }
@@ -122,7 +130,7 @@ pub(super) fn model_failed(target: &LoadedVersion, failure: RunFailure) -> Infer
             panic,
         },
         RunFailure::ShuttingDown => shutting_down(&model),
-        overloaded @ (RunFailure::QueueFull(_) | RunFailure::TimedOut(_)) => {
+        overloaded @ (RunFailure::QueueFull(_) | RunFailure::TimedOut(_) | RunFailure::Busy(_)) => {
             tracing::warn!(model = %model, version, reason = %overloaded, "request not run");
             InferError::Overloaded {
                 model,
@@ -140,20 +148,28 @@ pub(super) fn shutting_down(what: &str) -> InferError {
     )))
 }
 
-/// The deadline a request's OIP `timeout` parameter (microseconds) sets on its wait in
-/// the queue.
-pub(super) fn queue_deadline(
+/// When the client stops waiting: after its OIP `timeout` parameter (microseconds) or the
+/// server's own limit, whichever is sooner. Queues stop waiting then, and the HTTP layer
+/// answers 504 for a run still going.
+pub(super) fn deadline(
     parameters: &[(String, String)],
+    server: Option<Duration>,
 ) -> Result<Option<Instant>, InferError> {
+    let now = Instant::now();
+    let server = server.and_then(|limit| now.checked_add(limit));
     let Some((_, timeout)) = parameters.iter().find(|(k, _)| k == "timeout") else {
-        return Ok(None);
+        return Ok(server);
     };
     let micros: u64 = timeout.parse().map_err(|_| {
         InferError::Invalid(format!(
             "parameter 'timeout' is '{timeout}'; it is a whole number of microseconds"
         ))
     })?;
-    Ok(Instant::now().checked_add(std::time::Duration::from_micros(micros)))
+    let asked = now.checked_add(Duration::from_micros(micros));
+    Ok(match (asked, server) {
+        (Some(asked), Some(server)) => Some(asked.min(server)),
+        (asked, server) => asked.or(server),
+    })
 }
 
 /// The `wanted` outputs, in that order; all of them when nothing was asked for.

@@ -4,9 +4,7 @@
 
 use std::time::Instant;
 
-use super::request::{
-    InferError, InferRequest, InferResponse, model_failed, queue_deadline, select,
-};
+use super::request::{InferError, InferRequest, InferResponse, model_failed, select};
 use super::validate;
 use crate::config::ProcessorFailure;
 use crate::endpoint::{Bound, Endpoint, Variant};
@@ -51,8 +49,7 @@ pub(super) fn serve_variant(
         .snapshot()?
         .resolve(&variant.model, version.as_deref())?;
     validate::inputs(&target, &inputs)?;
-    let deadline = queue_deadline(&request.parameters)?;
-    let mut outputs = run_model(&target, inputs, deadline)?;
+    let mut outputs = run_model(&target, inputs, request.deadline)?;
     for processor in endpoint.processors.iter().rev() {
         outputs = process(endpoint, processor, Direction::Post, ctx, outputs)?;
     }

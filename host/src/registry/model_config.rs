@@ -40,6 +40,9 @@ pub struct ModelConfig {
     pub batching: Option<crate::runner::BatchingConfig>,
     /// The response cache: `cache = { max_bytes = ... }`.
     pub cache: Option<crate::runner::CacheConfig>,
+    /// Requests each version holds at once, waiting or running; beyond it, 503 with
+    /// `Retry-After` at once (default: only the server's `max_in_flight` bounds them).
+    pub max_in_flight: Option<NonZeroUsize>,
 }
 
 impl ModelConfig {

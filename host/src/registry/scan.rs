@@ -208,6 +208,7 @@ fn scan_version(
                         warm_run,
                         config.batching.clone(),
                         config.cache,
+                        config.max_in_flight,
                         metrics.map(|m| ModelMeters {
                             queue: m.queue_seconds(name),
                             inference: m.inference_seconds(name, version),

@@ -27,6 +27,9 @@ pub enum RunFailure {
     /// The batching queue holds `max_queue_size` requests already.
     #[error("the batching queue is full ({0} requests wait)")]
     QueueFull(usize),
+    /// The version holds its `max_in_flight` calls already.
+    #[error("it holds its limit of {0} requests in flight (max_in_flight in model.toml)")]
+    Busy(usize),
     /// The request's own `timeout` passed while it waited.
     #[error("the request's timeout passed after {0:?} in the queue")]
     TimedOut(Duration),

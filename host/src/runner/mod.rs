@@ -15,11 +15,12 @@ mod batch;
 mod cache;
 mod core;
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::backend::Runnable;
 use crate::telemetry::SchedulingMeters;
@@ -39,6 +40,8 @@ pub struct Runner {
     batching: Option<(BatchingConfig, tokio::runtime::Handle)>,
     /// The batching queue, started by the first call.
     queue: OnceLock<mpsc::Sender<batch::Job>>,
+    /// The calls it may hold at once (`max_in_flight` in model.toml), and its limit.
+    admission: Option<(Arc<Semaphore>, usize)>,
 }
 
 impl Runner {
@@ -47,6 +50,7 @@ impl Runner {
         warm_run: Option<Duration>,
         batching: Option<BatchingConfig>,
         cache: Option<CacheConfig>,
+        max_in_flight: Option<NonZeroUsize>,
         meters: Option<ModelMeters>,
         scheduling: Option<SchedulingMeters>,
     ) -> Runner {
@@ -66,7 +70,22 @@ impl Runner {
             cache: cache.map(|c| ResponseCache::new(c, scheduling)),
             batching: batching.zip(runtime),
             queue: OnceLock::new(),
+            admission: max_in_flight.map(|n| (Arc::new(Semaphore::new(n.get())), n.get())),
         }
+    }
+
+    /// A place among the calls the version may hold at once, or `Busy` at once: a
+    /// request beyond the limit is turned away, not queued.
+    fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, RunFailure> {
+        let Some((places, limit)) = &self.admission else {
+            return Ok(None);
+        };
+        places.clone().try_acquire_owned().map(Some).map_err(|_| {
+            if let Some(meters) = &self.core.scheduling {
+                meters.busy.inc();
+            }
+            RunFailure::Busy(*limit)
+        })
     }
 
     /// Runs a call from the async request path: from the cache, through the batching
@@ -81,6 +100,7 @@ impl Runner {
             Ok(hit) => return Ok(hit),
             Err(kept) => kept,
         };
+        let _admitted = self.admit()?;
         let outputs = match &self.batching {
             Some((config, runtime)) => self.queued(config, runtime, inputs, deadline)?.await?,
             None => self.pooled(inputs, slots, deadline).await?,
@@ -100,6 +120,7 @@ impl Runner {
             Ok(hit) => return Ok(hit),
             Err(kept) => kept,
         };
+        let _admitted = self.admit()?;
         let outputs = match &self.batching {
             Some((config, runtime)) => {
                 let answer = self.queued(config, runtime, inputs, deadline)?;

@@ -46,7 +46,7 @@ struct ModelLabels {
 struct RejectionLabels {
     model: String,
     version: String,
-    /// `queue_full` or `timeout`.
+    /// `queue_full`, `timeout` or `in_flight_limit`.
     reason: &'static str,
 }
 
@@ -74,6 +74,11 @@ struct LoadLabels {
 struct ShadowLabels {
     endpoint: String,
     variant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OverloadLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -231,8 +236,8 @@ impl ShadowOutcome {
     }
 }
 
-/// A model's queue rejection reasons, as the `reason` label says them.
-const REJECTIONS: [&str; 2] = ["queue_full", "timeout"];
+/// Why a model version turned requests away, as the `reason` label says it.
+const REJECTIONS: [&str; 3] = ["queue_full", "timeout", "in_flight_limit"];
 
 pub struct Metrics {
     registry: Registry,
@@ -260,6 +265,7 @@ pub struct Metrics {
     drift_psi: Family<FeatureLabels, Ratio>,
     drifted: Family<FeatureLabels, Gauge>,
     request_log_dropped: Counter,
+    turned_away: Family<OverloadLabels, Counter>,
     config_refreshes: Counter,
     known: RwLock<Known>,
     /// The label sets `requests` has: the one family whose labels cannot be derived from
@@ -349,6 +355,8 @@ pub struct SchedulingMeters {
     pub batch_size: Histogram,
     pub queue_full: Counter,
     pub timed_out: Counter,
+    /// Turned away at its `max_in_flight`.
+    pub busy: Counter,
 }
 
 /// Counts a request as in flight until dropped.
@@ -467,7 +475,7 @@ impl Default for Metrics {
         let queue_rejections = register(
             &mut r,
             "queue_rejections",
-            "Requests a model's batching queue turned away (503), by model, version and reason (queue_full, timeout)",
+            "Requests a model version turned away (503), by model, version and reason (queue_full and timeout: its batching queue; in_flight_limit: its max_in_flight)",
             Family::default(),
         );
         let variant_failures = register(
@@ -554,6 +562,12 @@ impl Default for Metrics {
             "Sampled request records dropped because the store or the CloudEvents sink fell behind",
             Counter::default(),
         );
+        let turned_away = register(
+            &mut r,
+            "server_rejections",
+            "Inference requests the server's own limits turned away, by reason: in_flight_limit (503, server.max_in_flight), deadline (504), body_timeout (408)",
+            Family::default(),
+        );
         let config_refreshes = register(
             &mut r,
             "config_refreshes",
@@ -586,6 +600,7 @@ impl Default for Metrics {
             drift_psi,
             drifted,
             request_log_dropped,
+            turned_away,
             config_refreshes,
             known: RwLock::default(),
             request_series: Mutex::default(),
@@ -866,6 +881,7 @@ impl Metrics {
             batch_size: self.batch_sizes.get_or_create(&labels).clone(),
             queue_full: rejected(REJECTIONS[0]),
             timed_out: rejected(REJECTIONS[1]),
+            busy: rejected(REJECTIONS[2]),
         }
     }
 
@@ -979,6 +995,14 @@ impl Metrics {
     /// Sampled requests the store or the sink had to drop.
     pub fn request_log_dropped(&self) -> Counter {
         self.request_log_dropped.clone()
+    }
+
+    /// An inference request the server's limits turned away (`in_flight_limit`,
+    /// `deadline` or `body_timeout`).
+    pub fn turned_away(&self, reason: &'static str) {
+        self.turned_away
+            .get_or_create(&OverloadLabels { reason })
+            .inc();
     }
 
     /// Every metric in the OpenMetrics text format.

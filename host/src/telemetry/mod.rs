@@ -17,6 +17,7 @@ mod hub;
 mod metrics;
 mod sink;
 mod store;
+mod throttle;
 mod trace;
 
 use std::io::IsTerminal;
@@ -30,6 +31,7 @@ pub use metrics::{
     ShadowOutcome, VariantFailure,
 };
 pub use store::{Change, Page, Query, RequestRecord, RouterState, StoreError, StoredChange};
+pub use throttle::Throttle;
 pub use trace::{TRACEPARENT, Trace};
 
 /// ONNX Runtime reports every session's set-up at its info level: only its warnings by default.
