@@ -202,7 +202,7 @@ fn changed_endpoints<'a>(
     before: &'a BTreeMap<String, EndpointConfig>,
     after: &'a BTreeMap<String, EndpointConfig>,
 ) -> Vec<(&'a str, &'static str)> {
-    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
     names
         .into_iter()
         .filter_map(|n| match (before.get(n), after.get(n)) {
