@@ -208,7 +208,7 @@ fn changed_endpoints<'a>(
     before: &'a BTreeMap<String, EndpointConfig>,
     after: &'a BTreeMap<String, EndpointConfig>,
 ) -> Vec<(&'a str, &'static str)> {
-    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
     names
         .into_iter()
         .filter_map(|n| match (before.get(n), after.get(n)) {
@@ -552,6 +552,29 @@ mod tests {
         .await;
         assert!(refreshes(&telemetry) >= 2);
         control.abort();
+    }
+
+    #[test]
+    fn a_configmap_swap_is_followed_through_its_link() {
+        // Kubernetes' layout: the file links through `..data`, which is swapped by rename.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("..2026_12_01")).unwrap();
+        std::fs::write(dir.path().join("..2026_12_01/modelyard.toml"), AB).unwrap();
+        std::os::unix::fs::symlink("..2026_12_01", dir.path().join("..data")).unwrap();
+        let file = dir.path().join("modelyard.toml");
+        std::os::unix::fs::symlink("..data/modelyard.toml", &file).unwrap();
+        let followed = Followed {
+            plugin_dir: dir.path().join("plugins"),
+            files: followed_files(Some(&file), &BTreeMap::new()),
+        };
+        let canonical_dir = dir.path().canonicalize().unwrap();
+        assert!(followed.wakes(&canonical_dir.join("modelyard.toml")));
+        assert!(followed.wakes(&canonical_dir.join("..data")));
+        assert!(!followed.wakes(&canonical_dir.join("..data_tmp")));
+        assert!(!followed.wakes(&canonical_dir.join("server.log")));
+        assert!(followed.wakes(&dir.path().join("plugins/weighted.wasm")));
+        assert!(followed.wakes(&dir.path().join("plugins/weighted.wasm.sig")));
+        assert!(!followed.wakes(&dir.path().join("plugins/.weighted.wasm.tmp")));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -326,7 +326,9 @@ def main():
     warmup = max(2, len(samples) // 4)
     problems = judge(samples, warmup)
     allowed = 1 + swaps.counts["config"] + 2 * swaps.counts["plugin"]
-    if refreshes > allowed:
+    if "modelyard_config_refreshes_total" not in final:
+        problems.append("no modelyard_config_refreshes_total in /metrics: cannot tell how often the configuration was reread")
+    elif refreshes > allowed:
         problems.append(f"{refreshes:.0f} configuration refreshes for {allowed - 1} changes of the files it follows")
     if len(samples) < warmup + 2:
         problems.append(f"only {len(samples)} rounds: too short to judge growth after {warmup} rounds of warm-up")

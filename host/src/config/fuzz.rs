@@ -18,6 +18,14 @@ shadow_queue = 16
 seed = 7
 metrics = true
 performance_bucket_seconds = 60
+max_in_flight = 64
+request_timeout_ms = 5000
+header_read_timeout_ms = 1000
+body_read_timeout_ms = 1000
+[server.tls]
+cert = "tls/cert.pem"
+key = "tls/key.pem"
+client_ca = "tls/ca.pem"
 [server.tokens.ops]
 token = "secret"
 role = "admin"

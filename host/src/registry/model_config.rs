@@ -268,6 +268,7 @@ device = "cuda"
 require_device = false
 threads = 2
 instances = 2
+max_in_flight = 8
 warmup = true
 cache = { max_bytes = 1000 }
 [batching]

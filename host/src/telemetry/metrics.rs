@@ -236,7 +236,7 @@ impl ShadowOutcome {
     }
 }
 
-/// A model's queue rejection reasons, as the `reason` label says them.
+/// Why a model version turned requests away, as the `reason` label says it.
 const REJECTIONS: [&str; 3] = ["queue_full", "timeout", "in_flight_limit"];
 
 pub struct Metrics {
