@@ -339,7 +339,6 @@ fn cache_dir(configured: Option<&std::path::Path>) -> Result<Option<CacheDir>, C
     }
 }
 
-
 /// One refresh (`step`: [`Control::refresh`]), off the reactor. A refresh that panics
 /// leaves the control as it was (whatever it had applied stays, what serves keeps
 /// serving) and the next change refreshes again: one bad file must not end hot reloading.

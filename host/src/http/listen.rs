@@ -75,6 +75,9 @@ pub async fn serve(
             }
         });
     }
+    // Closed now, so that new connections are refused rather than left in the backlog
+    // while the ones in flight finish.
+    drop(listener);
     graceful.shutdown().await;
     Ok(())
 }
