@@ -424,19 +424,26 @@ mod tests {
         panic!("{what} did not happen within 20 s");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn endpoints_follow_the_configuration_file_and_refusals_are_audited() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("modelyard.toml");
-        let broken =
-            "[endpoints.broken]\nvariants = { a = \"iris\" }\nrouter = { plugin = \"nope\" }\n";
-        write(&file, &format!("{AB}{broken}"));
+    /// The control plane started over `config_text` (written to `modelyard.toml` in
+    /// `dir`) and the sample models: the configuration file, the telemetry, the pipeline
+    /// and the running task.
+    async fn started(
+        dir: &std::path::Path,
+        config_text: &str,
+    ) -> (
+        PathBuf,
+        Arc<Telemetry>,
+        Arc<Pipeline>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let file = dir.join("modelyard.toml");
+        write(&file, config_text);
         let config = Config::load(&file).unwrap();
         let monitoring = MonitoringConfig {
-            database: dir.path().join("modelyard.db"),
+            database: dir.join("modelyard.db"),
             ..MonitoringConfig::default()
         };
-        let telemetry = Telemetry::start(&monitoring, false).unwrap();
+        let telemetry = Telemetry::start(&monitoring, true).unwrap();
         let repository = Arc::new(ModelRepository::new(sample_models(), telemetry.clone()));
         let pipeline = pipeline(repository, telemetry.clone());
         let control = start(
@@ -447,6 +454,16 @@ mod tests {
         )
         .await
         .unwrap();
+        (file, telemetry, pipeline, control)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn endpoints_follow_the_configuration_file_and_refusals_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let broken =
+            "[endpoints.broken]\nvariants = { a = \"iris\" }\nrouter = { plugin = \"nope\" }\n";
+        let (file, telemetry, pipeline, control) =
+            started(dir.path(), &format!("{AB}{broken}")).await;
         // The first refresh is done when `start` returns.
         let set = pipeline.endpoints();
         assert!(set.endpoints.contains_key("ab"));
@@ -496,30 +513,15 @@ mod tests {
         assert!(kinds.contains(&"endpoint.refused".to_string()), "{kinds:?}");
         control.abort();
     }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn files_the_server_does_not_read_wake_no_refresh() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("modelyard.toml");
         // A refused endpoint: every refresh logs its error, which must not wake another.
         let broken =
             "[endpoints.broken]\nvariants = { a = \"iris\" }\nrouter = { plugin = \"nope\" }\n";
-        write(&file, &format!("{AB}{broken}"));
-        let config = Config::load(&file).unwrap();
-        let monitoring = MonitoringConfig {
-            database: dir.path().join("modelyard.db"),
-            ..MonitoringConfig::default()
-        };
-        let telemetry = Telemetry::start(&monitoring, true).unwrap();
-        let repository = Arc::new(ModelRepository::new(sample_models(), telemetry.clone()));
-        let pipeline = pipeline(repository, telemetry.clone());
-        let control = start(
-            &config,
-            Some(file.clone()),
-            pipeline.clone(),
-            telemetry.clone(),
-        )
-        .await
-        .unwrap();
+        let (file, telemetry, pipeline, control) =
+            started(dir.path(), &format!("{AB}{broken}")).await;
         assert_eq!(refreshes(&telemetry), 1);
 
         // A log beside the configuration and a note among the plugins, written to for 2 s.
