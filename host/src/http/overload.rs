@@ -2,8 +2,8 @@
 //! `server.max_in_flight` (none free: 503 with `Retry-After` at once, never a queue
 //! without end), its body for `server.body_read_timeout_ms` and `server.max_body_bytes`
 //! (408 and 413 past them), and its client's attention until its deadline (504 after it;
-//! a run already going cannot be stopped, so it finishes by itself, keeping its place,
-//! and is counted against what served it).
+//! a run already going cannot be stopped, so it finishes on its inference slot and is
+//! counted against what served it).
 //!
 //! Owns: those limits and the counts of requests they turn away. Must not touch: what
 //! the deadline is (the pipeline settles it from the request and the configuration).
@@ -17,7 +17,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::Instrument;
 
 use super::error::ApiError;
 use crate::telemetry::{Telemetry, Throttle};
@@ -106,48 +105,35 @@ impl Admission {
         }
     }
 
-    /// Waits for `work` (a request to `called`) until `deadline`. Past it the client gets
-    /// its 504 and `work` goes on as a task of its own: what it serves still charges and
-    /// counts its outcome when it ends.
-    pub(super) async fn by_deadline<T: Send + 'static>(
+    /// Waits for `work` (a request to `called`) until `deadline`; past it, 504. The work
+    /// is dropped, not stopped: a model run or plugin call already going finishes on its
+    /// inference slot and is counted and charged where it runs, in the pipeline.
+    pub(super) async fn by_deadline<T>(
         &self,
         called: &str,
         deadline: Option<Instant>,
         telemetry: &Telemetry,
-        work: impl Future<Output = T> + Send + 'static,
+        work: impl Future<Output = T>,
     ) -> Result<T, ApiError> {
-        let since = Instant::now();
-        let task = tokio::spawn(work.instrument(tracing::Span::current()));
-        let joined = match deadline {
-            None => task.await,
-            Some(deadline) => match tokio::time::timeout_at(deadline.into(), task).await {
-                Ok(joined) => joined,
-                Err(_) => {
-                    let waited = since.elapsed().as_millis();
-                    if let Some(unlogged) = self.warnings.pass() {
-                        tracing::warn!(
-                            called,
-                            waited_ms = waited,
-                            unlogged,
-                            "no answer by the request's deadline; answered 504, the run goes on"
-                        );
-                    }
-                    turned_away(telemetry, "deadline");
-                    return Err(ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "'{called}' gave no answer within {waited} ms, the request's deadline (its `timeout` parameter, or server.request_timeout_ms)"
-                        ),
-                    ));
-                }
-            },
+        let Some(deadline) = deadline else {
+            return Ok(work.await);
         };
-        joined.map_err(|join| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the request to '{called}' crashed ({join})"),
-            )
-        })
+        let since = Instant::now();
+        tokio::time::timeout_at(deadline.into(), work)
+            .await
+            .map_err(|_| {
+                let waited = since.elapsed().as_millis();
+                if let Some(unlogged) = self.warnings.pass() {
+                    tracing::warn!(called, waited_ms = waited, unlogged, "no answer by the request's deadline; answered 504, the run goes on");
+                }
+                turned_away(telemetry, "deadline");
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "'{called}' gave no answer within {waited} ms, the request's deadline (its `timeout` parameter, or server.request_timeout_ms)"
+                    ),
+                )
+            })
     }
 }
 

@@ -242,24 +242,18 @@ async fn infer(
     traced.set_id(state.pipeline.identify(&mut request));
     request.trace_id = Some(traced.trace.trace_id.clone());
     let deadline = state.pipeline.deadline(&mut request)?;
-    let (pipeline, headers_kept) = (state.pipeline.clone(), headers.clone());
-    let (called, version_kept) = (model.to_string(), version.map(str::to_string));
-    let work = async move {
-        let _admitted = admitted;
-        let lookup = |name: &str| {
-            headers_kept
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        pipeline
-            .infer(&called, version_kept.as_deref(), request, &lookup)
-            .await
+    let lookup = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     };
+    let work = state.pipeline.infer(model, version, request, &lookup);
     let response = state
         .admission
         .by_deadline(model, deadline, &state.telemetry, work)
         .await??;
+    drop(admitted);
     let (bytes, json_length) = codec::encode_response(&response, &encoding).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
