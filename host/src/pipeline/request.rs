@@ -131,7 +131,9 @@ pub(super) fn model_failed(target: &LoadedVersion, failure: RunFailure) -> Infer
         },
         RunFailure::ShuttingDown => shutting_down(&model),
         overloaded @ (RunFailure::QueueFull(_) | RunFailure::TimedOut(_) | RunFailure::Busy(_)) => {
-            tracing::warn!(model = %model, version, reason = %overloaded, "request not run");
+            if let Some(unlogged) = target.runner.may_warn() {
+                tracing::warn!(model = %model, version, reason = %overloaded, unlogged, "request not run");
+            }
             InferError::Overloaded {
                 model,
                 version,

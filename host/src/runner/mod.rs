@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::backend::Runnable;
-use crate::telemetry::SchedulingMeters;
+use crate::telemetry::{SchedulingMeters, Throttle};
 use crate::tensor::Tensor;
 
 pub use batch::BatchingConfig;
@@ -42,6 +42,8 @@ pub struct Runner {
     queue: OnceLock<mpsc::Sender<batch::Job>>,
     /// The calls it may hold at once (`max_in_flight` in model.toml), and its limit.
     admission: Option<(Arc<Semaphore>, usize)>,
+    /// Under overload every call is turned away: one warning a second says so.
+    warnings: Throttle,
 }
 
 impl Runner {
@@ -71,7 +73,13 @@ impl Runner {
             batching: batching.zip(runtime),
             queue: OnceLock::new(),
             admission: max_in_flight.map(|n| (Arc::new(Semaphore::new(n.get())), n.get())),
+            warnings: Throttle::default(),
         }
+    }
+
+    /// When a call turned away may be logged (see [`Throttle::pass`]).
+    pub fn may_warn(&self) -> Option<u64> {
+        self.warnings.pass()
     }
 
     /// A place among the calls the version may hold at once, or `Busy` at once: a
