@@ -474,6 +474,16 @@ mod tests {
         assert_eq!(killed.state, "DISABLED");
     }
 
+    /// Why a flag whose targeting is `{"$ref": "e0"}` over `evaluators` is refused.
+    fn refusal_of_chain(evaluators: Map<String, serde_json::Value>) -> String {
+        let doc = serde_json::json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1},
+            "defaultVariant": "a", "targeting": {"$ref": "e0"}}}, "$evaluators": evaluators});
+        FlagdFlags::new(serde_json::from_value(doc).unwrap())
+            .err()
+            .unwrap()
+            .0
+    }
+
     #[test]
     fn references_that_multiply_are_refused_not_expanded() {
         // 40 evaluators, each referring to the next twice: 2^40 values once replaced.
@@ -483,12 +493,7 @@ mod tests {
             evaluators.insert(format!("e{i}"), serde_json::json!({"or": [next, next]}));
         }
         evaluators.insert("e40".into(), serde_json::json!(true));
-        let doc = serde_json::json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1},
-            "defaultVariant": "a", "targeting": {"$ref": "e0"}}}, "$evaluators": evaluators});
-        let err = FlagdFlags::new(serde_json::from_value(doc).unwrap())
-            .err()
-            .unwrap()
-            .0;
+        let err = refusal_of_chain(evaluators);
         assert!(
             err.contains("flag 'f'") && err.contains("over 100000 values"),
             "{err}"
@@ -504,12 +509,7 @@ mod tests {
             evaluators.insert(format!("e{i}"), next);
         }
         evaluators.insert("e50".into(), serde_json::json!(true));
-        let doc = serde_json::json!({"flags": {"f": {"state": "ENABLED", "variants": {"a": 1},
-            "defaultVariant": "a", "targeting": {"$ref": "e0"}}}, "$evaluators": evaluators});
-        let err = FlagdFlags::new(serde_json::from_value(doc).unwrap())
-            .err()
-            .unwrap()
-            .0;
+        let err = refusal_of_chain(evaluators);
         assert!(
             err.contains("flag 'f'") && err.contains("deeper than 128"),
             "{err}"

@@ -52,18 +52,7 @@ fn drift_stays_low_for_iris_and_flags_shifted_inputs() {
     let version1 = &drift["versions"].as_array().unwrap()[0];
     assert_eq!(version1["features"][0]["ks"], Value::Null);
 
-    // Flowers with petals 2 cm longer than any in the training data.
-    let shifted: Vec<[f32; 4]> = rows
-        .iter()
-        .map(|r| [r[0], r[1], r[2] + 2.0, r[3]])
-        .collect();
-    for _ in 0..4 {
-        for chunk in shifted.chunks(50) {
-            server
-                .post_json("/v2/models/iris/infer", &iris_request(chunk))
-                .ok();
-        }
-    }
+    send_shifted(&server, &rows);
     server.wait_until("a judgement of the shifted inputs", || {
         drift = server.get_with("/admin/drift/iris", &[OPS]).ok();
         judged(&drift, 1, &|f| {
@@ -151,17 +140,7 @@ fn reading_drift_judges_nothing() {
         "{TOKENS}\n[monitoring]\ndrift_interval_ms = 3600000\n"
     ));
     let (rows, _) = crate::harness::iris_data();
-    let shifted: Vec<[f32; 4]> = rows
-        .iter()
-        .map(|r| [r[0], r[1], r[2] + 2.0, r[3]])
-        .collect();
-    for _ in 0..4 {
-        for chunk in shifted.chunks(50) {
-            server
-                .post_json("/v2/models/iris/infer", &iris_request(chunk))
-                .ok();
-        }
-    }
+    send_shifted(&server, &rows);
     for _ in 0..3 {
         let drift = server.get_with("/admin/drift/iris", &[OPS]).ok();
         for feature in drift["versions"][1]["features"].as_array().unwrap() {
@@ -180,4 +159,19 @@ fn reading_drift_judges_nothing() {
         .filter(|s| s["name"].as_str().unwrap().starts_with("modelyard_drift"))
         .count();
     assert_eq!(drift_series, 0);
+}
+
+/// Every flower four times over, with petals 2 cm longer than any in the training data.
+fn send_shifted(server: &crate::harness::Server, rows: &[[f32; 4]]) {
+    let shifted: Vec<[f32; 4]> = rows
+        .iter()
+        .map(|r| [r[0], r[1], r[2] + 2.0, r[3]])
+        .collect();
+    for _ in 0..4 {
+        for chunk in shifted.chunks(50) {
+            server
+                .post_json("/v2/models/iris/infer", &iris_request(chunk))
+                .ok();
+        }
+    }
 }
