@@ -154,6 +154,7 @@ fn benches(c: &mut Criterion) {
             shadow_queue: 1024,
             seed: Some(7),
             request_timeout: None,
+            replica: None,
         },
         telemetry,
     );

@@ -23,7 +23,7 @@ use crate::plugins::{
     CacheDir, CacheError, Library, Limits, PluginEngine, PluginError, Provenance, default_cache_dir,
 };
 use crate::telemetry::{Change, Telemetry};
-use crate::watch::{Watch, WatchError};
+use crate::watch::{KUBERNETES_DATA, Watch, WatchError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -144,11 +144,14 @@ struct Followed {
 
 impl Followed {
     fn wakes(&self, path: &Path) -> bool {
-        let plugin = path.parent() == Some(self.plugin_dir.as_path())
-            && path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(".wasm") || n.ends_with(".wasm.sig"));
+        let in_plugin_dir = path.parent() == Some(self.plugin_dir.as_path());
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        // Plugins mounted from a ConfigMap link through `..data`, swapped by rename.
+        let plugin = in_plugin_dir
+            && (name.ends_with(".wasm") || name.ends_with(".wasm.sig") || name == KUBERNETES_DATA);
         plugin || self.files.contains(path)
     }
 }
@@ -575,6 +578,7 @@ mod tests {
         assert!(!followed.wakes(&canonical_dir.join("server.log")));
         assert!(followed.wakes(&dir.path().join("plugins/weighted.wasm")));
         assert!(followed.wakes(&dir.path().join("plugins/weighted.wasm.sig")));
+        assert!(followed.wakes(&dir.path().join("plugins/..data")));
         assert!(!followed.wakes(&dir.path().join("plugins/.weighted.wasm.tmp")));
     }
 

@@ -8,11 +8,13 @@
 //! models on tract or ONNX Runtime, behind wasi-nn's traits), `runner` (one version's
 //! calls: cache, batching, where they run), `registry` (the model repository on disk),
 //! `plugins` (the plugin runtime), `endpoint` (what an endpoint is and keeps), `pipeline`
-//! (the steps of one request), `http` (the protocol on the wire), `control` (follows the
+//! (the steps of one request), `cluster` (replicas sharing strategy state through Redis),
+//! `http` (the protocol on the wire), `control` (follows the
 //! configuration and the plugin directory). `server` ties them together for the binary.
 //! `tests/architecture/imports.py` checks that imports go that one way.
 
 pub mod backend;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod endpoint;

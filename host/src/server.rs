@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::Config;
 use crate::control;
 use crate::http::{self, HttpState};
@@ -31,6 +32,8 @@ pub enum ServeError {
     Telemetry(#[from] telemetry::TelemetryError),
     #[error(transparent)]
     Tls(#[from] http::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("the HTTP server stopped: {0}")]
     Http(std::io::Error),
 }
@@ -65,6 +68,7 @@ pub async fn run(
         telemetry.clone(),
     ));
     let watcher = repository.watch()?;
+    let replica = Cluster::replica_name(&config.cluster);
     let pipeline = Arc::new(Pipeline::new(
         repository,
         Options {
@@ -76,10 +80,17 @@ pub async fn run(
             shadow_queue: config.server.shadow_queue,
             seed: config.server.seed,
             request_timeout: config.request_timeout(),
+            replica: replica.clone(),
         },
         telemetry.clone(),
     ));
     let control = control::start(config, config_file, pipeline.clone(), telemetry.clone()).await?;
+    let cluster = Cluster::start(
+        &config.cluster,
+        replica,
+        pipeline.clone(),
+        telemetry.clone(),
+    )?;
     let drift = tokio::spawn(judge_drift(
         pipeline.repository().clone(),
         telemetry.clone(),
@@ -96,6 +107,7 @@ pub async fn run(
         client_certificates: tls.as_ref().is_some_and(|tls| tls.checks_clients()),
         tokens,
         metrics_here: metrics_listener.is_none(),
+        cluster: cluster.as_ref().map(|running| running.cluster.clone()),
     });
     let certificates = tls.clone().map(http::Tls::follow).transpose()?;
     let listening = http::Listening {
@@ -144,6 +156,9 @@ pub async fn run(
         certificates.abort();
     }
     drift.abort();
+    if let Some(cluster) = cluster {
+        cluster.stop().await;
+    }
     telemetry.shutdown();
     if let Some(metrics_server) = metrics_server {
         metrics_server.abort();

@@ -47,6 +47,7 @@ pub fn pipeline(repository: Arc<ModelRepository>, telemetry: Arc<Telemetry>) -> 
             shadow_queue: 16,
             seed: Some(1),
             request_timeout: None,
+            replica: None,
         },
         telemetry,
     ))

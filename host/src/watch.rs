@@ -16,6 +16,10 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
+/// The link Kubernetes renames over to swap a mounted ConfigMap's or volume's files all at
+/// once: a change to it is a change to every file that links through it.
+pub const KUBERNETES_DATA: &str = "..data";
+
 /// Long enough for a file copy or a `mv` to settle into one burst.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binary, real HTTP, real ONNX models.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod cluster;
 mod compat;
 mod conformance;
 mod engine;

@@ -25,6 +25,42 @@ pub struct Config {
     /// Names clients call, each served by variants chosen by plugins.
     #[serde(default)]
     pub endpoints: BTreeMap<String, EndpointConfig>,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: replicas that share their strategies' state through Redis, so that many
+/// behave as one endpoint. Without `redis_url` every replica keeps its own, in memory.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub redis_url: Option<String>,
+    /// The prefix of every key: deployments that share a Redis keep apart by it.
+    pub namespace: String,
+    /// This replica's name, unique among the replicas; by default the host name (the pod's
+    /// name on Kubernetes) and a random suffix, new at every start.
+    pub replica: Option<String>,
+    /// How often a replica sends what it counted and changed, and reads what the others
+    /// did: the staleness of the shared view, and how soon an action reaches every replica.
+    pub sync_interval_ms: u64,
+    /// How long an answer waits in Redis for its feedback.
+    pub feedback_seconds: u64,
+    /// How long the counts of a replica that stopped reporting stay in the sums.
+    pub replica_retention_seconds: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: None,
+            namespace: "modelyard".to_string(),
+            replica: None,
+            sync_interval_ms: 250,
+            feedback_seconds: 3600,
+            replica_retention_seconds: 86_400,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
@@ -374,6 +410,30 @@ impl Config {
                 });
             }
             hash.make_ascii_lowercase();
+        }
+        let cluster = &config.cluster;
+        for (key, value, max) in [
+            ("sync_interval_ms", cluster.sync_interval_ms, 60_000),
+            ("feedback_seconds", cluster.feedback_seconds, 30 * 86_400),
+            (
+                "replica_retention_seconds",
+                cluster.replica_retention_seconds,
+                30 * 86_400,
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    problem: format!("cluster.{key} is {value}; between 1 and {max}"),
+                });
+            }
+        }
+        if cluster.namespace.is_empty() || cluster.replica.as_ref().is_some_and(String::is_empty) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem: "cluster.namespace and cluster.replica, when given, must not be empty"
+                    .to_string(),
+            });
         }
         // The shadow queue's slots are allocated when the server starts.
         if config.server.shadow_queue > MAX_SHADOW_QUEUE {

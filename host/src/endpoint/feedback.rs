@@ -1,7 +1,8 @@
 //! Which variant answered which request, for the rewards clients send back later through
 //! `POST /v2/models/{endpoint}/feedback`. Memory is bounded: the oldest ids are forgotten
 //! first. Ids the host made up carry a sequence number, so a forgotten one is told apart
-//! from one that never existed.
+//! from one that never existed (and, in a cluster, the replica's name, so that they are
+//! unique among replicas).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,8 @@ struct Memory {
 }
 
 pub struct FeedbackBook {
+    /// What the ids the host makes up start with.
+    prefix: String,
     capacity: usize,
     /// The width of a performance time bucket.
     bucket_ms: u64,
@@ -47,7 +50,7 @@ pub struct FeedbackBook {
 }
 
 /// What became of a reward.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Feedback {
     /// Counted for this variant; with the rows labelled and those predicted right.
     Recorded {
@@ -65,8 +68,13 @@ pub enum Feedback {
 }
 
 impl FeedbackBook {
-    pub fn new(capacity: usize, bucket_ms: u64) -> FeedbackBook {
+    /// A book of `capacity` answers; `replica` names this replica in a cluster.
+    pub fn new(capacity: usize, bucket_ms: u64, replica: Option<&str>) -> FeedbackBook {
         FeedbackBook {
+            prefix: match replica {
+                Some(replica) => format!("{HOST_ID_PREFIX}{replica}-"),
+                None => HOST_ID_PREFIX.to_string(),
+            },
             capacity: capacity.max(1),
             bucket_ms: bucket_ms.max(1),
             next_host_id: AtomicU64::new(0),
@@ -78,7 +86,8 @@ impl FeedbackBook {
     /// A fresh request id, for requests that came without one.
     pub fn host_id(&self) -> String {
         format!(
-            "{HOST_ID_PREFIX}{}",
+            "{}{}",
+            self.prefix,
             self.next_host_id.fetch_add(1, Ordering::Relaxed)
         )
     }
@@ -107,7 +116,7 @@ impl FeedbackBook {
                 break;
             };
             memory.by_id.remove(&oldest);
-            if let Some(seq) = host_seq(&oldest) {
+            if let Some(seq) = self.host_seq(&oldest) {
                 self.oldest_host_id.fetch_max(seq + 1, Ordering::Relaxed);
             }
         }
@@ -124,55 +133,75 @@ impl FeedbackBook {
     ) -> Feedback {
         let mut memory = self.memory.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(answered) = memory.by_id.get(id).filter(|a| a.endpoint == endpoint) else {
-            let forgotten =
-                host_seq(id).is_some_and(|seq| seq < self.oldest_host_id.load(Ordering::Relaxed));
+            let forgotten = self
+                .host_seq(id)
+                .is_some_and(|seq| seq < self.oldest_host_id.load(Ordering::Relaxed));
             return if forgotten {
                 Feedback::Expired
             } else {
                 Feedback::Unknown
             };
         };
-        let labels = match labels {
-            None => None,
-            Some(_) if answered.memo.predictions.is_empty() => return Feedback::NoPrediction,
-            Some(labels) if labels.len() != answered.memo.predictions.len() => {
-                return Feedback::Rows {
-                    expected: answered.memo.predictions.len(),
-                    got: labels.len(),
-                };
-            }
-            Some(labels) => {
-                let correct = labels
-                    .iter()
-                    .zip(&answered.memo.predictions)
-                    .filter(|(l, p)| l == p)
-                    .count();
-                Some((labels.len() as u64, correct as u64))
-            }
+        let labels = match judge(&answered.memo, labels) {
+            Ok(labels) => labels,
+            Err(refused) => return refused,
         };
         let Some(answered) = memory.by_id.remove(id) else {
             return Feedback::Unknown;
         };
         memory.order.retain(|o| o != id);
         drop(memory);
-        if let Some(reward) = reward {
-            answered.counters.reward(reward);
-        }
-        answered.counters.performance.record(
-            &Score { reward, labels },
-            answered.memo.segment.as_deref(),
-            answered.memo.at_ms,
-            self.bucket_ms,
-        );
+        self.credit(&answered.counters, &answered.memo, reward, labels);
         Feedback::Recorded {
             variant: answered.variant,
             labels,
         }
     }
+
+    /// Credits `reward` and the judged `labels` to the counters of the variant that gave
+    /// the answer `memo` keeps.
+    fn credit(
+        &self,
+        counters: &VariantCounters,
+        memo: &Memo,
+        reward: Option<f64>,
+        labels: Option<(u64, u64)>,
+    ) {
+        if let Some(reward) = reward {
+            counters.reward(reward);
+        }
+        counters.performance.record(
+            &Score { reward, labels },
+            memo.segment.as_deref(),
+            memo.at_ms,
+            self.bucket_ms,
+        );
+    }
+
+    fn host_seq(&self, id: &str) -> Option<u64> {
+        id.strip_prefix(&self.prefix)?.parse().ok()
+    }
 }
 
-fn host_seq(id: &str) -> Option<u64> {
-    id.strip_prefix(HOST_ID_PREFIX)?.parse().ok()
+/// The rows labelled and those predicted right, when `labels` (one per row) can be judged
+/// against the answer `memo` keeps; else what to answer.
+fn judge(memo: &Memo, labels: Option<&[String]>) -> Result<Option<(u64, u64)>, Feedback> {
+    match labels {
+        None => Ok(None),
+        Some(_) if memo.predictions.is_empty() => Err(Feedback::NoPrediction),
+        Some(labels) if labels.len() != memo.predictions.len() => Err(Feedback::Rows {
+            expected: memo.predictions.len(),
+            got: labels.len(),
+        }),
+        Some(labels) => {
+            let correct = labels
+                .iter()
+                .zip(&memo.predictions)
+                .filter(|(l, p)| l == p)
+                .count();
+            Ok(Some((labels.len() as u64, correct as u64)))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -190,7 +219,7 @@ mod tests {
     #[test]
     fn rewards_reach_the_variant_once_and_old_ids_expire() {
         let stats = StatsBook::default();
-        let book = FeedbackBook::new(2, 60_000);
+        let book = FeedbackBook::new(2, 60_000, None);
         let ids: Vec<String> = (0..3).map(|_| book.host_id()).collect();
         for id in &ids {
             book.remember(id, "e", "a", stats.variant("e", "a"), Memo::default());
@@ -216,7 +245,7 @@ mod tests {
     #[test]
     fn labels_are_judged_against_the_prediction_by_segment() {
         let stats = StatsBook::default();
-        let book = FeedbackBook::new(10, 60_000);
+        let book = FeedbackBook::new(10, 60_000, None);
         let memo = Memo {
             segment: Some("eu".into()),
             predictions: vec!["0".into(), "2".into()],

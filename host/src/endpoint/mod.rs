@@ -20,5 +20,5 @@ pub use decisions::DecisionRecord;
 pub use experiment::compare;
 pub use feedback::{Feedback, FeedbackBook, Memo};
 pub use performance::{LABELLED_ROWS, predictions};
-pub use stats::{Agreement, StatsBook};
-pub use strategy::ActError;
+pub use stats::{Agreement, Elsewhere, StatsBook, Tally};
+pub use strategy::{ActError, StrategyState};

@@ -4,12 +4,16 @@
 //! runs, copies dropped, agreement with the primary). They live outside the endpoint set, keyed by
 //! endpoint and variant, so a plugin swap or a configuration edit loses none of them; an
 //! endpoint or variant that leaves the configuration takes its counters with it.
+//!
+//! In a cluster a variant's counters also hold what the other replicas counted, as last
+//! read: routers and operators see the sums, while each replica sends only its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use hdrhistogram::Histogram;
 
 use super::performance::Performance;
@@ -35,6 +39,81 @@ pub struct VariantCounters {
     rewards: Mutex<(u64, f64, f64)>,
     /// Accuracy and reward by segment and over time.
     pub performance: Performance,
+    /// What the other replicas counted, in a cluster.
+    elsewhere: ArcSwapOption<Elsewhere>,
+}
+
+/// One replica's own counts of a variant, as it sends them to the others.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Tally {
+    pub requests: u64,
+    pub errors: u64,
+    pub reward_count: u64,
+    pub reward_sum: f64,
+    pub reward_sum_squares: f64,
+    /// The latency histogram's recorded buckets: (µs, count).
+    pub latency: Vec<(u64, u64)>,
+    /// The latest successful answers' latencies (µs), oldest first.
+    pub recent: Vec<u32>,
+}
+
+/// What the other replicas counted for a variant, as last read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Elsewhere {
+    pub requests: u64,
+    pub errors: u64,
+    pub reward_count: u64,
+    pub reward_sum: f64,
+    pub reward_sum_squares: f64,
+    /// Over every replica's latencies, this one's included as they were when merged: a
+    /// percentile cannot be summed, and merging histograms on every request costs too much.
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    /// Their latest successful latencies, newest first, one replica's after another's in
+    /// turn.
+    pub recent_newest_first: Vec<u32>,
+}
+
+impl Elsewhere {
+    /// The sums of `others`' tallies, with percentiles over theirs and `own` together.
+    pub fn merge(own: &Tally, others: &[&Tally]) -> Elsewhere {
+        let mut merged = Elsewhere::default();
+        let mut histogram = new_histogram();
+        for tally in others {
+            merged.requests += tally.requests;
+            merged.errors += tally.errors;
+            merged.reward_count += tally.reward_count;
+            merged.reward_sum += tally.reward_sum;
+            merged.reward_sum_squares += tally.reward_sum_squares;
+        }
+        if let Some(h) = histogram.as_mut() {
+            for (value, count) in std::iter::once(own)
+                .chain(others.iter().copied())
+                .flat_map(|t| &t.latency)
+            {
+                h.saturating_record_n((*value).max(1), *count);
+            }
+            merged.latency_p50_us = h.value_at_quantile(0.5);
+            merged.latency_p99_us = h.value_at_quantile(0.99);
+        }
+        let mut newest: Vec<_> = others.iter().map(|t| t.recent.iter().rev()).collect();
+        while merged.recent_newest_first.len() < RECENT_LATENCIES {
+            let before = merged.recent_newest_first.len();
+            for latencies in &mut newest {
+                merged.recent_newest_first.extend(latencies.next());
+            }
+            if merged.recent_newest_first.len() == before {
+                break;
+            }
+        }
+        merged.recent_newest_first.truncate(RECENT_LATENCIES);
+        merged
+    }
+}
+
+/// Microseconds up to an hour, to three significant digits.
+fn new_histogram() -> Option<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()
 }
 
 /// A copy of the counters at one moment.
@@ -55,13 +134,13 @@ impl Default for VariantCounters {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             past_budget: AtomicUsize::new(0),
-            // Microseconds up to an hour, to three significant digits.
             latency_us: Mutex::new(Latency {
-                histogram: Histogram::new_with_bounds(1, 3_600_000_000, 3).ok(),
+                histogram: new_histogram(),
                 recent: VecDeque::with_capacity(RECENT_LATENCIES),
             }),
             rewards: Mutex::new((0, 0.0, 0.0)),
             performance: Performance::default(),
+            elsewhere: ArcSwapOption::empty(),
         }
     }
 }
@@ -111,29 +190,94 @@ impl VariantCounters {
         rewards.2 += reward * reward;
     }
 
+    /// The counts routers and operators see: this replica's, and in a cluster the other
+    /// replicas' added.
     pub fn snapshot(&self) -> StatsSnapshot {
         self.read(|_| ()).0
     }
 
     /// A snapshot, and the latencies of the latest successful answers (µs, oldest first),
-    /// as routers see them: taken under one lock.
+    /// as routers see them: taken under one lock. In a cluster the window holds this
+    /// replica's latest and the others' in turn, newest first.
     pub fn snapshot_with_recent(&self) -> (StatsSnapshot, Vec<u32>) {
-        self.read(|latency| latency.recent.iter().copied().collect())
+        let elsewhere = self.elsewhere.load();
+        let (snapshot, recent) =
+            self.read(|latency| latency.recent.iter().copied().collect::<Vec<_>>());
+        let Some(others) = elsewhere
+            .as_ref()
+            .filter(|e| !e.recent_newest_first.is_empty())
+        else {
+            return (snapshot, recent);
+        };
+        let mut own = recent.iter().rev();
+        let mut theirs = others.recent_newest_first.iter();
+        let mut merged = Vec::with_capacity(RECENT_LATENCIES);
+        while merged.len() < RECENT_LATENCIES {
+            let before = merged.len();
+            merged.extend(own.next());
+            merged.extend(theirs.next());
+            if merged.len() == before {
+                break;
+            }
+        }
+        merged.truncate(RECENT_LATENCIES);
+        merged.reverse();
+        (snapshot, merged)
     }
 
-    fn read<T>(&self, also: impl FnOnce(&Latency) -> T) -> (StatsSnapshot, T) {
+    /// This replica's own counts, to send to the others.
+    pub fn tally(&self) -> Tally {
         let (reward_count, reward_sum, reward_sum_squares) =
             *self.rewards.lock().unwrap_or_else(PoisonError::into_inner);
         let latency = self
             .latency_us
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let (p50, p99) = latency.histogram.as_ref().map_or((0, 0), |h| {
-            (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
-        });
-        let snapshot = StatsSnapshot {
+        Tally {
             requests: self.requests.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
+            reward_count,
+            reward_sum,
+            reward_sum_squares,
+            latency: latency.histogram.as_ref().map_or_else(Vec::new, |h| {
+                h.iter_recorded()
+                    .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                    .collect()
+            }),
+            recent: latency.recent.iter().copied().collect(),
+        }
+    }
+
+    /// Replaces what the other replicas counted with what was read last.
+    pub fn set_elsewhere(&self, elsewhere: Elsewhere) {
+        self.elsewhere.store(Some(Arc::new(elsewhere)));
+    }
+
+    fn read<T>(&self, also: impl FnOnce(&Latency) -> T) -> (StatsSnapshot, T) {
+        let (mut reward_count, mut reward_sum, mut reward_sum_squares) =
+            *self.rewards.lock().unwrap_or_else(PoisonError::into_inner);
+        let latency = self
+            .latency_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (mut p50, mut p99) = latency.histogram.as_ref().map_or((0, 0), |h| {
+            (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+        });
+        let mut requests = self.requests.load(Ordering::Relaxed);
+        let mut errors = self.errors.load(Ordering::Relaxed);
+        if let Some(others) = self.elsewhere.load().as_ref() {
+            requests += others.requests;
+            errors += others.errors;
+            reward_count += others.reward_count;
+            reward_sum += others.reward_sum;
+            reward_sum_squares += others.reward_sum_squares;
+            if others.requests > 0 {
+                (p50, p99) = (others.latency_p50_us, others.latency_p99_us);
+            }
+        }
+        let snapshot = StatsSnapshot {
+            requests,
+            errors,
             latency_p50_us: p50,
             latency_p99_us: p99,
             reward_count,
@@ -267,6 +411,15 @@ impl StatsBook {
         entry(&self.shadows, endpoint, variant)
     }
 
+    /// Every variant's counters, by endpoint and variant.
+    pub fn all(&self) -> Vec<((String, String), Arc<VariantCounters>)> {
+        let variants = self.variants.lock().unwrap_or_else(PoisonError::into_inner);
+        variants
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// Forgets every variant `serves` says no longer serves (a request still running on
     /// one keeps its counters until it ends; they are no one's any more).
     pub fn keep_only(&self, serves: impl Fn(&str, &str) -> bool) {
@@ -310,6 +463,43 @@ mod tests {
         assert_eq!(book.variant("ab", "a").snapshot().requests, 1);
         // One that comes back starts afresh.
         assert_eq!(book.variant("gone", "a").snapshot().requests, 0);
+    }
+
+    #[test]
+    fn other_replicas_counts_add_to_this_ones() {
+        let here = VariantCounters::default();
+        for us in [100, 100, 100] {
+            here.record(Duration::from_micros(us), false);
+        }
+        here.reward(1.0);
+        let other = |us: u64, n: u64, recent: Vec<u32>| {
+            let counters = VariantCounters::default();
+            for _ in 0..n {
+                counters.record(Duration::from_micros(us), false);
+            }
+            counters.reward(0.5);
+            Tally {
+                recent,
+                ..counters.tally()
+            }
+        };
+        let (slow, fast) = (other(10_000, 5, vec![1, 2, 3]), other(200, 2, vec![7]));
+        let own = here.tally();
+        assert_eq!(
+            (own.requests, own.reward_count, own.recent.len()),
+            (3, 1, 3)
+        );
+        here.set_elsewhere(Elsewhere::merge(&own, &[&slow, &fast]));
+        let (sums, recent) = here.snapshot_with_recent();
+        assert_eq!((sums.requests, sums.errors, sums.reward_count), (10, 0, 3));
+        assert_eq!(sums.reward_sum, 2.0);
+        // Percentiles over all ten: five of them slow.
+        assert!((9_990..=10_010).contains(&sums.latency_p99_us), "{sums:?}");
+        assert!((190..=210).contains(&sums.latency_p50_us), "{sums:?}");
+        // Newest first in turn (here, then the others in turn), returned oldest first.
+        assert_eq!(recent, vec![1, 2, 100, 7, 100, 3, 100]);
+        // What this replica sends stays its own.
+        assert_eq!(here.tally(), own);
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! changes, because a state written for other settings means nothing under new ones. The
 //! state is also kept in the server's database, so a restart with the same router and
 //! configuration continues where it stopped (a rolled-back canary stays rolled back).
+//!
+//! In a cluster the state is also the replicas' shared copy's: each state carries the
+//! version of the shared copy it was made from, so that a change made on a stale state
+//! loses to the one already shared, as a request's does to an operator's here.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -18,8 +22,18 @@ pub struct StrategyState {
     /// Where the state is kept, for an endpoint with a router.
     kept_as: Option<Kept>,
     /// Orders each change with its write to the database, so the database never ends on
-    /// an older state than memory (a rollback racing a request's change).
-    writing: Mutex<()>,
+    /// an older state than memory (a rollback racing a request's change); and with where
+    /// the state stands with the cluster's copy.
+    writing: Mutex<Synced>,
+}
+
+/// Where the state stands with the cluster's shared copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Synced {
+    /// The version of the shared copy the state is, or was made from.
+    pub version: u64,
+    /// Changed here since: to be shared.
+    pub changed: bool,
 }
 
 /// The endpoint and the router (plugin, configuration, variants) a state is kept under.
@@ -68,7 +82,7 @@ impl StrategyState {
         StrategyState {
             state: ArcSwap::from_pointee(state.unwrap_or_default()),
             kept_as: Some(kept),
-            writing: Mutex::new(()),
+            writing: Mutex::new(Synced::default()),
         }
     }
 
@@ -86,12 +100,49 @@ impl StrategyState {
     /// whether it did.
     pub fn replace(&self, seen: &Arc<String>, new: String) -> bool {
         let new = Arc::new(new);
-        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut synced = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let replaced = Arc::ptr_eq(&self.state.compare_and_swap(seen, new.clone()), seen);
-        if replaced && let Some(kept) = &self.kept_as {
-            kept.keep(new.to_string());
+        if replaced {
+            synced.changed = true;
+            if let Some(kept) = &self.kept_as {
+                kept.keep(new.to_string());
+            }
         }
         replaced
+    }
+
+    /// The state, and where it stands with the cluster's copy.
+    pub fn synced(&self) -> (Arc<String>, Synced) {
+        let synced = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.state.load_full(), *synced)
+    }
+
+    /// `sent` is the shared copy's `version` now: the state is in step with it unless it
+    /// changed again meanwhile.
+    pub fn shared(&self, sent: &Arc<String>, version: u64) {
+        let mut synced = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        synced.version = version;
+        synced.changed = !Arc::ptr_eq(&self.state.load(), sent);
+    }
+
+    /// Takes the shared copy's `state` at `version` over whatever is here, a change not
+    /// shared yet included (it lost: it was made on an older state); the state before,
+    /// when that differed.
+    pub fn adopt(&self, state: String, version: u64) -> Option<Arc<String>> {
+        let mut synced = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        *synced = Synced {
+            version,
+            changed: false,
+        };
+        let before = self.state.load_full();
+        if *before == state {
+            return None;
+        }
+        self.state.store(Arc::new(state.clone()));
+        if let Some(kept) = &self.kept_as {
+            kept.keep(state);
+        }
+        Some(before)
     }
 }
 
@@ -125,5 +176,60 @@ mod tests {
         // `seen` is stale now: a request that routed on it cannot overwrite "a".
         assert!(!state.replace(&seen, "b".to_string()));
         assert_eq!(state.load().as_str(), "a");
+    }
+
+    #[test]
+    fn a_shared_state_is_in_step_until_it_changes_and_a_newer_copy_wins() {
+        let state = StrategyState::default();
+        let seen = state.load();
+        assert!(state.replace(&seen, "a".to_string()));
+        let (sent, synced) = state.synced();
+        assert_eq!(
+            synced,
+            Synced {
+                version: 0,
+                changed: true
+            }
+        );
+        // Changed again while it was being sent: still to be shared.
+        assert!(state.replace(&sent, "b".to_string()));
+        state.shared(&sent, 1);
+        assert_eq!(
+            state.synced().1,
+            Synced {
+                version: 1,
+                changed: true
+            }
+        );
+        let (sent, _) = state.synced();
+        state.shared(&sent, 2);
+        assert_eq!(
+            state.synced().1,
+            Synced {
+                version: 2,
+                changed: false
+            }
+        );
+        // Another replica's newer copy replaces a change not shared yet.
+        let seen = state.load();
+        assert!(state.replace(&seen, "mine".to_string()));
+        assert_eq!(
+            state
+                .adopt("theirs".to_string(), 3)
+                .as_deref()
+                .map(String::as_str),
+            Some("mine")
+        );
+        assert_eq!(
+            state.synced(),
+            (
+                Arc::new("theirs".to_string()),
+                Synced {
+                    version: 3,
+                    changed: false
+                }
+            )
+        );
+        assert_eq!(state.adopt("theirs".to_string(), 3), None);
     }
 }

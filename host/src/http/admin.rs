@@ -241,11 +241,38 @@ async fn admin_act(
     let e = endpoint(&state.pipeline.endpoints(), &name)?;
     let args = String::from_utf8_lossy(&body).into_owned();
     let before = e.strategy.load();
-    let done = blocking("the admin action", {
-        let (action, args, e) = (action.clone(), args.clone(), e.clone());
-        move || e.act(&action, &args)
-    })
-    .await?;
+    let mut shared = None;
+    let mut done;
+    // In a cluster the action is taken on the shared state: when another replica changed
+    // it first, the action is taken again on theirs.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        done = blocking("the admin action", {
+            let (action, args, e) = (action.clone(), args.clone(), e.clone());
+            move || e.act(&action, &args)
+        })
+        .await?;
+        let (Ok(_), Some(cluster)) = (&done, &state.cluster) else {
+            break;
+        };
+        match cluster.share_now(&name).await {
+            Ok(true) => {
+                shared = Some(true);
+                break;
+            }
+            Ok(false) if attempts < 4 => continue,
+            Ok(false) => {
+                done = Err(ActError::Contended(name.clone()));
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(endpoint = %name, %action, %error, "the action holds on this replica; the others get it when the cluster's Redis is back");
+                shared = Some(false);
+                break;
+            }
+        }
+    }
     let change = |kind: &'static str, detail: String| Change {
         kind,
         actor: token.clone(),
@@ -265,9 +292,12 @@ async fn admin_act(
             state
                 .telemetry
                 .audit(change(kind, format!("{action} {args}")));
-            Ok(Json(
-                json!({ "endpoint": name, "action": action, "strategy": strategy }),
-            ))
+            let mut answer = json!({ "endpoint": name, "action": action, "strategy": strategy });
+            // Whether every replica takes it (false: this one only, until Redis is back).
+            if let Some(shared) = shared {
+                answer["shared"] = json!(shared);
+            }
+            Ok(Json(answer))
         }
         Err(error) => {
             state

@@ -373,6 +373,7 @@ pub(super) async fn status(
         "models": models,
         "plugins": plugins,
         "endpoints": endpoints,
+        "cluster": state.cluster.as_ref().map(|c| c.describe()),
         "recent_errors": state.telemetry.recent_errors(),
     })))
 }

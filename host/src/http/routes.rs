@@ -355,11 +355,27 @@ async fn feedback(
             format!("'{endpoint}' is not an endpoint; feedback goes to the endpoint that answered"),
         ));
     }
-    match state
-        .pipeline
-        .feedback()
-        .score(&endpoint, &request.id, request.reward, labels.as_deref())
+    let mut outcome =
+        state
+            .pipeline
+            .feedback()
+            .score(&endpoint, &request.id, request.reward, labels.as_deref());
+    // Not this replica's answer: perhaps another's.
+    if outcome == Feedback::Unknown
+        && let Some(cluster) = &state.cluster
     {
+        let passed = cluster
+            .pass_feedback(&endpoint, &request.id, request.reward, labels.as_deref())
+            .await
+            .map_err(|error| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("endpoint '{endpoint}' has no answer '{}' on this replica, and the other replicas cannot be asked ({error}); send it again", request.id),
+                )
+            })?;
+        outcome = passed.unwrap_or(Feedback::Unknown);
+    }
+    match outcome {
         Feedback::Recorded { variant, labels } => Ok(Json(json!({
             "endpoint": endpoint, "id": request.id, "variant": variant,
             "labelled": labels.map(|(rows, _)| rows),
@@ -447,6 +463,7 @@ pub(super) mod tests {
             client_certificates: false,
             tokens: Tokens::new(&tokens).unwrap(),
             metrics_here: true,
+            cluster: None,
         });
         (router(state), telemetry)
     }

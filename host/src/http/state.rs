@@ -1,9 +1,11 @@
-//! What every handler shares: the pipeline, the telemetry, the body limit, the tokens.
+//! What every handler shares: the pipeline, the telemetry, the body limit, the tokens,
+//! the cluster.
 
 use std::sync::Arc;
 
 use super::auth::Tokens;
 use super::overload::Admission;
+use crate::cluster::Cluster;
 use crate::pipeline::Pipeline;
 use crate::telemetry::Telemetry;
 
@@ -20,4 +22,6 @@ pub struct HttpState {
     /// Whether `/metrics` is on this port (it is not when `monitoring.metrics_listen`
     /// gives it one of its own).
     pub metrics_here: bool,
+    /// The other replicas, when this one shares strategy state with them.
+    pub cluster: Option<Arc<Cluster>>,
 }

@@ -72,6 +72,8 @@ pub struct Options {
     /// How long a client waits unless its request asks for less; `None`: as long as it
     /// takes.
     pub request_timeout: Option<Duration>,
+    /// This replica's name in a cluster, in the ids the server makes up.
+    pub replica: Option<String>,
 }
 
 impl Pipeline {
@@ -83,6 +85,7 @@ impl Pipeline {
         let feedback = FeedbackBook::new(
             options.feedback_memory,
             u64::try_from(options.performance_bucket.as_millis()).unwrap_or(u64::MAX),
+            options.replica.as_deref(),
         );
         Pipeline {
             answering: Answering::new(

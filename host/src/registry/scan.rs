@@ -14,7 +14,7 @@ use crate::runner::{ModelMeters, Runner};
 use crate::telemetry::Telemetry;
 use crate::telemetry::drift::{DriftMonitor, Reference};
 use crate::tensor::TensorSpec;
-use crate::watch::is_ignored;
+use crate::watch::{KUBERNETES_DATA, is_ignored};
 
 const MODEL_FILE: &str = "model.onnx";
 const CONFIG_FILE: &str = "model.toml";
@@ -31,9 +31,21 @@ fn subdirectories(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
     };
     entries
         .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e)))
         .filter(|(name, _)| !is_ignored(name))
+        .filter(|(name, e)| match e.file_type() {
+            Ok(t) if t.is_dir() => true,
+            // Followed: Kubernetes volumes, git-sync and hand-made layouts link directories.
+            Ok(t) if t.is_symlink() => {
+                let followed = e.path().is_dir();
+                if !followed {
+                    tracing::warn!(dir = %dir.display(), entry = %name, "skipping a symbolic link that leads to no directory");
+                }
+                followed
+            }
+            _ => false,
+        })
+        .map(|(name, e)| (name, e.path()))
         .collect()
 }
 
@@ -48,6 +60,8 @@ pub(super) fn is_followed(dir: &Path, path: &Path) -> bool {
     let version = |v: &str| v.parse::<u64>().is_ok();
     match parts[..] {
         [] => true,
+        // Swapping the link every model links through changes them all.
+        [KUBERNETES_DATA] => true,
         // A file beside the models is none; a directory, or one just removed, may be.
         [model] => !is_ignored(model) && !path.is_file(),
         [model, file] => !is_ignored(model) && (file == CONFIG_FILE || version(file)),
@@ -340,6 +354,39 @@ mod tests {
         ] {
             assert!(!followed(path), "{path}");
         }
+    }
+
+    #[test]
+    fn linked_directories_are_followed_and_their_swaps_noticed() {
+        use std::os::unix::fs::symlink;
+        // A mounted volume's layout: models link through `..data`, which is swapped by
+        // renaming a new link over it.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (release, version) in [("..r1", 1), ("..r2", 2)] {
+            let version_dir = root.join(format!("{release}/iris/{version}"));
+            fs::create_dir_all(&version_dir).unwrap();
+            fs::write(version_dir.join("model.onnx"), iris_model(version)).unwrap();
+        }
+        symlink("..r1", root.join("..data")).unwrap();
+        symlink("..data/iris", root.join("iris")).unwrap();
+        symlink("nowhere", root.join("dangling")).unwrap();
+        let first = scan(root, &Snapshot::default(), &Telemetry::off());
+        assert_eq!(first.models.keys().collect::<Vec<_>>(), vec!["iris"]);
+        assert_eq!(
+            first.models["iris"].versions.keys().collect::<Vec<_>>(),
+            vec![&1]
+        );
+
+        symlink("..r2", root.join("..data_tmp")).unwrap();
+        fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        assert!(is_followed(root, &root.join("..data")));
+        let second = scan(root, &first, &Telemetry::off());
+        assert_eq!(
+            second.models["iris"].versions.keys().collect::<Vec<_>>(),
+            vec![&2]
+        );
+        assert!(second.resolve("iris", Some("2")).is_ok());
     }
 
     #[test]

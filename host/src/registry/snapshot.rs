@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -152,6 +153,9 @@ fn list_or_none(items: impl Iterator<Item = impl std::fmt::Display>) -> String {
 pub(super) struct FileStamp {
     len: u64,
     modified: Option<SystemTime>,
+    /// Which file: a swapped link (a ConfigMap's, git-sync's) leads to another file that
+    /// may have the same length and time.
+    inode: (u64, u64),
 }
 
 impl FileStamp {
@@ -160,6 +164,7 @@ impl FileStamp {
         Some(FileStamp {
             len: meta.len(),
             modified: meta.modified().ok(),
+            inode: (meta.dev(), meta.ino()),
         })
     }
 }

@@ -77,6 +77,11 @@ struct ShadowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OverloadLabels {
     reason: &'static str,
 }
@@ -267,6 +272,10 @@ pub struct Metrics {
     request_log_dropped: Counter,
     turned_away: Family<OverloadLabels, Counter>,
     config_refreshes: Counter,
+    cluster_syncs: Family<OutcomeLabels, Counter>,
+    cluster_up: Gauge,
+    cluster_replicas: Gauge,
+    cluster_feedback: Family<OutcomeLabels, Counter>,
     known: RwLock<Known>,
     /// The label sets `requests` has: the one family whose labels cannot be derived from
     /// what the host knows (any HTTP status), kept so that a gone model's or endpoint's
@@ -574,6 +583,30 @@ impl Default for Metrics {
             "Times the control plane reread the configuration and the plugin directory, after a change to a file it follows",
             Counter::default(),
         );
+        let cluster_syncs = register(
+            &mut r,
+            "cluster_syncs",
+            "Exchanges with the cluster's Redis (counts, router states), by outcome: ok, failed",
+            Family::default(),
+        );
+        let cluster_up = register(
+            &mut r,
+            "cluster_redis_up",
+            "1 while the last exchange with the cluster's Redis succeeded, else 0",
+            Gauge::default(),
+        );
+        let cluster_replicas = register(
+            &mut r,
+            "cluster_replicas",
+            "Replicas whose counts are in the sums, this one included",
+            Gauge::default(),
+        );
+        let cluster_feedback = register(
+            &mut r,
+            "cluster_feedback",
+            "Feedback for another replica's answer, by outcome: sent (another replica took it), taken (this one took another's), unanswered, failed (Redis unreachable)",
+            Family::default(),
+        );
         Metrics {
             registry: r,
             requests,
@@ -602,6 +635,10 @@ impl Default for Metrics {
             request_log_dropped,
             turned_away,
             config_refreshes,
+            cluster_syncs,
+            cluster_up,
+            cluster_replicas,
+            cluster_feedback,
             known: RwLock::default(),
             request_series: Mutex::default(),
         }
@@ -999,6 +1036,26 @@ impl Metrics {
 
     /// An inference request the server's limits turned away (`in_flight_limit`,
     /// `deadline` or `body_timeout`).
+    /// One exchange with the cluster's Redis; `replicas` whose counts are summed.
+    pub fn cluster_synced(&self, ok: bool, replicas: Option<usize>) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.cluster_syncs
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.cluster_up.set(i64::from(ok));
+        if let Some(replicas) = replicas {
+            self.cluster_replicas
+                .set(i64::try_from(replicas).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Feedback that went between replicas.
+    pub fn cluster_feedback(&self, outcome: &'static str) {
+        self.cluster_feedback
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
     pub fn turned_away(&self, reason: &'static str) {
         self.turned_away
             .get_or_create(&OverloadLabels { reason })
