@@ -86,7 +86,9 @@ fn replicas(setup: &Setup, redis: &Redis, n: usize, sync_ms: u64, endpoints: &st
         redis.url(),
         setup.config(endpoints)
     );
-    (0..n).map(|_| setup.start(&config)).collect()
+    (0..n)
+        .map(|_| Server::start(setup.models.path(), &config))
+        .collect()
 }
 
 fn infer(server: &Server, endpoint: &str) -> (u16, String, Value) {
@@ -341,6 +343,7 @@ fn redis_killed_and_restarted_empty_mid_run_fails_no_inference_request() {
                 rewarded.clone(),
             );
             std::thread::spawn(move || {
+                let mut again = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let (status, _, id) = infer(&answering, "ab");
                     if status != 200 {
@@ -349,17 +352,18 @@ fn redis_killed_and_restarted_empty_mid_run_fails_no_inference_request() {
                     }
                     answered.fetch_add(1, Ordering::Relaxed);
                     // Feedback for another replica's answer needs Redis to find it: while
-                    // it is away, the client is told to send it again (503).
-                    let reply =
-                        taking.post_json("/v2/models/ab/feedback", &json!({"id": id, "reward": 1}));
-                    match reply.status {
+                    // it is away, the client is told to send it again (503), which it does
+                    // once Redis is back.
+                    let reward = json!({"id": id, "reward": 1});
+                    match taking.post_json("/v2/models/ab/feedback", &reward).status {
                         200 => {
                             rewarded.fetch_add(1, Ordering::Relaxed);
                         }
-                        503 | 404 => {}
+                        503 => again.push(reward),
                         other => panic!("feedback answered {other}"),
                     }
                 }
+                (taking, again)
             })
         })
         .collect();
@@ -380,15 +384,24 @@ fn redis_killed_and_restarted_empty_mid_run_fails_no_inference_request() {
     }
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
+    let mut resent = 0;
     for client in clients {
-        client.join().unwrap();
+        let (taking, again) = client.join().unwrap();
+        for reward in again {
+            // Not taken (200 now), or taken before the reply was lost (404 now: the
+            // answer exists, so only as taken can it be unknown).
+            let status = taking.post_json("/v2/models/ab/feedback", &reward).status;
+            assert!(status == 200 || status == 404, "sent again: {status}");
+            rewarded.fetch_add(1, Ordering::Relaxed);
+            resent += 1;
+        }
     }
     let (answered, rewarded) = (
         answered.load(Ordering::Relaxed),
         rewarded.load(Ordering::Relaxed),
     );
     println!(
-        "Redis killed and restarted: {answered} answers ({during} before the restart), {} failed, {rewarded} rewards taken",
+        "Redis killed and restarted: {answered} answers ({during} before the restart), {} failed, {rewarded} rewards taken ({resent} sent again after a 503)",
         failed.load(Ordering::Relaxed)
     );
     assert_eq!(
@@ -397,8 +410,10 @@ fn redis_killed_and_restarted_empty_mid_run_fails_no_inference_request() {
         "inference requests failed"
     );
     assert!(answered > during && during > 0);
-    // Everything counted anywhere, through the outage too, is in every replica's sums: the
-    // emptied Redis was filled again by the replicas.
+    assert_eq!(rewarded, answered);
+    // Every answer was rewarded exactly once, and everything counted anywhere, through the
+    // outage too, is in every replica's sums: the emptied Redis was filled again by the
+    // replicas.
     for server in servers.iter() {
         server.wait_until("the sums are whole again", || {
             sums(server, "ab") == (answered, rewarded)

@@ -261,7 +261,6 @@ impl Server {
         )
     }
 
-    /// Every log line so far, one JSON object each.
     /// The value of one series of `/metrics`, picked by some of its labels (0 when the
     /// series does not exist yet).
     pub fn metric(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
@@ -269,7 +268,9 @@ impl Server {
         let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         let matching: Vec<f64> = text
             .lines()
-            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter(|l| {
+                l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} "))
+            })
             .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
             .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
             .collect();
@@ -277,6 +278,7 @@ impl Server {
         matching.first().copied().unwrap_or(0.0)
     }
 
+    /// Every log line so far, one JSON object each.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }

@@ -1,4 +1,5 @@
-//! The timer's exchange with Redis. Every `sync_interval_ms` a replica
+//! The exchange with Redis: every `sync_interval_ms`, and the router states also as soon as
+//! one changes here or another replica says one changed there. A replica
 //!
 //! 1. brings each router's state in step with the shared copy: a newer copy is taken over
 //!    (a change made here on an older one loses, as it would to an operator's action on
@@ -11,6 +12,8 @@
 //! A replica that stops reporting keeps its counts in the sums for
 //! `replica_retention_seconds`; one missing from a read (Redis restarted, not reported
 //! yet) keeps the last counts read.
+
+use std::sync::atomic::Ordering;
 
 use redis::aio::MultiplexedConnection;
 
@@ -46,12 +49,16 @@ pub(super) enum Reconciled {
 type Remote = (u64, String, String);
 
 impl Cluster {
-    /// One exchange: router states, then counts. The replicas whose counts are summed,
-    /// this one included.
-    pub(super) async fn exchange(&self) -> Result<usize, ClusterError> {
+    /// One exchange: router states, then, when `counts`, counts. The replicas whose counts
+    /// are summed, this one included.
+    pub(super) async fn exchange(&self, counts: bool) -> Result<usize, ClusterError> {
         let mut connection = self.store.connection().await?;
         self.share_states(&mut connection, None).await?;
-        self.exchange_reports(&mut connection).await
+        if counts {
+            self.exchange_reports(&mut connection).await
+        } else {
+            Ok(self.replicas.load(Ordering::Relaxed))
+        }
     }
 
     /// Brings every router's state, or `only` that endpoint's, in step with the shared
@@ -88,6 +95,9 @@ impl Cluster {
                 .map(|(v, s)| (v, s, by.unwrap_or_default()));
             let outcome = self.reconcile(connection, endpoint, key, remote).await?;
             outcomes.push((endpoint.name.clone(), outcome));
+        }
+        if outcomes.iter().any(|(_, o)| *o == Reconciled::Sent) {
+            self.announce_change(connection).await?;
         }
         Ok(outcomes)
     }
@@ -193,6 +203,11 @@ impl Cluster {
             }
         }
         known.retain(|_, report| report.at_ms >= since);
+        let recent = mine
+            .at_ms
+            .saturating_sub(4 * self.interval.as_millis() as u64);
+        let live = known.values().filter(|r| r.at_ms >= recent).count();
+        self.live.store(live + 1, Ordering::Relaxed);
         for ((endpoint, variant), c) in &counters {
             let Some(own) = mine.variants.get(endpoint).and_then(|v| v.get(variant)) else {
                 continue;

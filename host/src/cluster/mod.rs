@@ -5,8 +5,9 @@
 //! for any replica's answer. Without it, nothing here runs.
 //!
 //! Nothing on the request path waits for Redis: counts are sent and read on a timer
-//! (`sync_interval_ms`), so the others' share of the sums is that much behind; a
-//! router's change is sent on the next tick, an operator's at once. When Redis is away a
+//! (`sync_interval_ms`), so the others' share of the sums is that much behind; a change of
+//! a router's state (a request's or an operator's) is sent as soon as it is made, in the
+//! background for a request, and the other replicas are told on a channel to take it. When Redis is away a
 //! replica serves on the last shared state and its own counts, logs and counts the
 //! outage, and sends everything counted meanwhile when Redis is back (it always sends its
 //! whole counts, so an emptied Redis is filled again by the replicas).
@@ -17,7 +18,7 @@
 //! Per replica, and not shared: the audit trail and the request log (collect them through
 //! the CloudEvents sink), the last decisions, shadow comparisons, accuracy by segment.
 
-mod answers;
+mod channels;
 mod exchange;
 mod state;
 mod store;
@@ -74,8 +75,13 @@ impl Cluster {
             waiting: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(0),
             lost: Notify::new(),
+            nudged: Notify::new(),
+            subscriptions: AtomicU64::new(0),
+            listening: AtomicBool::new(false),
             reachable: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
             replicas: AtomicUsize::new(1),
+            live: AtomicUsize::new(1),
             outage_log: Throttle::default(),
         });
         tracing::info!(replica = %cluster.replica, namespace = %config.namespace, interval_ms = config.sync_interval_ms, "sharing strategy state with the other replicas through Redis");
@@ -130,9 +136,15 @@ impl Cluster {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reachable = true;
         loop {
-            ticks.tick().await;
-            let exchanged = match tokio::time::timeout(self.store_timeout(), self.exchange()).await
-            {
+            // Counts on the tick; router states also as soon as one changes, here or on
+            // another replica.
+            let counts = tokio::select! {
+                _ = ticks.tick() => true,
+                () = self.telemetry.router_state_kept() => false,
+                () = self.nudged.notified() => false,
+            };
+            let exchange = self.exchange(counts);
+            let exchanged = match tokio::time::timeout(self.store_timeout(), exchange).await {
                 Ok(exchanged) => exchanged,
                 Err(_) => Err(ClusterError::TimedOut),
             };
@@ -165,7 +177,13 @@ impl Cluster {
                 }
             }
             self.reachable.store(reachable, Ordering::Relaxed);
+            self.joined.store(true, Ordering::Release);
         }
+    }
+
+    /// Whether the first exchange with Redis has ended (well or not).
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Acquire)
     }
 
     /// For `/admin/status`: this replica, whether Redis answered the last exchange, and
@@ -192,7 +210,7 @@ impl Running {
             task.abort();
         }
         let last =
-            tokio::time::timeout(self.cluster.store_timeout(), self.cluster.exchange()).await;
+            tokio::time::timeout(self.cluster.store_timeout(), self.cluster.exchange(true)).await;
         if !matches!(last, Ok(Ok(_))) {
             tracing::warn!(replica = %self.cluster.replica, "could not send the last counts to the cluster's Redis; the sums miss what this replica counted since its last exchange");
         }

@@ -28,11 +28,23 @@ pub struct Cluster {
     /// Feedback passed on, waiting to hear what became of it.
     pub(super) waiting: Mutex<HashMap<u64, oneshot::Sender<Feedback>>>,
     pub(super) next_token: AtomicU64,
-    /// Told when an exchange fails: the feedback channels subscribe again.
+    /// Told when an exchange fails: the channels subscribe again.
     pub(super) lost: Notify,
+    /// Told when another replica changed a router state: exchange states now.
+    pub(super) nudged: Notify,
+    /// Subscriptions made so far, and whether the last one still holds: a reply to
+    /// feedback passed on can only be heard while it does.
+    pub(super) subscriptions: AtomicU64,
+    pub(super) listening: AtomicBool,
     /// Whether the last exchange succeeded, and the replicas it summed.
     pub(super) reachable: AtomicBool,
+    /// Whether the first exchange has ended, well or not: a replica is ready once it has
+    /// the shared state, or knows it cannot have it yet.
+    pub(super) joined: AtomicBool,
     pub(super) replicas: AtomicUsize,
+    /// The replicas that reported within the last few ticks, this one included: those
+    /// feedback passed on should reach.
+    pub(super) live: AtomicUsize,
     pub(super) outage_log: Throttle,
 }
 

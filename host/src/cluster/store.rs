@@ -21,6 +21,10 @@ pub enum ClusterError {
     Redis(#[from] redis::RedisError),
     #[error("the cluster's Redis did not answer in time")]
     TimedOut,
+    #[error(
+        "not every replica could be asked (Redis went away, or a replica is still joining); it may have been taken"
+    )]
+    Interrupted,
     #[error("cannot encode what is shared: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -104,6 +108,11 @@ impl Store {
     pub(super) fn router(&self, endpoint: &str, identity: &str) -> String {
         let settings = xxhash_rust::xxh3::xxh3_64(identity.as_bytes());
         format!("{}:router:{endpoint}:{settings:016x}", self.namespace)
+    }
+
+    /// Where a replica says it changed a router state.
+    pub(super) fn states_channel(&self) -> String {
+        format!("{}:states", self.namespace)
     }
 
     /// Where replicas ask for the replica that gave an answer to take its feedback.

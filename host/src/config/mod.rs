@@ -44,8 +44,6 @@ pub struct ClusterConfig {
     /// How often a replica sends what it counted and changed, and reads what the others
     /// did: the staleness of the shared view, and how soon an action reaches every replica.
     pub sync_interval_ms: u64,
-    /// How long an answer waits in Redis for its feedback.
-    pub feedback_seconds: u64,
     /// How long the counts of a replica that stopped reporting stay in the sums.
     pub replica_retention_seconds: u64,
 }
@@ -57,7 +55,6 @@ impl Default for ClusterConfig {
             namespace: "modelyard".to_string(),
             replica: None,
             sync_interval_ms: 250,
-            feedback_seconds: 3600,
             replica_retention_seconds: 86_400,
         }
     }
@@ -414,7 +411,6 @@ impl Config {
         let cluster = &config.cluster;
         for (key, value, max) in [
             ("sync_interval_ms", cluster.sync_interval_ms, 60_000),
-            ("feedback_seconds", cluster.feedback_seconds, 30 * 86_400),
             (
                 "replica_retention_seconds",
                 cluster.replica_retention_seconds,

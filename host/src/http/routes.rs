@@ -97,6 +97,13 @@ async fn ready(State(state): AppState) -> Result<Json<serde_json::Value>, ApiErr
             "no model can serve: the repository has no loaded version (GET /admin/status says why)",
         ));
     }
+    // A replica routes on the cluster's shared state from its first request on.
+    if state.cluster.as_ref().is_some_and(|c| !c.joined()) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "joining the cluster: the first exchange with its Redis has not ended yet",
+        ));
+    }
     Ok(Json(json!({ "ready": true })))
 }
 

@@ -24,6 +24,8 @@ pub struct Telemetry {
     sample: f64,
     payloads: bool,
     errors: Mutex<VecDeque<NotedError>>,
+    /// Told each time a router state is kept: a cluster shares it at once.
+    router_state_kept: tokio::sync::Notify,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,7 @@ impl Telemetry {
             sample: config.request_sample,
             payloads: config.request_payloads,
             errors: Mutex::new(VecDeque::new()),
+            router_state_kept: tokio::sync::Notify::new(),
         }))
     }
 
@@ -96,6 +99,7 @@ impl Telemetry {
             sample: 0.0,
             payloads: false,
             errors: Mutex::new(VecDeque::new()),
+            router_state_kept: tokio::sync::Notify::new(),
         })
     }
 
@@ -133,6 +137,13 @@ impl Telemetry {
         if let Some(store) = &self.store {
             store.router_state(state);
         }
+        self.router_state_kept.notify_one();
+    }
+
+    /// Resolves after a router state was kept (at once when one was kept since the last
+    /// wait).
+    pub async fn router_state_kept(&self) {
+        self.router_state_kept.notified().await;
     }
 
     /// The router state kept for `endpoint` by the same `router`, if any (and the store is on).

@@ -1,8 +1,10 @@
-//! Feedback for an answer another replica gave. Answers stay in the memory of the replica
-//! that gave them (bounded by `server.feedback_memory`, as on one server): a replica that
-//! does not know an id asks the others on a Redis channel, and the one that knows it
-//! takes the feedback, credits it and says what it made of it. Nothing about answers
-//! crosses Redis on the request path, and nothing is kept there to lose.
+//! What replicas tell each other at once, on Redis channels: that a router state changed
+//! (the others exchange states then rather than at their next tick), and feedback for an
+//! answer another replica gave. Answers stay in the memory of the replica that gave them
+//! (bounded by `server.feedback_memory`, as on one server): a replica that does not know
+//! an id asks the others, and the one that knows it takes the feedback, credits it and
+//! says what it made of it. Nothing about answers crosses Redis on the request path, and
+//! nothing is kept there to lose.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -49,6 +51,12 @@ impl Cluster {
         reward: Option<f64>,
         labels: Option<&[String]>,
     ) -> Result<Option<Feedback>, ClusterError> {
+        // Without a subscription no reply could be heard: a wait would end in a false 404.
+        let subscription = self.subscriptions.load(Ordering::Acquire);
+        if !self.listening.load(Ordering::Acquire) {
+            self.count_feedback("failed");
+            return Err(ClusterError::Interrupted);
+        }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let (answered, answer) = tokio::sync::oneshot::channel();
         self.waiting.lock().await.insert(token, answered);
@@ -62,20 +70,18 @@ impl Cluster {
         };
         let sent = async {
             let mut connection = self.store.connection().await?;
-            let _: i64 = connection
-                .publish(
-                    self.store.feedback_channel(),
-                    serde_json::to_string(&passed)?,
-                )
+            let message = serde_json::to_string(&passed)?;
+            let reached: usize = connection
+                .publish(self.store.feedback_channel(), message)
                 .await?;
-            Ok::<_, ClusterError>(())
+            Ok::<_, ClusterError>(reached)
         }
         .await;
-        let outcome = match sent {
-            Ok(()) => tokio::time::timeout(ANSWER_WAIT, answer)
-                .await
-                .ok()
-                .and_then(Result::ok),
+        let (outcome, reached) = match sent {
+            Ok(reached) => {
+                let heard = tokio::time::timeout(ANSWER_WAIT, answer).await;
+                (heard.ok().and_then(Result::ok), reached)
+            }
             Err(error) => {
                 self.waiting.lock().await.remove(&token);
                 self.count_feedback("failed");
@@ -83,6 +89,16 @@ impl Cluster {
             }
         };
         self.waiting.lock().await.remove(&token);
+        // No reply, and not every live replica was listening (one still joining, or the
+        // subscription broke meanwhile and a reply may have been lost): say so rather than
+        // "unknown". Sending it again is safe: taken feedback is never taken twice.
+        let interrupted = reached < self.live.load(Ordering::Relaxed)
+            || !self.listening.load(Ordering::Acquire)
+            || self.subscriptions.load(Ordering::Acquire) != subscription;
+        if outcome.is_none() && interrupted {
+            self.count_feedback("failed");
+            return Err(ClusterError::Interrupted);
+        }
         self.count_feedback(if outcome.is_some() {
             "sent"
         } else {
@@ -91,22 +107,41 @@ impl Cluster {
         Ok(outcome)
     }
 
-    /// Listens on the feedback channel and this replica's reply channel, subscribing
-    /// again after Redis goes away.
+    /// Tells the other replicas that a router state changed here.
+    pub(super) async fn announce_change(
+        &self,
+        connection: &mut redis::aio::MultiplexedConnection,
+    ) -> Result<(), ClusterError> {
+        let _: i64 = connection
+            .publish(self.store.states_channel(), &self.replica)
+            .await?;
+        Ok(())
+    }
+
+    /// Listens on the states channel, the feedback channel and this replica's reply
+    /// channel, subscribing again after Redis goes away.
     pub(super) async fn listen(self: Arc<Self>) {
+        let states = self.store.states_channel();
         let feedback = self.store.feedback_channel();
-        let replies = self.store.reply_channel(&self.replica);
+        let channels = [
+            states.clone(),
+            feedback.clone(),
+            self.store.reply_channel(&self.replica),
+        ];
         loop {
-            match self
-                .store
-                .subscribe(&[feedback.clone(), replies.clone()])
-                .await
-            {
+            match self.store.subscribe(&channels).await {
                 Ok(mut pubsub) => {
+                    self.subscriptions.fetch_add(1, Ordering::AcqRel);
+                    self.listening.store(true, Ordering::Release);
                     let mut messages = pubsub.on_message();
                     loop {
                         tokio::select! {
                             message = messages.next() => match message {
+                                Some(message) if message.get_channel_name() == states => {
+                                    if message.get_payload_bytes() != self.replica.as_bytes() {
+                                        self.nudged.notify_one();
+                                    }
+                                }
                                 Some(message) if message.get_channel_name() == feedback => {
                                     self.take(message.get_payload_bytes()).await;
                                 }
@@ -118,6 +153,7 @@ impl Cluster {
                             () = self.lost.notified() => break,
                         }
                     }
+                    self.listening.store(false, Ordering::Release);
                 }
                 Err(error) => {
                     tracing::debug!(%error, "cannot subscribe to the cluster's feedback channels yet");
