@@ -15,6 +15,10 @@
   mounts, writable paths, probes, the grace period, shared state for several replicas);
   the flags file and the plugins it names are there; the command line uses the binary's
   flags (host/src/main.rs); the autoscaler's custom metric is one the server exports.
+- Plugins: every ConfigMap fits 1 MiB (an oversized plugin in one fails); a standard
+  plugin no ConfigMap holds is one too large for any (flagd: examples/plugins-from-image
+  brings it from an image); deploy/kubernetes/stage-plugins, run on a scratch copy, stages
+  exactly the plugins the generators name and refuses, staging nothing, one over 1 MiB.
 - The KServe custom resources against the openAPIV3Schema of KServe's CRDs
   (tests/deploy/schemas), closed as the API server's strict field validation closes them,
   their metadata against Kubernetes' ObjectMeta, and against the runtime's contract.
@@ -892,6 +896,22 @@ def kubernetes_section(c, workdir, sources):
             c.that(size <= CONFIGMAP_LIMIT, f"{name} ({kind}) is {size} bytes, within a ConfigMap's 1 MiB")
         crate = ROOT / "plugins" / name.removesuffix(".wasm") / "Cargo.toml"
         c.that(crate.is_file(), f"{name} is a plugin this repository builds (plugins/{name.removesuffix('.wasm')})")
+    # The standard plugins no ConfigMap holds: only those too large for one, which come from
+    # an image (examples/plugins-from-image); a plugin that fits is a ConfigMap, for live
+    # updates.
+    for crate in sorted((ROOT / "plugins").glob("*/Cargo.toml")):
+        name = f"{crate.parent.name}.wasm"
+        if name in sources:
+            continue
+        built = ROOT / "plugins" / name
+        if not built.is_file():
+            print(f"  note  {name}: in no ConfigMap, and not built (plugins/build): its size, which decides, unchecked")
+            continue
+        size = built.stat().st_size
+        c.that(size > CONFIGMAP_LIMIT,
+               f"{name} (built) is in no ConfigMap: at {size} bytes it is over a ConfigMap's 1 MiB, "
+               "so only examples/plugins-from-image brings it",
+               "it fits a ConfigMap: name it in plugins/kustomization.yaml and the Deployment's projected volume")
     return rendered
 
 
@@ -921,10 +941,14 @@ def deployments_section(c, rendered, sources):
         # they mean to.
         for label, drop in (("overlays/single", ()), ("overlays/cluster", ("cluster",)),
                             ("examples/hpa-inflight", ("cluster",)),
-                            ("examples/plugins-from-image", ("cluster", "plugins.dir"))):
+                            ("examples/plugins-from-image", ("cluster", "plugins.dir", "endpoints.iris-flags"))):
             if configs.get(label) is not None:
-                c.that(without(configs[label], *drop) == without(base, *[d for d in drop if d != "cluster"]),
+                c.that(without(configs[label], *drop) == without(base, *[d for d in drop if d not in ("cluster", "endpoints.iris-flags")]),
                        f"{label}: modelyard.toml is the base's{' but for ' + ', '.join(drop) if drop else ''}")
+
+    image = configs.get("examples/plugins-from-image") or {}
+    flagged = [name for name, e in image.get("endpoints", {}).items() if any(f.get("plugin") == "flagd" for f in e.get("flags", []))]
+    c.that(bool(flagged), "examples/plugins-from-image: an endpoint routes by flagd flags (the plugin no ConfigMap can hold)")
 
     adapter = KUBE / "examples" / "hpa-inflight" / "prometheus-adapter-rules.yaml"
     hpa = find(rendered.get("examples/hpa-inflight", []), "HorizontalPodAutoscaler", "modelyard")
@@ -1039,6 +1063,46 @@ def negative_section(c, rendered, kserve, sources):
     refused("plugins.cache_dir on the read-only config volume", deployment_problems(lambda v: set_toml(v, lambda t: t.replace('cache_dir = "/var/lib/modelyard/plugin-cache"', 'cache_dir = "/etc/modelyard/cache"'))), "plugins.cache_dir /etc/modelyard/cache is on a writable emptyDir")
     refused("an endpoint naming a plugin no ConfigMap holds", deployment_problems(lambda v: set_toml(v, lambda t: t.replace('plugin = "iris-features"', 'plugin = "iris-featurez"'))), "plugin iris-featurez.wasm is in plugins.dir")
     refused("`modelyard serve --conf` (not a flag of the binary)", deployment_problems(lambda v: pod_spec(find(v, "Deployment", "modelyard")[0])["containers"][0]["args"].append("--conf")), "are the binary's")
+
+    # A plugin over 1 MiB in a ConfigMap: flagd as built where it is, else as large.
+    built = ROOT / "plugins" / "flagd.wasm"
+    oversized = built.read_bytes() if built.is_file() and built.stat().st_size > CONFIGMAP_LIMIT else PLACEHOLDER_WASM.ljust(CONFIGMAP_LIMIT + 1, b"\0")
+
+    def oversized_plugin(variant):
+        variant.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "modelyard-plugin-flagd"},
+                        "binaryData": {"flagd.wasm": base64.b64encode(oversized).decode()}})
+        volumes = pod_spec(find(variant, "Deployment", "modelyard")[0])["volumes"]
+        [v for v in volumes if v["name"] == "config"][0]["projected"]["sources"].append({"configMap": {"name": "modelyard-plugin-flagd"}})
+
+    refused(f"a plugin of {len(oversized)} bytes in a ConfigMap", deployment_problems(oversized_plugin), "ConfigMap modelyard-plugin-flagd is")
+
+    # stage-plugins, on a scratch copy of the repository's layout: it stages what the
+    # generators name and nothing else, and refuses a plugin too large for a ConfigMap.
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        (scratch / "deploy" / "kubernetes" / "plugins").mkdir(parents=True)
+        script = scratch / "deploy" / "kubernetes" / "stage-plugins"
+        shutil.copy2(KUBE / "stage-plugins", script)
+        shutil.copyfile(KUBE / "plugins" / "kustomization.yaml", scratch / "deploy" / "kubernetes" / "plugins" / "kustomization.yaml")
+        named = sorted(p.name for role, p in named_files(KUBE / "plugins")[1] if p.name.endswith(".wasm"))
+        (scratch / "plugins").mkdir()
+        for name in named:
+            (scratch / "plugins" / name).write_bytes(PLACEHOLDER_WASM)
+        (scratch / "plugins" / "unnamed.wasm").write_bytes(PLACEHOLDER_WASM)
+        (scratch / "deploy" / "kubernetes" / "plugins" / "stale.wasm").write_bytes(PLACEHOLDER_WASM)
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+        staged = sorted(p.name for p in (scratch / "deploy" / "kubernetes" / "plugins").glob("*.wasm"))
+        c.that(done.returncode == 0 and staged == named,
+               f"stage-plugins stages exactly the plugins the generators name ({len(named)}), no other",
+               f"exit {done.returncode}, staged {staged}: {done.stderr.strip()}")
+        for p in (scratch / "deploy" / "kubernetes" / "plugins").glob("*.wasm"):
+            p.unlink()
+        (scratch / "plugins" / named[0]).write_bytes(oversized)
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+        staged = sorted(p.name for p in (scratch / "deploy" / "kubernetes" / "plugins").glob("*.wasm"))
+        refused(f"stage-plugins given a {named[0]} of {len(oversized)} bytes",
+                [done.stderr.strip()] if done.returncode != 0 else [], "over a ConfigMap's")
+        c.that(not staged, "stage-plugins, refusing, stages nothing", f"staged {staged}")
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
