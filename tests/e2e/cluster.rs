@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Server, broken_model, iris_request};
+use crate::harness::{Server, broken_model, coin, iris_request};
 use crate::plugins::Setup;
 
 const ADMIN: (&str, &str) = ("authorization", "Bearer let-me-in");
@@ -121,17 +121,6 @@ fn sums(server: &Server, endpoint: &str) -> (u64, u64) {
     (sum("requests"), sum("reward_count"))
 }
 
-/// A deterministic world: `coin(p)` is true with probability `p`.
-fn world() -> impl FnMut(f64) -> bool {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    move |p| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-}
-
 #[test]
 fn feedback_reaches_any_replica_and_a_bandit_learns_from_all_three() {
     let redis = Redis::start();
@@ -145,7 +134,7 @@ fn feedback_reaches_any_replica_and_a_bandit_learns_from_all_three() {
             "{TOKENS}[endpoints.bandit]\nvariants = {{ worse = \"iris@1\", better = \"iris@2\" }}\nrouter = {{ plugin = \"bandit\", config = {{ algorithm = \"thompson\" }} }}\n"
         ),
     );
-    let mut coin = world();
+    let mut coin = coin();
     let mut better_late = 0;
     for round in 0..300 {
         // Round robin, and every reward to another replica than the one that answered.

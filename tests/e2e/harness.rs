@@ -338,6 +338,18 @@ impl Drop for Server {
     }
 }
 
+/// A simulated world for bandits, the same every run: `coin(p)` is true with probability
+/// `p` (xorshift).
+pub fn coin() -> impl FnMut(f64) -> bool {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    move |p| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
 /// An iris request body for `rows` of four features.
 pub fn iris_request(rows: &[[f32; 4]]) -> Value {
     serde_json::json!({

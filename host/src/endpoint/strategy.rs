@@ -183,33 +183,16 @@ mod tests {
         let state = StrategyState::default();
         let seen = state.load();
         assert!(state.replace(&seen, "a".to_string()));
+        let at = |version, changed| Synced { version, changed };
         let (sent, synced) = state.synced();
-        assert_eq!(
-            synced,
-            Synced {
-                version: 0,
-                changed: true
-            }
-        );
+        assert_eq!(synced, at(0, true));
         // Changed again while it was being sent: still to be shared.
         assert!(state.replace(&sent, "b".to_string()));
         state.shared(&sent, 1);
-        assert_eq!(
-            state.synced().1,
-            Synced {
-                version: 1,
-                changed: true
-            }
-        );
+        assert_eq!(state.synced().1, at(1, true));
         let (sent, _) = state.synced();
         state.shared(&sent, 2);
-        assert_eq!(
-            state.synced().1,
-            Synced {
-                version: 2,
-                changed: false
-            }
-        );
+        assert_eq!(state.synced().1, at(2, false));
         // Another replica's newer copy replaces a change not shared yet.
         let seen = state.load();
         assert!(state.replace(&seen, "mine".to_string()));

@@ -103,13 +103,7 @@ fn bandits_learn_the_better_variant_from_feedback() {
     }
     let server = setup.start(&endpoints);
     // The simulated world: the better variant earns a reward 80 % of the time, the worse 20 %.
-    let mut world = 0x2545_f491_4f6c_dd1du64;
-    let mut coin = move |p: f64| {
-        world ^= world << 13;
-        world ^= world >> 7;
-        world ^= world << 17;
-        ((world >> 11) as f64 / (1u64 << 53) as f64) < p
-    };
+    let mut coin = crate::harness::coin();
     for endpoint in ["epsilon", "ucb", "thompson"] {
         let mut better_late = 0;
         for round in 0..300 {
