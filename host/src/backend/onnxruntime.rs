@@ -5,7 +5,8 @@
 //! `libonnxruntime.so` beside the binary or in `../onnxruntime/` from it (where the set-up
 //! puts the library of the `onnxruntime` wheel); the system's library path. A library that
 //! cannot be loaded, or is older than the API level `ort` was built for, refuses the models
-//! that asked for ONNX Runtime with that reason; `backend = "auto"` models go to tract.
+//! that asked for ONNX Runtime with that reason; `backend = "auto"` models go to tract. A
+//! static binary (the musl build) has no dynamic loader, and tries none of them.
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -120,9 +121,28 @@ fn candidates() -> Vec<PathBuf> {
     paths
 }
 
+/// Why a static executable (the musl build) does not even try: it has no dynamic loader, so
+/// every `dlopen` fails with no useful reason, and `ort` panics on its way to one where
+/// `/proc` is not mounted (it resolves a relative name against `current_exe`).
+const STATIC_BINARY: Option<&str> = if cfg!(target_feature = "crt-static") {
+    Some(
+        "this is a static binary, which cannot load shared libraries such as libonnxruntime.so; \
+         the glibc build runs ONNX Runtime",
+    )
+} else {
+    None
+};
+
 fn start() -> Result<Runtime, String> {
     let mut tried = Vec::new();
-    for path in candidates() {
+    let candidates = match STATIC_BINARY {
+        Some(reason) => {
+            tried.push(reason.to_string());
+            Vec::new()
+        }
+        None => candidates(),
+    };
+    for path in candidates {
         match ort::init_from(&path) {
             Ok(builder) => {
                 let environment = builder
