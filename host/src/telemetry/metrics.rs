@@ -604,7 +604,7 @@ impl Default for Metrics {
         let cluster_feedback = register(
             &mut r,
             "cluster_feedback",
-            "Feedback for another replica's answer, by outcome: sent (another replica took it), taken (this one took another's), unanswered, failed (Redis unreachable)",
+            "Feedback for another replica's answer, by outcome: sent (another replica took it), taken (this one took another's), unanswered (no replica knows the id: 404), failed (Redis unreachable, or not every replica listening: 503, send it again)",
             Family::default(),
         );
         Metrics {
