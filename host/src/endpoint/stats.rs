@@ -529,7 +529,10 @@ mod tests {
         for us in [120, 121, 129, 130, 5_000] {
             counters.record(Duration::from_micros(us), false);
         }
-        assert_eq!(counters.tally().latency, vec![(120, 3), (130, 1), (5_000, 1)]);
+        assert_eq!(
+            counters.tally().latency,
+            vec![(120, 3), (130, 1), (5_000, 1)]
+        );
     }
 
     #[test]
