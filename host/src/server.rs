@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::cluster::{Cluster, ClusterError};
+use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::Config;
 use crate::control;
 use crate::http::{self, HttpState};
@@ -53,6 +53,7 @@ pub async fn run(
         .as_ref()
         .map(http::Tls::load)
         .transpose()?;
+    cluster::check(&config.cluster)?;
     let listener = bind(&config.server.listen).await?;
     let metrics_listener = match &config.monitoring.metrics_listen {
         Some(addr) if config.server.metrics => Some(bind(addr).await?),

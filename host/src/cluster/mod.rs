@@ -45,6 +45,14 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Refuses a `redis_url` that is no Redis URL, before anything starts.
+pub fn check(config: &ClusterConfig) -> Result<(), ClusterError> {
+    match &config.redis_url {
+        Some(url) => Store::open(url, &config.namespace, Duration::from_secs(1)).map(drop),
+        None => Ok(()),
+    }
+}
+
 impl Cluster {
     /// Joins the cluster `config` names, if it names one, as `replica` (see
     /// [`Cluster::replica_name`]).

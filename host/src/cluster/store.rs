@@ -11,19 +11,17 @@ use tokio::sync::Mutex;
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error(
-        "cluster.redis_url '{url}' is not a Redis URL (redis://[user:password@]host:port[/db]): {source}"
+        "cluster.redis_url '{url}' is not a Redis URL (redis://[user:password@]host:port[/db]): {problem}"
     )]
     Url {
         url: String,
-        source: redis::RedisError,
+        problem: redis::RedisError,
     },
     #[error("the cluster's Redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("the cluster's Redis did not answer in time")]
     TimedOut,
-    #[error(
-        "not every replica could be asked (Redis went away, or a replica is still joining); it may have been taken"
-    )]
+    #[error("Redis went away, or a replica is still joining")]
     Interrupted,
     #[error("cannot encode what is shared: {0}")]
     Encode(#[from] serde_json::Error),
@@ -43,9 +41,9 @@ impl Store {
         namespace: &str,
         timeout: Duration,
     ) -> Result<Store, ClusterError> {
-        let client = Client::open(url).map_err(|source| ClusterError::Url {
+        let client = Client::open(url).map_err(|problem| ClusterError::Url {
             url: redacted(url),
-            source,
+            problem,
         })?;
         Ok(Store {
             client,

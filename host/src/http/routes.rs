@@ -377,7 +377,7 @@ async fn feedback(
             .map_err(|error| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("endpoint '{endpoint}' has no answer '{}' on this replica, and the other replicas cannot be asked ({error}); send it again", request.id),
+                    format!("endpoint '{endpoint}' has no answer '{}' on this replica, and not every other replica could be asked ({error}); send it again: feedback is never taken twice", request.id),
                 )
             })?;
         outcome = passed.unwrap_or(Feedback::Unknown);
