@@ -68,12 +68,7 @@ impl Cluster {
         let interval = Duration::from_millis(config.sync_interval_ms);
         let cluster = Arc::new(Cluster {
             replica,
-            // A reply slower than a few ticks is an outage, not a slow Redis.
-            store: Store::open(
-                url,
-                &config.namespace,
-                (interval * 4).max(Duration::from_secs(1)),
-            )?,
+            store: Store::open(url, &config.namespace, outage_after(interval))?,
             pipeline,
             telemetry,
             interval,
@@ -206,7 +201,7 @@ impl Cluster {
     }
 
     fn store_timeout(&self) -> Duration {
-        (self.interval * 4).max(Duration::from_secs(1))
+        outage_after(self.interval)
     }
 }
 
@@ -223,4 +218,10 @@ impl Running {
             tracing::warn!(replica = %self.cluster.replica, "could not send the last counts to the cluster's Redis; the sums miss what this replica counted since its last exchange");
         }
     }
+}
+
+/// How long an exchange may take: a reply slower than a few ticks is an outage, not a slow
+/// Redis.
+fn outage_after(interval: Duration) -> Duration {
+    (interval * 4).max(Duration::from_secs(1))
 }

@@ -96,19 +96,25 @@ impl Elsewhere {
             merged.latency_p50_us = h.value_at_quantile(0.5);
             merged.latency_p99_us = h.value_at_quantile(0.99);
         }
-        let mut newest: Vec<_> = others.iter().map(|t| t.recent.iter().rev()).collect();
-        while merged.recent_newest_first.len() < RECENT_LATENCIES {
-            let before = merged.recent_newest_first.len();
-            for latencies in &mut newest {
-                merged.recent_newest_first.extend(latencies.next());
-            }
-            if merged.recent_newest_first.len() == before {
-                break;
-            }
-        }
-        merged.recent_newest_first.truncate(RECENT_LATENCIES);
+        merged.recent_newest_first = in_turn(others.iter().map(|t| t.recent.iter().rev().copied()));
         merged
     }
+}
+
+/// The first of each of `windows` in turn, then the second of each…, up to
+/// [`RECENT_LATENCIES`]: the newest latencies of several windows, none crowding the rest out.
+fn in_turn<I: Iterator<Item = u32>>(windows: impl IntoIterator<Item = I>) -> Vec<u32> {
+    let mut windows: Vec<I> = windows.into_iter().collect();
+    let mut merged = Vec::with_capacity(RECENT_LATENCIES);
+    while merged.len() < RECENT_LATENCIES {
+        let before = merged.len();
+        merged.extend(windows.iter_mut().filter_map(Iterator::next));
+        if merged.len() == before {
+            break;
+        }
+    }
+    merged.truncate(RECENT_LATENCIES);
+    merged
 }
 
 /// `value` with all but its two leading digits zeroed.
@@ -218,18 +224,12 @@ impl VariantCounters {
         else {
             return (snapshot, recent);
         };
-        let mut own = recent.iter().rev();
-        let mut theirs = others.recent_newest_first.iter();
-        let mut merged = Vec::with_capacity(RECENT_LATENCIES);
-        while merged.len() < RECENT_LATENCIES {
-            let before = merged.len();
-            merged.extend(own.next());
-            merged.extend(theirs.next());
-            if merged.len() == before {
-                break;
-            }
-        }
-        merged.truncate(RECENT_LATENCIES);
+        let mut own = recent;
+        own.reverse();
+        let mut merged = in_turn([
+            own.iter().copied(),
+            others.recent_newest_first.iter().copied(),
+        ]);
         merged.reverse();
         (snapshot, merged)
     }
