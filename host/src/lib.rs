@@ -17,6 +17,7 @@ pub mod backend;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod dashboard;
 pub mod endpoint;
 #[cfg(test)]
 mod fuzzing;

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::Config;
 use crate::control;
+use crate::dashboard::{History, history};
 use crate::http::{self, HttpState};
 use crate::pipeline::{Options, Pipeline};
 use crate::registry::{ModelRepository, RepositoryError};
@@ -97,8 +98,16 @@ pub async fn run(
         telemetry.clone(),
         Duration::from_millis(config.monitoring.drift_interval_ms.max(10)),
     ));
+    let history = Arc::new(History::new(Duration::from_secs(
+        config.monitoring.history_step_seconds,
+    )));
+    let keeping = tokio::spawn(history::keep(history.clone(), {
+        let pipeline = pipeline.clone();
+        move || pipeline.endpoints()
+    }));
     let state = Arc::new(HttpState {
         pipeline,
+        history,
         telemetry: telemetry.clone(),
         admission: http::Admission::new(
             config.server.max_in_flight,
@@ -157,6 +166,7 @@ pub async fn run(
         certificates.abort();
     }
     drift.abort();
+    keeping.abort();
     if let Some(cluster) = cluster {
         cluster.stop().await;
     }

@@ -13,9 +13,10 @@
 //! model directory layout or request validation (the pipeline checks requests against the
 //! signature first).
 //!
-//! The files go one way: `graph` (what every backend shares) ← `limits` ← `tract`,
+//! The files go one way: `cpu` (what a run costs), `graph` (what every backend shares) ← `limits` ← `tract`,
 //! `onnxruntime` ← this file (`load`, `warm_up`) ← `wasi_nn` (the wasi-nn face of it all).
 
+pub mod cpu;
 mod graph;
 mod limits;
 pub mod onnxruntime;

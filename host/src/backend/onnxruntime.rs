@@ -19,6 +19,7 @@ use ort::session::Session;
 use ort::value::{DynTensor, DynTensorValueType, DynValue, TensorElementType, ValueType};
 use tract_onnx::prelude::Framework;
 
+use super::cpu::{self, Workers};
 use super::graph::{
     Device, Engine, LoadOptions, LoadedGraph, RunError, Runnable, TensorOverride, UnknownOverride,
     bytes_data, strings,
@@ -217,17 +218,13 @@ pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, O
     // and is lent first (the pool is last in, first out), so a lone request gets it; the
     // others, lent only while it runs, do not.
     for _ in 1..instances {
-        let extra = session(
+        sessions.push(session(
             runtime,
             bytes,
             options.threads,
             false,
             device == Device::Cuda,
-        )?;
-        sessions.push(Pooled {
-            session: extra,
-            spins: false,
-        });
+        )?);
     }
     let outlets = |kind, outlets: &[ort::value::Outlet]| {
         outlets
@@ -235,12 +232,9 @@ pub(super) fn load(bytes: &[u8], options: &LoadOptions) -> Result<LoadedGraph, O
             .map(|o| tensor_spec(kind, o.name(), o.dtype()))
             .collect::<Result<Vec<_>, _>>()
     };
-    let mut inputs = outlets("input", first.inputs())?;
-    let mut outputs = outlets("output", first.outputs())?;
-    sessions.push(Pooled {
-        session: first,
-        spins: true,
-    });
+    let mut inputs = outlets("input", first.session.inputs())?;
+    let mut outputs = outlets("output", first.session.outputs())?;
+    sessions.push(first);
     apply_overrides("input", &mut inputs, &options.inputs)?;
     apply_overrides("output", &mut outputs, &options.outputs)?;
     let threads = options.threads.map(NonZeroUsize::get);
@@ -268,10 +262,14 @@ fn session(
     threads: Option<NonZeroUsize>,
     spin: bool,
     cuda: bool,
-) -> Result<Session, OrtError> {
+) -> Result<Pooled, OrtError> {
     let failed = |e: ort::Error<_>| OrtError::Load(e.to_string());
+    let workers = Workers::default();
     let mut builder = Session::builder(&runtime.environment)
         .map_err(|e| OrtError::Load(e.to_string()))?
+        // The intra-op threads are ours, so a run can read their CPU clocks.
+        .with_thread_manager(Spawner(workers.clone()))
+        .map_err(failed)?
         // One run at a time per session; a request's parallelism is intra-op.
         .with_inter_threads(1)
         .map_err(failed)?
@@ -290,12 +288,36 @@ fn session(
             .with_execution_providers([ep::CUDA::default().build().error_on_failure()])
             .map_err(failed)?;
     }
-    builder
+    let session = builder
         .commit_from_memory(bytes)
         .map_err(|e| match e.code() {
             ort::ErrorCode::InvalidProtobuf => OrtError::NotOnnx(e.message().to_string()),
             _ => OrtError::Load(e.message().to_string()),
-        })
+        })?;
+    Ok(Pooled {
+        session,
+        spins: spin,
+        workers,
+    })
+}
+
+/// Starts ONNX Runtime's intra-op threads for one session, among its [`Workers`].
+struct Spawner(Workers);
+
+impl ort::environment::ThreadManager for Spawner {
+    type Thread = std::thread::JoinHandle<()>;
+
+    fn create(&self, work: impl FnOnce() + Send + 'static) -> ort::Result<Self::Thread> {
+        self.0
+            .spawn(work)
+            .map_err(|e| ort::Error::new(format!("cannot start an intra-op thread: {e}")))
+    }
+
+    fn join(thread: Self::Thread) -> ort::Result<()> {
+        thread
+            .join()
+            .map_err(|_| ort::Error::new("an intra-op thread panicked"))
+    }
 }
 
 /// A session on the GPU, or why there can be none here.
@@ -303,7 +325,7 @@ fn cuda_session(
     runtime: &Runtime,
     bytes: &[u8],
     threads: Option<NonZeroUsize>,
-) -> Result<Session, String> {
+) -> Result<Pooled, String> {
     if !ep::CUDA::is_available().unwrap_or(false) {
         return Err(format!(
             "ONNX Runtime {} was built without CUDA (the onnxruntime-gpu wheel has it)",
@@ -402,6 +424,7 @@ struct OrtGraph {
 struct Pooled {
     session: Session,
     spins: bool,
+    workers: Workers,
 }
 
 impl OrtGraph {
@@ -451,7 +474,10 @@ impl Runnable for OrtGraph {
         let Some(pooled) = lent.pooled.as_mut() else {
             return Err(RunError::Failed("no session to run on".into()));
         };
-        let outputs = pooled.session.run(values).map_err(|e| match e.code() {
+        let before = pooled.workers.now();
+        let outputs = pooled.session.run(values);
+        cpu::report_workers(pooled.workers.now().saturating_sub(before));
+        let outputs = outputs.map_err(|e| match e.code() {
             ort::ErrorCode::InvalidArgument => RunError::Rejected(e.message().to_string()),
             _ => RunError::Failed(e.message().to_string()),
         })?;

@@ -290,6 +290,13 @@ pub struct MonitoringConfig {
     pub cloudevents_sink: Option<String>,
     /// How often drift is recomputed, and threshold flips logged.
     pub drift_interval_ms: u64,
+    /// What one CPU core costs an hour, in the operator's currency: with it, the cost of a
+    /// million predictions per model version and variant (dashboard, `/admin/cost`,
+    /// `/metrics`); without it, CPU time alone.
+    pub core_hour_price: Option<f64>,
+    /// Seconds between two points of the per-endpoint history the dashboard draws (an
+    /// hour of it is kept), 1 to 60.
+    pub history_step_seconds: u64,
 }
 
 impl Default for MonitoringConfig {
@@ -302,6 +309,8 @@ impl Default for MonitoringConfig {
             request_retention: 100_000,
             cloudevents_sink: None,
             drift_interval_ms: 1000,
+            core_hour_price: None,
+            history_step_seconds: 10,
         }
     }
 }
@@ -407,6 +416,30 @@ impl Config {
                 });
             }
             hash.make_ascii_lowercase();
+        }
+        let monitoring = &config.monitoring;
+        if monitoring
+            .core_hour_price
+            .is_some_and(|p| !p.is_finite() || p < 0.0)
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "monitoring.core_hour_price is {}; write what one CPU core costs an hour, \
+                     a number of 0 or more (e.g. 0.04)",
+                    monitoring.core_hour_price.unwrap_or_default()
+                ),
+            });
+        }
+        if !(1..=60).contains(&monitoring.history_step_seconds) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problem: format!(
+                    "monitoring.history_step_seconds is {}; it must be 1 to 60 (an hour of \
+                     points is kept per endpoint)",
+                    monitoring.history_step_seconds
+                ),
+            });
         }
         let cluster = &config.cluster;
         for (key, value, max) in [

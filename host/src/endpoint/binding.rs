@@ -15,7 +15,7 @@ use crate::plugins::{
     FlagInfo, FlagsWorld, Library, Plugin, PluginEngine, PluginError, Pool, ProcessorWorld,
     RouterWorld, VariantStats, World,
 };
-use crate::telemetry::{Telemetry, VariantFailure, now_ms};
+use crate::telemetry::{Spending, Telemetry, VariantFailure, now_ms};
 
 /// One variant: a model, at a version or at its default.
 pub struct Variant {
@@ -24,6 +24,8 @@ pub struct Variant {
     pub version: Option<u64>,
     pub stats: Arc<VariantCounters>,
     pub shadow: Arc<ShadowCounters>,
+    /// The CPU time its model's runs took for it, and their predictions.
+    pub spending: Spending,
 }
 
 impl Variant {
@@ -259,15 +261,18 @@ impl Build<'_> {
                 .is_some_and(|e| e.variants.iter().any(|v| v.name == variant))
         };
         self.stats.keep_only(serves);
-        let Some(metrics) = self.telemetry.metrics() else {
-            return;
-        };
         for (name, before) in &self.previous.endpoints {
             let gone = before
                 .variants
                 .iter()
                 .map(|v| v.name.as_str())
                 .filter(|v| !serves(name, v));
+            for variant in gone.clone() {
+                self.telemetry.spendings().forget_variant(name, variant);
+            }
+            let Some(metrics) = self.telemetry.metrics() else {
+                continue;
+            };
             if set.endpoints.contains_key(name) {
                 gone.for_each(|variant| metrics.forget_variant(name, variant));
             } else {
@@ -304,6 +309,7 @@ impl Build<'_> {
                     version,
                     stats: self.stats.variant(name, variant),
                     shadow: self.stats.shadow(name, variant),
+                    spending: self.telemetry.spendings().variant(name, variant),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;

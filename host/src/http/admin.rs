@@ -36,12 +36,15 @@ pub(super) fn routes(state: Arc<HttpState>) -> Router<Arc<HttpState>> {
         .route("/admin/drift/{model}", get(monitor::drift))
         .route("/admin/models/{model}/card", get(monitor::card))
         .route("/admin/status", get(monitor::status))
+        .route("/admin/whoami", get(whoami))
+        .route("/admin/history/{endpoint}", get(history))
+        .route("/admin/cost", get(cost))
         .route_layer(axum::middleware::from_fn_with_state(state, certified))
 }
 
 /// With `server.tls.client_ca`, only a client whose certificate verified in the handshake
 /// may use `/admin/`; the tokens apply on top.
-async fn certified(
+pub(super) async fn certified(
     State(state): AppState,
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -72,6 +75,7 @@ async fn admin_plugins(
     state.tokens.authorize(&headers, Role::Read)?;
     let library = state.pipeline.plugins();
     let endpoints = state.pipeline.endpoints();
+    let metrics = state.telemetry.metrics();
     let plugins: Vec<serde_json::Value> = library
         .files
         .values()
@@ -83,6 +87,11 @@ async fn admin_plugins(
             };
             let failures = endpoints.run_failures(&f.name);
             let (failed_at, failure) = failures.last.unzip();
+            let calls = f
+                .prepared
+                .as_ref()
+                .zip(metrics)
+                .and_then(|(p, m)| m.plugin_calls(&f.name, p.world.as_str()));
             json!({
                 "name": f.name,
                 "world": f.prepared.as_ref().map(|p| p.world.as_str()),
@@ -95,6 +104,9 @@ async fn admin_plugins(
                 "failures": failures.count,
                 "last_failure": failure,
                 "last_failure_at": unix_seconds(failed_at),
+                // With metrics on: calls since the server started, and their mean time.
+                "calls": calls.map(|(n, _)| n),
+                "call_mean_us": calls.map(|(_, mean)| mean.as_secs_f64() * 1e6),
             })
         })
         .collect();
@@ -108,6 +120,89 @@ fn binding<W: crate::plugins::World>(bound: &crate::endpoint::Bound<W>) -> serde
         "failures": bound.pool.failures(),
         "last_error": bound.pool.last_failure().map(|(_, why)| why),
     })
+}
+
+/// `GET /admin/whoami`: the token's name and whether it may act, so that a client (the
+/// dashboard) offers only what it may do.
+async fn whoami(
+    State(state): AppState,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = state.tokens.authorize(&headers, Role::Read)?;
+    let can_act = state.tokens.authorize(&headers, Role::Admin).is_ok();
+    Ok(Json(json!({
+        "token": name,
+        "role": if can_act { "admin" } else { "read" },
+        "can_act": can_act,
+    })))
+}
+
+/// `GET /admin/history/{e}`: the endpoint's last hour, a column per series.
+async fn history(
+    State(state): AppState,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.tokens.authorize(&headers, Role::Read)?;
+    endpoint(&state.pipeline.endpoints(), &name)?;
+    let mut body = match state.history.columns(&name) {
+        Some(columns) => json!(columns),
+        // Built since the last sample: nothing to draw yet, but the step is known.
+        None => json!({
+            "step_seconds": state.history.step().as_secs(),
+            "span_seconds": crate::dashboard::history::SPAN.as_secs(),
+            "times": [], "variants": [],
+        }),
+    };
+    body["endpoint"] = json!(name);
+    Ok(Json(body))
+}
+
+/// `GET /admin/cost`: CPU time, predictions and the cost of a million of them, per model
+/// version and per endpoint variant.
+async fn cost(
+    State(state): AppState,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.tokens.authorize(&headers, Role::Read)?;
+    let spendings = state.telemetry.spendings();
+    let snapshot = state.pipeline.repository().snapshot()?;
+    let models: Vec<serde_json::Value> = snapshot
+        .models
+        .values()
+        .flat_map(|m| {
+            m.versions
+                .iter()
+                .filter(|(_, e)| e.loaded.is_some())
+                .map(|(version, loaded)| {
+                    let mut row = json!(spendings.version(&m.name, *version).spent());
+                    row["model"] = json!(m.name);
+                    row["version"] = json!(version);
+                    row["backend"] = json!(loaded.loaded.as_ref().map(|l| l.engine.backend));
+                    row
+                })
+        })
+        .collect();
+    let set = state.pipeline.endpoints();
+    let variants: Vec<serde_json::Value> = set
+        .endpoints
+        .values()
+        .flat_map(|e| {
+            e.variants.iter().map(|v| {
+                let mut row = json!(v.spending.spent());
+                row["endpoint"] = json!(e.name);
+                row["variant"] = json!(v.name);
+                row["model"] = json!(v.model);
+                row["version"] = json!(v.version);
+                row
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "core_hour_price": spendings.core_hour_price(),
+        "models": models,
+        "variants": variants,
+    })))
 }
 
 /// An endpoint's configuration and live counters, as `/admin/endpoints` lists them.

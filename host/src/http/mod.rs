@@ -7,11 +7,12 @@
 //! decoding and encoding (that is the pipeline's).
 //!
 //! The files go one way: `codec`, `trace`, `tls` ← `error` ← `auth`, `overload` ← `state`
-//! ← `observe` ← `monitor` ← `admin` ← `routes` ← `listen` ← this file (the listeners).
+//! ← `observe` ← `monitor` ← `admin` ← `dashboard` ← `routes` ← `listen` ← this file (the listeners).
 
 mod admin;
 mod auth;
 mod codec;
+mod dashboard;
 mod error;
 mod listen;
 mod monitor;

@@ -56,6 +56,7 @@ pub(super) fn router(state: Arc<HttpState>) -> Router {
         )
         .route("/v2/models/{model}/feedback", post(feedback))
         .merge(super::admin::routes(state.clone()))
+        .merge(super::dashboard::routes(state.clone()))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -465,6 +466,9 @@ pub(super) mod tests {
             .collect();
         let state = Arc::new(HttpState {
             pipeline,
+            history: Arc::new(crate::dashboard::History::new(
+                std::time::Duration::from_secs(1),
+            )),
             telemetry: telemetry.clone(),
             admission: Admission::new(64, 4096, std::time::Duration::from_secs(5)),
             client_certificates: false,

@@ -6,11 +6,14 @@ use std::sync::Arc;
 use super::auth::Tokens;
 use super::overload::Admission;
 use crate::cluster::Cluster;
+use crate::dashboard::History;
 use crate::pipeline::Pipeline;
 use crate::telemetry::Telemetry;
 
 pub struct HttpState {
     pub pipeline: Arc<Pipeline>,
+    /// The last hour of every endpoint, which the dashboard draws.
+    pub history: Arc<History>,
     /// Metrics, the audit trail, the request log and the errors `/admin/status` shows.
     pub telemetry: Arc<Telemetry>,
     /// What an inference request may hold: a place, its body, its client's time.

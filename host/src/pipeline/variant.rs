@@ -21,15 +21,21 @@ pub(super) fn observed(target: &LoadedVersion, inputs: Vec<Tensor>) -> Vec<Tenso
 }
 
 /// The model itself, from a thread of the inference pool: its runner answers (cache,
-/// batch, or a run here).
+/// batch, or a run here), and the variant is charged the run's CPU time.
 fn run_model(
     target: &LoadedVersion,
+    variant: &Variant,
     inputs: Vec<Tensor>,
     deadline: Option<Instant>,
 ) -> Result<Vec<Tensor>, InferError> {
     let inputs = observed(target, inputs);
-    let outputs = target.runner.run_blocking(inputs, deadline);
-    outputs.map_err(|failure| model_failed(target, failure))
+    let rows = crate::runner::rows(&inputs);
+    let ran = target
+        .runner
+        .run_blocking(inputs, deadline)
+        .map_err(|failure| model_failed(target, failure))?;
+    variant.spending.charge(ran.cpu, rows as u64);
+    Ok(ran.outputs)
 }
 
 /// Flags, preprocessors, the variant's model and postprocessors, on a blocking thread.
@@ -49,7 +55,7 @@ pub(super) fn serve_variant(
         .snapshot()?
         .resolve(&variant.model, version.as_deref())?;
     validate::inputs(&target, &inputs)?;
-    let mut outputs = run_model(&target, inputs, request.deadline)?;
+    let mut outputs = run_model(&target, variant, inputs, request.deadline)?;
     for processor in endpoint.processors.iter().rev() {
         outputs = process(endpoint, processor, Direction::Post, ctx, outputs)?;
     }

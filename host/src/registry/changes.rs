@@ -91,6 +91,7 @@ pub(super) fn report(previous: &Snapshot, next: &Snapshot, telemetry: &Telemetry
                 .is_some_and(|e| e.loaded.is_some());
             if let Some(gone) = entry.loaded.as_ref().filter(|_| !still) {
                 forget_drift(telemetry, gone);
+                telemetry.spendings().forget_version(name, *version);
                 if let Some(metrics) = telemetry.metrics() {
                     metrics.forget_version(name, *version);
                 }

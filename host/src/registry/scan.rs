@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::model_config::ModelConfig;
 use super::snapshot::{FileStamp, LoadedVersion, Model, Snapshot, VersionEntry};
 use crate::backend;
-use crate::runner::{ModelMeters, Runner};
+use crate::runner::{Meters, ModelMeters, Runner};
 use crate::telemetry::Telemetry;
 use crate::telemetry::drift::{DriftMonitor, Reference};
 use crate::tensor::TensorSpec;
@@ -223,12 +223,15 @@ fn scan_version(
                         config.batching.clone(),
                         config.cache,
                         config.max_in_flight,
-                        metrics.map(|m| ModelMeters {
-                            queue: m.queue_seconds(name),
-                            inference: m.inference_seconds(name, version),
-                            crashes: m.model_crashes(name, version),
-                        }),
-                        metrics.map(|m| m.scheduling_meters(name, version)),
+                        Meters {
+                            model: metrics.map(|m| ModelMeters {
+                                queue: m.queue_seconds(name),
+                                inference: m.inference_seconds(name, version),
+                                crashes: m.model_crashes(name, version),
+                            }),
+                            scheduling: metrics.map(|m| m.scheduling_meters(name, version)),
+                            spending: telemetry.spendings().version(name, version),
+                        },
                     )),
                     engine: graph.engine,
                     inputs: graph.inputs,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{Core, RunFailure};
+use super::core::{Core, Ran, RunFailure, rows};
 use crate::tensor::{DataType, Tensor};
 
 /// `[batching]` in `model.toml`.
@@ -43,7 +43,7 @@ pub(super) struct Job {
     pub inputs: Vec<Tensor>,
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
-    pub reply: oneshot::Sender<Result<Vec<Tensor>, RunFailure>>,
+    pub reply: oneshot::Sender<Result<Ran, RunFailure>>,
 }
 
 /// What requests must share to run together: each input's name, datatype and dimensions
@@ -151,16 +151,7 @@ async fn run(core: &Arc<Core>, batch: Vec<Job>) {
             meters.queue.observe(job.enqueued.elapsed());
         }
     }
-    let rows: Vec<usize> = batch
-        .iter()
-        .map(|j| {
-            j.inputs
-                .first()
-                .and_then(|t| t.shape.first())
-                .copied()
-                .unwrap_or(1)
-        })
-        .collect();
+    let rows: Vec<usize> = batch.iter().map(|j| rows(&j.inputs)).collect();
     let (inputs, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|j| (j.inputs, j.reply)).unzip();
     let alone = inputs.len() == 1;
@@ -180,10 +171,21 @@ async fn run(core: &Arc<Core>, batch: Vec<Job>) {
             .await
             .unwrap_or_else(|join| Err(RunFailure::Crashed(join.to_string())))
     };
-    let answers: Vec<Result<Vec<Tensor>, RunFailure>> = match (outcome, alone) {
-        (Ok(outputs), true) => vec![Ok(outputs)],
-        (Ok(outputs), false) => match split(outputs, &rows) {
-            Ok(parts) => parts.into_iter().map(Ok).collect(),
+    let total: usize = rows.iter().sum();
+    let answers: Vec<Result<Ran, RunFailure>> = match (outcome, alone) {
+        (Ok(ran), true) => vec![Ok(ran)],
+        // Each request is charged the batch's CPU time in proportion to its rows.
+        (Ok(ran), false) => match split(ran.outputs, &rows) {
+            Ok(parts) => parts
+                .into_iter()
+                .zip(&rows)
+                .map(|(outputs, &r)| {
+                    Ok(Ran {
+                        outputs,
+                        cpu: ran.cpu.mul_f64(r as f64 / total.max(1) as f64),
+                    })
+                })
+                .collect(),
             Err(reason) => rows
                 .iter()
                 .map(|_| Err(RunFailure::Failed(reason.clone())))

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::backend::{RunError, Runnable};
-use crate::telemetry::SchedulingMeters;
+use crate::backend::{RunError, Runnable, cpu};
+use crate::telemetry::{SchedulingMeters, Spending};
 use crate::tensor::Tensor;
 
 /// Calls expected to take less than this run on the async thread that received them.
@@ -52,13 +52,25 @@ pub(super) struct Core {
     pub(super) scheduling: Option<SchedulingMeters>,
     /// Nanoseconds one row takes, a moving average; 0 until known.
     pub(super) row_nanos: AtomicU64,
+    /// The CPU time and predictions of this version's runs.
+    pub(super) spending: Spending,
+}
+
+/// A call's outputs and the CPU time its run took (its share of a batch's; none for an
+/// answer from the cache).
+pub struct Ran {
+    pub outputs: Vec<Tensor>,
+    pub cpu: Duration,
 }
 
 impl Core {
-    /// Runs the model here and now: timed, its crash caught.
-    pub(super) fn run_now(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunFailure> {
+    /// Runs the model here and now: timed, its CPU time charged, its crash caught.
+    pub(super) fn run_now(&self, inputs: Vec<Tensor>) -> Result<Ran, RunFailure> {
         let rows = rows(&inputs);
         let started = Instant::now();
+        let cpu_before = cpu::thread_now();
+        // Left over from a run that panicked before its own was taken.
+        cpu::take_workers();
         // A backend that panics (tract on an input it does not expect) fails this run only.
         // Unwinding drops the run's own state; the optimised plan is shared read-only and
         // no lock of ours is held across the call, so the version is as fit for the next
@@ -66,13 +78,20 @@ impl Core {
         let result =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.graph.run(inputs)));
         let took = started.elapsed();
+        let spent = cpu::thread_now().saturating_sub(cpu_before) + cpu::take_workers();
+        let answered = matches!(result, Ok(Ok(_)));
+        self.spending
+            .charge(spent, if answered { rows as u64 } else { 0 });
         if let Some(meters) = &self.meters {
             meters.inference.observe(took);
         }
         match result {
             Ok(Ok(outputs)) => {
                 self.learn(took, rows);
-                Ok(outputs)
+                Ok(Ran {
+                    outputs,
+                    cpu: spent,
+                })
             }
             Ok(Err(RunError::Rejected(reason))) => Err(RunFailure::Rejected(reason)),
             Ok(Err(RunError::Failed(reason))) => Err(RunFailure::Failed(reason)),
@@ -111,7 +130,8 @@ impl Core {
     }
 }
 
-pub(super) fn rows(inputs: &[Tensor]) -> usize {
+/// The rows of a call: its predictions.
+pub fn rows(inputs: &[Tensor]) -> usize {
     inputs
         .first()
         .and_then(|t| t.shape.first())

@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::backend::Runnable;
-use crate::telemetry::{SchedulingMeters, Throttle};
+use crate::telemetry::{SchedulingMeters, Spending, Throttle};
 use crate::tensor::Tensor;
 
 pub use batch::BatchingConfig;
 pub use cache::{CacheConfig, ResponseCache};
-use core::{Core, rows};
-pub use core::{INLINE_BELOW, ModelMeters, RunFailure};
+use core::Core;
+pub use core::rows;
+pub use core::{INLINE_BELOW, ModelMeters, Ran, RunFailure};
 
 /// A model version's calls: its cache, its batching queue, its run-time estimate.
 pub struct Runner {
@@ -46,6 +47,14 @@ pub struct Runner {
     warnings: Throttle,
 }
 
+/// What a version's calls are counted in: metrics series (when metrics are on) and its
+/// spending (always).
+pub struct Meters {
+    pub model: Option<ModelMeters>,
+    pub scheduling: Option<SchedulingMeters>,
+    pub spending: Spending,
+}
+
 impl Runner {
     pub fn new(
         graph: Arc<dyn Runnable>,
@@ -53,14 +62,15 @@ impl Runner {
         batching: Option<BatchingConfig>,
         cache: Option<CacheConfig>,
         max_in_flight: Option<NonZeroUsize>,
-        meters: Option<ModelMeters>,
-        scheduling: Option<SchedulingMeters>,
+        meters: Meters,
     ) -> Runner {
+        let scheduling = meters.scheduling;
         let core = Core {
             graph,
-            meters,
+            meters: meters.model,
             scheduling: scheduling.clone(),
             row_nanos: AtomicU64::new(0),
+            spending: meters.spending,
         };
         if let Some(took) = warm_run {
             core.learn(took, 1);
@@ -103,18 +113,18 @@ impl Runner {
         inputs: Vec<Tensor>,
         slots: &Arc<Semaphore>,
         deadline: Option<Instant>,
-    ) -> Result<Vec<Tensor>, RunFailure> {
+    ) -> Result<Ran, RunFailure> {
         let kept = match self.recall(&inputs) {
             Ok(hit) => return Ok(hit),
             Err(kept) => kept,
         };
         let _admitted = self.admit()?;
-        let outputs = match &self.batching {
+        let ran = match &self.batching {
             Some((config, runtime)) => self.queued(config, runtime, inputs, deadline)?.await?,
             None => self.pooled(inputs, slots, deadline).await?,
         };
-        self.remember(kept, &outputs);
-        Ok(outputs)
+        self.remember(kept, &ran.outputs);
+        Ok(ran)
     }
 
     /// Runs a call from a thread of the inference pool (an endpoint's plugins run there):
@@ -123,13 +133,13 @@ impl Runner {
         &self,
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
-    ) -> Result<Vec<Tensor>, RunFailure> {
+    ) -> Result<Ran, RunFailure> {
         let kept = match self.recall(&inputs) {
             Ok(hit) => return Ok(hit),
             Err(kept) => kept,
         };
         let _admitted = self.admit()?;
-        let outputs = match &self.batching {
+        let ran = match &self.batching {
             Some((config, runtime)) => {
                 let answer = self.queued(config, runtime, inputs, deadline)?;
                 runtime.block_on(answer)?
@@ -141,17 +151,23 @@ impl Runner {
                 self.core.run_now(inputs)?
             }
         };
-        self.remember(kept, &outputs);
-        Ok(outputs)
+        self.remember(kept, &ran.outputs);
+        Ok(ran)
     }
 
-    /// The cached answer to `inputs`; on a miss, the copy of them to `remember` the answer
-    /// by (none without a cache).
-    fn recall(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, Option<Vec<Tensor>>> {
+    /// The cached answer to `inputs` (it costs no run); on a miss, the copy of them to
+    /// `remember` the answer by (none without a cache).
+    fn recall(&self, inputs: &[Tensor]) -> Result<Ran, Option<Vec<Tensor>>> {
         let Some(cache) = &self.cache else {
             return Err(None);
         };
-        cache.get(inputs).ok_or_else(|| Some(inputs.to_vec()))
+        match cache.get(inputs) {
+            Some(outputs) => Ok(Ran {
+                outputs,
+                cpu: Duration::ZERO,
+            }),
+            None => Err(Some(inputs.to_vec())),
+        }
     }
 
     fn remember(&self, kept: Option<Vec<Tensor>>, outputs: &[Tensor]) {
@@ -165,7 +181,7 @@ impl Runner {
         inputs: Vec<Tensor>,
         slots: &Arc<Semaphore>,
         deadline: Option<Instant>,
-    ) -> Result<Vec<Tensor>, RunFailure> {
+    ) -> Result<Ran, RunFailure> {
         let queued = Instant::now();
         let acquire = slots.clone().acquire_owned();
         let slot = match deadline {
@@ -207,7 +223,7 @@ impl Runner {
         runtime: &tokio::runtime::Handle,
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
-    ) -> Result<impl Future<Output = Result<Vec<Tensor>, RunFailure>> + use<>, RunFailure> {
+    ) -> Result<impl Future<Output = Result<Ran, RunFailure>> + use<>, RunFailure> {
         let queue = self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(config.max_queue_size.max(1));
             runtime.spawn(batch::worker(self.core.clone(), config.clone(), receiver));

@@ -88,6 +88,8 @@ pub struct FeatureDrift {
     pub ks: Option<f64>,
     pub psi: Option<f64>,
     pub drifted: bool,
+    /// The reference's and the window's distribution over the index's bins.
+    pub bins: Vec<Bin>,
 }
 
 /// One flip of a feature over or under its threshold.
@@ -166,6 +168,7 @@ impl DriftMonitor {
                 ks: None,
                 psi: None,
                 drifted: false,
+                bins: bins(&f.quantiles, None),
             })
             .collect();
         Ok(DriftMonitor {
@@ -223,14 +226,16 @@ impl DriftMonitor {
         {
             let verdict = previous.drifted;
             let judged = sample.len() >= self.config.min_samples.max(1);
-            let (ks, psi) = if judged {
+            let (ks, psi, bins) = if judged {
                 sample.sort_by(f64::total_cmp);
+                let bins = bins(&feature.quantiles, Some(&sample));
                 (
                     Some(ks(&feature.quantiles, &sample)),
-                    Some(psi(&feature.quantiles, &sample)),
+                    Some(psi(&bins)),
+                    bins,
                 )
             } else {
-                (None, None)
+                (None, None, bins(&feature.quantiles, None))
             };
             let (ks_limit, psi_limit) = (self.config.ks_threshold, self.config.psi_threshold);
             let drifted = match (ks, psi) {
@@ -257,6 +262,7 @@ impl DriftMonitor {
                 ks,
                 psi,
                 drifted,
+                bins,
             };
         }
         (last.clone(), flips)
@@ -316,8 +322,19 @@ const PSI_BINS: usize = 10;
 /// Shares below this are raised to it, so an empty bin does not make the index infinite.
 const PSI_FLOOR: f64 = 1e-4;
 
-/// The population stability index of `sorted` over the reference's decile bins.
-fn psi(quantiles: &[f64], sorted: &[f64]) -> f64 {
+/// One bin of the population stability index: the reference's share of it and the
+/// current window's, side by side (what the dashboard draws).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Bin {
+    /// Its upper edge; the last bin has none.
+    pub upper: Option<f64>,
+    pub reference: f64,
+    /// `None` until the window holds `min_samples` inputs.
+    pub current: Option<f64>,
+}
+
+/// The reference's decile bins, with `sorted`'s share of each when there is a sample.
+fn bins(quantiles: &[f64], sorted: Option<&[f64]>) -> Vec<Bin> {
     let n = quantiles.len() - 1;
     // Inner decile edges; equal edges (a discrete feature) merge their bins.
     let mut edges: Vec<f64> = (1..PSI_BINS)
@@ -329,21 +346,40 @@ fn psi(quantiles: &[f64], sorted: &[f64]) -> f64 {
         })
         .collect();
     edges.dedup();
-    let total = sorted.len() as f64;
-    let mut sum = 0.0;
     let mut lower: Option<f64> = None;
-    for upper in edges.iter().map(|&e| Some(e)).chain([None]) {
-        let expected = upper.map_or(1.0, |u| cdf(quantiles, u, false))
-            - lower.map_or(0.0, |l| cdf(quantiles, l, false));
-        let count = sorted
-            .iter()
-            .filter(|&&v| lower.is_none_or(|l| v > l) && upper.is_none_or(|u| v <= u))
-            .count() as f64;
-        let (e, a) = (expected.max(PSI_FLOOR), (count / total).max(PSI_FLOOR));
-        sum += (a - e) * (a / e).ln();
-        lower = upper;
-    }
-    sum
+    edges
+        .iter()
+        .map(|&e| Some(e))
+        .chain([None])
+        .map(|upper| {
+            let reference = upper.map_or(1.0, |u| cdf(quantiles, u, false))
+                - lower.map_or(0.0, |l| cdf(quantiles, l, false));
+            let current = sorted.map(|sorted| {
+                let count = sorted
+                    .iter()
+                    .filter(|&&v| lower.is_none_or(|l| v > l) && upper.is_none_or(|u| v <= u))
+                    .count();
+                count as f64 / sorted.len().max(1) as f64
+            });
+            lower = upper;
+            Bin {
+                upper,
+                reference,
+                current,
+            }
+        })
+        .collect()
+}
+
+/// The population stability index over `bins` (with a current share each).
+fn psi(bins: &[Bin]) -> f64 {
+    bins.iter()
+        .map(|b| {
+            let e = b.reference.max(PSI_FLOOR);
+            let a = b.current.unwrap_or(0.0).max(PSI_FLOOR);
+            (a - e) * (a / e).ln()
+        })
+        .sum()
 }
 
 /// Evaluates one version's monitor, updates its metrics, and logs and audits the flips:
@@ -431,7 +467,11 @@ mod tests {
         let mut sorted = data.clone();
         sorted.sort_by(f64::total_cmp);
         assert!(ks(&q, &sorted) < 0.05, "{}", ks(&q, &sorted));
-        assert!(psi(&q, &sorted) < 0.05, "{}", psi(&q, &sorted));
+        assert!(
+            psi(&bins(&q, Some(&sorted))) < 0.05,
+            "{}",
+            psi(&bins(&q, Some(&sorted)))
+        );
     }
 
     #[test]
@@ -439,14 +479,33 @@ mod tests {
         let q = uniform_reference();
         let alike: Vec<f64> = (0..500).map(|i| (f64::from(i) + 0.5) / 500.0).collect();
         assert!(ks(&q, &alike) < 0.01, "{}", ks(&q, &alike));
-        assert!(psi(&q, &alike) < 0.01, "{}", psi(&q, &alike));
+        assert!(
+            psi(&bins(&q, Some(&alike))) < 0.01,
+            "{}",
+            psi(&bins(&q, Some(&alike)))
+        );
         let shifted: Vec<f64> = alike.iter().map(|v| v + 0.5).collect();
         assert!(
             (ks(&q, &shifted) - 0.5).abs() < 0.01,
             "{}",
             ks(&q, &shifted)
         );
-        assert!(psi(&q, &shifted) > 1.0, "{}", psi(&q, &shifted));
+        assert!(
+            psi(&bins(&q, Some(&shifted))) > 1.0,
+            "{}",
+            psi(&bins(&q, Some(&shifted)))
+        );
+        // What the dashboard draws: the reference's tenths, and the shifted half above 0.9.
+        let drawn = bins(&q, Some(&shifted));
+        assert_eq!(drawn.len(), 10);
+        assert!(
+            drawn.iter().all(|b| (b.reference - 0.1).abs() < 1e-9),
+            "{drawn:?}"
+        );
+        assert_eq!(drawn[0].current, Some(0.0));
+        assert!((drawn[9].current.unwrap() - 0.6).abs() < 0.01, "{drawn:?}");
+        assert_eq!(drawn[9].upper, None);
+        assert!(bins(&q, None).iter().all(|b| b.current.is_none()));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::clock::{now_ms, rfc3339};
 use super::metrics::Metrics;
 use super::sink::Sink;
+use super::spending::Spendings;
 use super::store::{
     Change, Page, Query, RequestRecord, RouterState, Store, StoreError, StoredChange,
 };
@@ -19,6 +20,7 @@ const ERRORS_KEPT: usize = 20;
 
 pub struct Telemetry {
     metrics: Option<Metrics>,
+    spendings: Spendings,
     store: Option<Store>,
     sink: Option<Sink>,
     sample: f64,
@@ -64,7 +66,12 @@ impl Telemetry {
         if !(0.0..=1.0).contains(&config.request_sample) {
             return Err(TelemetryError::Sample(config.request_sample));
         }
-        let metrics = metrics.then(Metrics::default);
+        let spendings = Spendings::new(config.core_hour_price);
+        let metrics = metrics.then(|| {
+            let mut metrics = Metrics::default();
+            metrics.export(&spendings);
+            metrics
+        });
         let store = if config.database.as_os_str().is_empty() {
             None
         } else {
@@ -81,6 +88,7 @@ impl Telemetry {
             .transpose()?;
         Ok(Arc::new(Telemetry {
             metrics,
+            spendings,
             store,
             sink,
             sample: config.request_sample,
@@ -94,6 +102,7 @@ impl Telemetry {
     pub fn off() -> Arc<Telemetry> {
         Arc::new(Telemetry {
             metrics: None,
+            spendings: Spendings::new(None),
             store: None,
             sink: None,
             sample: 0.0,
@@ -106,6 +115,11 @@ impl Telemetry {
     /// The metrics, when they are on.
     pub fn metrics(&self) -> Option<&Metrics> {
         self.metrics.as_ref()
+    }
+
+    /// The CPU time and predictions of model versions and variants.
+    pub fn spendings(&self) -> &Spendings {
+        &self.spendings
     }
 
     /// Records a change: logged (target `modelyard::audit`) and stored.

@@ -259,6 +259,8 @@ pub struct Metrics {
     variant_failures: Family<VariantFailureLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     plugin_calls: Family<PluginLabels, Counter>,
+    /// Not exported (the histogram has it): read by [`Metrics::plugin_calls`].
+    plugin_seconds_sum: Family<PluginLabels, Counter<f64, AtomicU64>>,
     plugin_failures: Family<PluginFailureLabels, Counter>,
     plugin_seconds: Histograms<PluginLabels>,
     plugin_loads: Family<LoadLabels, Counter>,
@@ -395,6 +397,8 @@ pub struct PluginMeter {
     labels: PluginLabels,
     calls: Counter,
     seconds: Histogram,
+    /// The histogram's sum, which it does not let us read: for the mean call time.
+    seconds_sum: Counter<f64, AtomicU64>,
     failures: Family<PluginFailureLabels, Counter>,
 }
 
@@ -402,6 +406,7 @@ impl PluginMeter {
     pub fn call(&self, took: Duration, failure: Option<PluginFailure>) {
         self.calls.inc();
         self.seconds.observe(took.as_secs_f64());
+        self.seconds_sum.inc_by(took.as_secs_f64());
         if let Some(failure) = failure {
             self.failures
                 .get_or_create(&PluginFailureLabels {
@@ -622,6 +627,7 @@ impl Default for Metrics {
             variant_failures,
             in_flight,
             plugin_calls,
+            plugin_seconds_sum: Family::default(),
             plugin_failures,
             plugin_seconds,
             plugin_loads,
@@ -930,9 +936,27 @@ impl Metrics {
         PluginMeter {
             calls: self.plugin_calls.get_or_create(&labels).clone(),
             seconds: self.plugin_seconds.get_or_create(&labels).clone(),
+            seconds_sum: self.plugin_seconds_sum.get_or_create(&labels).clone(),
             failures: self.plugin_failures.clone(),
             labels,
         }
+    }
+
+    /// A plugin's calls so far and their mean time, for the operator API; `None` before
+    /// its first instance was prepared.
+    pub fn plugin_calls(&self, plugin: &str, world: &str) -> Option<(u64, Duration)> {
+        let labels = PluginLabels {
+            plugin: plugin.to_string(),
+            world: world.to_string(),
+        };
+        let calls = self.plugin_calls.get(&labels)?.get();
+        let seconds = self.plugin_seconds_sum.get(&labels)?.get();
+        let mean = if calls > 0 {
+            seconds / calls as f64
+        } else {
+            0.0
+        };
+        Some((calls, Duration::from_secs_f64(mean)))
     }
 
     pub fn plugin_load(&self, plugin: &str, outcome: Load) {
@@ -1060,6 +1084,12 @@ impl Metrics {
         self.turned_away
             .get_or_create(&OverloadLabels { reason })
             .inc();
+    }
+
+    /// Exports the spending of model versions and variants (kept by the telemetry hub
+    /// whether or not metrics are on).
+    pub(super) fn export(&mut self, spendings: &super::Spendings) {
+        spendings.register(&mut self.registry);
     }
 
     /// Every metric in the OpenMetrics text format.

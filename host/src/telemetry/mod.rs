@@ -16,6 +16,7 @@ pub mod drift;
 mod hub;
 mod metrics;
 mod sink;
+mod spending;
 mod store;
 mod throttle;
 mod trace;
@@ -30,6 +31,7 @@ pub use metrics::{
     InFlight, Load, Metrics, PluginFailure, PluginMeter, RequestLabels, SchedulingMeters, Seconds,
     ShadowOutcome, VariantFailure,
 };
+pub use spending::{Spending, Spendings, Spent};
 pub use store::{Change, Page, Query, RequestRecord, RouterState, StoreError, StoredChange};
 pub use throttle::Throttle;
 pub use trace::{TRACEPARENT, Trace};
