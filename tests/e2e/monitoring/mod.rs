@@ -3,6 +3,7 @@
 //! the audit trail, drift, the operator views and accuracy and reward; with what they share.
 
 mod audit;
+mod dashboard;
 mod drift;
 mod metrics;
 mod operator_views;
