@@ -103,6 +103,19 @@ fn benches(c: &mut Criterion) {
     c.bench_function("monitoring: one plugin call counted", |b| {
         b.iter(|| meter.call(black_box(std::time::Duration::from_micros(2)), None))
     });
+    // What a run's cost adds: the thread's CPU clock read twice, the session's workers'
+    // (none on tract), the version's and the variant's counters and cost gauges.
+    let spendings = modelyard::telemetry::Spendings::new(Some(0.04));
+    let (version, variant) = (spendings.version("iris", 2), spendings.variant("ab", "a"));
+    c.bench_function("cost: CPU clocks read and one run charged", |b| {
+        b.iter(|| {
+            let before = modelyard::backend::cpu::thread_now();
+            let spent = modelyard::backend::cpu::thread_now().saturating_sub(before)
+                + modelyard::backend::cpu::take_workers();
+            version.charge(black_box(spent), 1);
+            variant.charge(spent, 1);
+        })
+    });
     let reference =
         serde_json::from_slice(&std::fs::read(models().join("iris/2/reference.json")).unwrap())
             .unwrap();
