@@ -375,5 +375,7 @@ pub(super) async fn status(
         "endpoints": endpoints,
         "cluster": state.cluster.as_ref().map(|c| c.describe()),
         "recent_errors": state.telemetry.recent_errors(),
+        // Whether /admin/audit and /admin/requests have anything to read.
+        "records_kept": state.telemetry.keeps_records(),
     })))
 }

@@ -201,6 +201,12 @@ impl Telemetry {
         self.store.as_ref().ok_or(ReadError::Off)
     }
 
+    /// Whether changes and request samples are kept (`monitoring.database` is set), so that
+    /// a reader knows before asking.
+    pub fn keeps_records(&self) -> bool {
+        self.store.is_some()
+    }
+
     /// Stored changes, newest first. Blocks on the database: call off the async reactor.
     pub fn changes(&self, query: &Query) -> Result<Page<StoredChange>, ReadError> {
         Ok(self.store()?.changes(query)?)

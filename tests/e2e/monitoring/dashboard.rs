@@ -138,6 +138,10 @@ router = {{ plugin = "weighted", config = {{ weights = {{ a = 100, b = 0 }} }} }
             .contains("nope")
     );
 
+    // The page asks for the audit trail only where it is kept.
+    let status = server.get_with("/admin/status", &[READER]).ok();
+    assert_eq!(status["records_kept"], true);
+
     // Who is asking: the dashboard offers actions to admin tokens only.
     let me = server.get_with("/admin/whoami", &[OPS]).ok();
     assert_eq!(

@@ -359,13 +359,20 @@
   const AXIS = { stroke: '#667085', grid: { stroke: '#eef0f3', width: 1 }, ticks: { stroke: '#dfe3e8', width: 1 }, font: '11px system-ui, sans-serif' };
   const yAxis = (format, size = 52) => ({ ...AXIS, size, values: (u, vals) => vals.map(format) });
 
+  /** Time ticks as a wall clock, seconds shown only when ticks are less than a minute apart
+   *  (uPlot's default puts the date under the first tick, which crowds a narrow chart). */
+  function clockTicks(u, splits, axis, space, increment) {
+    const options = increment < 60 ? { hour: '2-digit', minute: '2-digit', second: '2-digit' } : { hour: '2-digit', minute: '2-digit' };
+    return splits.map((t) => new Date(t * 1000).toLocaleTimeString([], options));
+  }
+
   /** Options for a time chart: series [{label, stroke, dash, fill}], y formatted by yFmt. */
   function timeOpts(series, yFmt, extra = {}) {
     return (width, height) => ({
       width, height,
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: extra.range ? { range: extra.range } : {} },
-      axes: [{ ...AXIS }, yAxis(yFmt)],
+      axes: [{ ...AXIS, space: 70, values: clockTicks }, yAxis(yFmt)],
       series: [{}, ...series.map((s, i) => ({
         label: s.label, stroke: s.stroke, width: 1.5, dash: s.dash, fill: s.fill, points: { show: false }, spanGaps: !!extra.spanGaps,
         value: extra.value ? (u, v, si, idx) => extra.value(i, idx) : (u, v) => (v == null ? dash : yFmt(v)),
@@ -482,16 +489,21 @@
     let previous = new Map(); // endpoint/variant -> {requests, errors, at}
     let audits = { state: [], rollback: [] };
     let ticks = 0;
+    let recordsKept = null; // unknown until the first /admin/status
+    // Records switched off since the last status: no rollbacks to show, nothing wrong.
+    const offAudit = (e) => { if (e.status === 404) return null; throw e; };
 
     async function refresh() {
-      // Rollbacks come from the audit trail; read it every fifth poll, it changes rarely.
-      const wantAudit = ticks++ % 5 === 0;
+      // Rollbacks come from the audit trail; read it every fifth poll, it changes rarely,
+      // and only once the status said the server keeps one (monitoring.database set).
+      const wantAudit = recordsKept === true && ticks++ % 5 === 0;
       const [status, list, states, rollbacks] = await Promise.all([
         api('/admin/status'), api('/admin/endpoints'),
-        wantAudit ? api('/admin/audit?kind=endpoint.state&limit=50') : null,
-        wantAudit ? api('/admin/audit?kind=endpoint.rollback&limit=20') : null,
+        wantAudit ? api('/admin/audit?kind=endpoint.state&limit=50').catch(offAudit) : null,
+        wantAudit ? api('/admin/audit?kind=endpoint.rollback&limit=20').catch(offAudit) : null,
       ]);
-      if (states) audits = { state: states.changes, rollback: rollbacks.changes };
+      recordsKept = status.records_kept;
+      if (states && rollbacks) audits = { state: states.changes, rollback: rollbacks.changes };
       const now = performance.now();
       timed(() => {
         // Operators' rollbacks count for canary routers only (a blue-green one is routine).
@@ -1176,7 +1188,7 @@
         if (open.has(name)) open.set(name, a.changes.filter((c) => c.kind.startsWith('plugin.')));
       } catch (e) {
         open.delete(name);
-        report(e, 'action');
+        report(e.status === 404 ? new ApiError(404, 'No swap history: this server keeps no audit trail (monitoring.database = "").') : e, 'action');
       }
       schedule(0);
     }
@@ -1261,6 +1273,7 @@
     let rows = [];
     let next = null;
     let paged = false; // once the operator pages, automatic refreshing stops
+    let recordsKept = null;
     const self = { root, interval: 5000 };
 
     /** The filters as the form has them; they apply from "Apply" on, not while typing. */
@@ -1291,6 +1304,12 @@
 
     self.refresh = async () => {
       if (paged) return;
+      if (recordsKept === null) recordsKept = (await api('/admin/status')).records_kept;
+      if (!recordsKept) {
+        setText(state, 'This server keeps no audit trail (monitoring.database = "" in modelyard.toml): changes are only logged.');
+        self.interval = null;
+        return;
+      }
       const [a, status] = await Promise.all([api(url()), endpointList.children.length ? null : api('/admin/status')]);
       if (paged) return; // the operator paged while this was on its way
       if (status) endpointList.replaceChildren(...status.endpoints.map((e) => h('option', { value: e.name })));
