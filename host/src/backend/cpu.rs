@@ -12,10 +12,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 thread_local! {
-    /// Worker time the backend's run on this thread reported, for [`Core`] to add to the
-    /// thread's own: the backend's `run` answers with tensors only.
-    ///
-    /// [`Core`]: crate::runner
+    /// Worker time the backend's run on this thread reported, for the runner to add to
+    /// the thread's own: the backend's `run` answers with tensors only.
     static WORKERS_SPENT: Cell<Duration> = const { Cell::new(Duration::ZERO) };
 }
 
@@ -45,7 +43,8 @@ pub(super) struct Workers {
 }
 
 impl Workers {
-    /// Their CPU time so far; a thread that has ended counts nothing.
+    /// Their CPU time so far. A thread takes its clock out of the list before it ends (a
+    /// thread id, and so a clock id, may be reused by a later thread of the process).
     pub(super) fn now(&self) -> Duration {
         let clocks = self.clocks.lock().unwrap_or_else(PoisonError::into_inner);
         clocks.iter().map(|&clock| clock_now(clock)).sum()
@@ -87,8 +86,8 @@ fn clock_now(clock: libc::clockid_t) -> Duration {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `time` is a valid timespec to write to; an id of a thread that ended makes
-    // the call fail, not misbehave.
+    // SAFETY: `time` is a valid timespec to write to; a clock id that names no thread
+    // makes the call fail, not misbehave.
     if unsafe { libc::clock_gettime(clock, &mut time) } != 0 {
         return Duration::ZERO;
     }

@@ -139,8 +139,19 @@ impl History {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let kept = endpoints.get(endpoint)?;
+        // Every point has a step per variant (a new set of variants starts a new history);
+        // a missing one would read as nothing, not as a panic.
+        let count = |i: usize, pick: fn(&Step) -> u32| -> Vec<u32> {
+            kept.points
+                .iter()
+                .map(|p| p.variants.get(i).map_or(0, pick))
+                .collect()
+        };
         let column = |i: usize, pick: fn(&Step) -> Option<f64>| -> Vec<Option<f64>> {
-            kept.points.iter().map(|p| pick(&p.variants[i])).collect()
+            kept.points
+                .iter()
+                .map(|p| p.variants.get(i).and_then(pick))
+                .collect()
         };
         Some(Columns {
             step_seconds: self.step.as_secs(),
@@ -152,8 +163,8 @@ impl History {
                 .enumerate()
                 .map(|(i, name)| VariantColumns {
                     name: name.clone(),
-                    requests: kept.points.iter().map(|p| p.variants[i].requests).collect(),
-                    errors: kept.points.iter().map(|p| p.variants[i].errors).collect(),
+                    requests: count(i, |s| s.requests),
+                    errors: count(i, |s| s.errors),
                     p50_ms: column(i, |s| s.p50_us.map(ms)),
                     p99_ms: column(i, |s| s.p99_us.map(ms)),
                 })

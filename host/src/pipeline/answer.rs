@@ -295,8 +295,7 @@ impl Answering {
         deadline: Option<Instant>,
     ) -> Result<Vec<Tensor>, InferError> {
         let inputs = observed(target, inputs);
-        let ran = target.runner.run(inputs, &self.slots, deadline).await;
-        ran.map(|ran| ran.outputs)
-            .map_err(|failure| model_failed(target, failure))
+        let outputs = target.runner.run(inputs, &self.slots, deadline).await;
+        outputs.map_err(|failure| model_failed(target, failure))
     }
 }

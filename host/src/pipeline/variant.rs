@@ -21,7 +21,7 @@ pub(super) fn observed(target: &LoadedVersion, inputs: Vec<Tensor>) -> Vec<Tenso
 }
 
 /// The model itself, from a thread of the inference pool: its runner answers (cache,
-/// batch, or a run here), and the variant is charged the run's CPU time.
+/// batch, or a run here), charging the variant.
 fn run_model(
     target: &LoadedVersion,
     variant: &Variant,
@@ -29,13 +29,10 @@ fn run_model(
     deadline: Option<Instant>,
 ) -> Result<Vec<Tensor>, InferError> {
     let inputs = observed(target, inputs);
-    let rows = crate::runner::rows(&inputs);
-    let ran = target
+    let outputs = target
         .runner
-        .run_blocking(inputs, deadline)
-        .map_err(|failure| model_failed(target, failure))?;
-    variant.spending.charge(ran.cpu, rows as u64);
-    Ok(ran.outputs)
+        .run_blocking(inputs, deadline, &variant.spending);
+    outputs.map_err(|failure| model_failed(target, failure))
 }
 
 /// Flags, preprocessors, the variant's model and postprocessors, on a blocking thread.

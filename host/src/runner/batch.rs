@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{Core, Ran, RunFailure, rows};
+use super::core::{Core, RunFailure, rows};
+use crate::telemetry::Spending;
 use crate::tensor::{DataType, Tensor};
 
 /// `[batching]` in `model.toml`.
@@ -43,7 +44,9 @@ pub(super) struct Job {
     pub inputs: Vec<Tensor>,
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
-    pub reply: oneshot::Sender<Result<Ran, RunFailure>>,
+    /// The variant the call runs for, charged its share of the batch.
+    pub bill: Option<Spending>,
+    pub reply: oneshot::Sender<Result<Vec<Tensor>, RunFailure>>,
 }
 
 /// What requests must share to run together: each input's name, datatype and dimensions
@@ -152,6 +155,7 @@ async fn run(core: &Arc<Core>, batch: Vec<Job>) {
         }
     }
     let rows: Vec<usize> = batch.iter().map(|j| rows(&j.inputs)).collect();
+    let bills: Vec<Option<Spending>> = batch.iter().map(|j| j.bill.clone()).collect();
     let (inputs, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|j| (j.inputs, j.reply)).unzip();
     let alone = inputs.len() == 1;
@@ -163,29 +167,18 @@ async fn run(core: &Arc<Core>, batch: Vec<Job>) {
         meters.batch_size.observe(rows.iter().sum::<usize>() as f64);
     }
     // A batch of a microsecond model runs right here, like a lone call to it would.
-    let outcome = if core.runs_inline(rows.iter().sum()) {
+    let (outcome, cpu) = if core.runs_inline(rows.iter().sum()) {
         core.run_now(merged)
     } else {
         let running = core.clone();
         tokio::task::spawn_blocking(move || running.run_now(merged))
             .await
-            .unwrap_or_else(|join| Err(RunFailure::Crashed(join.to_string())))
+            .unwrap_or_else(|join| (Err(RunFailure::Crashed(join.to_string())), Duration::ZERO))
     };
-    let total: usize = rows.iter().sum();
-    let answers: Vec<Result<Ran, RunFailure>> = match (outcome, alone) {
-        (Ok(ran), true) => vec![Ok(ran)],
-        // Each request is charged the batch's CPU time in proportion to its rows.
-        (Ok(ran), false) => match split(ran.outputs, &rows) {
-            Ok(parts) => parts
-                .into_iter()
-                .zip(&rows)
-                .map(|(outputs, &r)| {
-                    Ok(Ran {
-                        outputs,
-                        cpu: ran.cpu.mul_f64(r as f64 / total.max(1) as f64),
-                    })
-                })
-                .collect(),
+    let answers: Vec<Result<Vec<Tensor>, RunFailure>> = match (outcome, alone) {
+        (Ok(outputs), true) => vec![Ok(outputs)],
+        (Ok(outputs), false) => match split(outputs, &rows) {
+            Ok(parts) => parts.into_iter().map(Ok).collect(),
             Err(reason) => rows
                 .iter()
                 .map(|_| Err(RunFailure::Failed(reason.clone())))
@@ -193,6 +186,13 @@ async fn run(core: &Arc<Core>, batch: Vec<Job>) {
         },
         (Err(failure), _) => rows.iter().map(|_| Err(failure.clone())).collect(),
     };
+    // Each request's variant pays the batch's CPU time in proportion to its rows.
+    let calls: Vec<(usize, Option<&Spending>)> = rows
+        .iter()
+        .copied()
+        .zip(bills.iter().map(Option::as_ref))
+        .collect();
+    core.charge(cpu, &calls, answers.iter().all(Result::is_ok));
     for (reply, answer) in replies.into_iter().zip(answers) {
         let _ = reply.send(answer);
     }

@@ -56,20 +56,48 @@ pub(super) struct Core {
     pub(super) spending: Spending,
 }
 
-/// A call's outputs and the CPU time its run took (its share of a batch's; none for an
-/// answer from the cache).
-pub struct Ran {
-    pub outputs: Vec<Tensor>,
-    pub cpu: Duration,
-}
+/// Who else pays for a call besides its model version: the endpoint variant it ran for.
+pub type Bill<'a> = Option<&'a Spending>;
 
 impl Core {
-    /// Runs the model here and now: timed, its CPU time charged, its crash caught.
-    pub(super) fn run_now(&self, inputs: Vec<Tensor>) -> Result<Ran, RunFailure> {
+    /// Runs one call here and now, charged to the version and to `bill`.
+    pub(super) fn run_billed(
+        &self,
+        inputs: Vec<Tensor>,
+        bill: Bill<'_>,
+    ) -> Result<Vec<Tensor>, RunFailure> {
+        let rows = rows(&inputs);
+        let (result, cpu) = self.run_now(inputs);
+        self.charge(cpu, &[(rows, bill)], result.is_ok());
+        result
+    }
+
+    /// Charges a run's CPU time to the version and to each call's bill in proportion to
+    /// its rows; the rows are predictions only when the run answered them. An answer from
+    /// the cache is charged no CPU time, and its rows are predictions all the same.
+    pub(super) fn charge(&self, cpu: Duration, calls: &[(usize, Bill<'_>)], answered: bool) {
+        let total: usize = calls.iter().map(|(rows, _)| rows).sum();
+        let predictions = |rows: usize| if answered { rows as u64 } else { 0 };
+        self.spending.charge(cpu, predictions(total));
+        for (rows, bill) in calls {
+            if let Some(bill) = bill {
+                let share = *rows as f64 / total.max(1) as f64;
+                bill.charge(cpu.mul_f64(share), predictions(*rows));
+            }
+        }
+    }
+
+    /// Runs the model here and now: timed, its crash caught; and the CPU time it took, for
+    /// the caller to [`charge`](Core::charge) once it knows who answered.
+    pub(super) fn run_now(
+        &self,
+        inputs: Vec<Tensor>,
+    ) -> (Result<Vec<Tensor>, RunFailure>, Duration) {
         let rows = rows(&inputs);
         let started = Instant::now();
         let cpu_before = cpu::thread_now();
-        // Left over from a run that panicked before its own was taken.
+        // Worker time another graph's run on this thread reported and nobody took (the
+        // warm-up's, a wasi-nn guest's) is not this run's.
         cpu::take_workers();
         // A backend that panics (tract on an input it does not expect) fails this run only.
         // Unwinding drops the run's own state; the optimised plan is shared read-only and
@@ -79,19 +107,13 @@ impl Core {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.graph.run(inputs)));
         let took = started.elapsed();
         let spent = cpu::thread_now().saturating_sub(cpu_before) + cpu::take_workers();
-        let answered = matches!(result, Ok(Ok(_)));
-        self.spending
-            .charge(spent, if answered { rows as u64 } else { 0 });
         if let Some(meters) = &self.meters {
             meters.inference.observe(took);
         }
-        match result {
+        let result = match result {
             Ok(Ok(outputs)) => {
                 self.learn(took, rows);
-                Ok(Ran {
-                    outputs,
-                    cpu: spent,
-                })
+                Ok(outputs)
             }
             Ok(Err(RunError::Rejected(reason))) => Err(RunFailure::Rejected(reason)),
             Ok(Err(RunError::Failed(reason))) => Err(RunFailure::Failed(reason)),
@@ -108,7 +130,8 @@ impl Core {
                         .unwrap_or_else(|| "no message".to_string()),
                 ))
             }
-        }
+        };
+        (result, spent)
     }
 
     pub(super) fn learn(&self, took: Duration, rows: usize) {

@@ -29,8 +29,7 @@ use crate::tensor::Tensor;
 pub use batch::BatchingConfig;
 pub use cache::{CacheConfig, ResponseCache};
 use core::Core;
-pub use core::rows;
-pub use core::{INLINE_BELOW, ModelMeters, Ran, RunFailure};
+pub use core::{Bill, INLINE_BELOW, ModelMeters, RunFailure, rows};
 
 /// A model version's calls: its cache, its batching queue, its run-time estimate.
 pub struct Runner {
@@ -113,59 +112,70 @@ impl Runner {
         inputs: Vec<Tensor>,
         slots: &Arc<Semaphore>,
         deadline: Option<Instant>,
-    ) -> Result<Ran, RunFailure> {
-        let kept = match self.recall(&inputs) {
+    ) -> Result<Vec<Tensor>, RunFailure> {
+        let kept = match self.recall(&inputs, None) {
             Ok(hit) => return Ok(hit),
             Err(kept) => kept,
         };
         let _admitted = self.admit()?;
-        let ran = match &self.batching {
-            Some((config, runtime)) => self.queued(config, runtime, inputs, deadline)?.await?,
+        let outputs = match &self.batching {
+            Some((config, runtime)) => {
+                self.queued(config, runtime, inputs, deadline, None)?
+                    .await?
+            }
             None => self.pooled(inputs, slots, deadline).await?,
         };
-        self.remember(kept, &ran.outputs);
-        Ok(ran)
+        self.remember(kept, &outputs);
+        Ok(outputs)
     }
 
     /// Runs a call from a thread of the inference pool (an endpoint's plugins run there):
-    /// from the cache, through the batching queue, or right here.
+    /// from the cache, through the batching queue, or right here; charged to the version
+    /// and to the variant it runs for.
     pub fn run_blocking(
         &self,
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
-    ) -> Result<Ran, RunFailure> {
-        let kept = match self.recall(&inputs) {
+        variant: &Spending,
+    ) -> Result<Vec<Tensor>, RunFailure> {
+        let kept = match self.recall(&inputs, Some(variant)) {
             Ok(hit) => return Ok(hit),
             Err(kept) => kept,
         };
         let _admitted = self.admit()?;
-        let ran = match &self.batching {
+        let outputs = match &self.batching {
             Some((config, runtime)) => {
-                let answer = self.queued(config, runtime, inputs, deadline)?;
+                let answer =
+                    self.queued(config, runtime, inputs, deadline, Some(variant.clone()))?;
                 runtime.block_on(answer)?
             }
             None => {
                 if let Some(meters) = &self.core.meters {
                     meters.queue.observe(Duration::ZERO);
                 }
-                self.core.run_now(inputs)?
+                self.core.run_billed(inputs, Some(variant))?
             }
         };
-        self.remember(kept, &ran.outputs);
-        Ok(ran)
+        self.remember(kept, &outputs);
+        Ok(outputs)
     }
 
-    /// The cached answer to `inputs` (it costs no run); on a miss, the copy of them to
-    /// `remember` the answer by (none without a cache).
-    fn recall(&self, inputs: &[Tensor]) -> Result<Ran, Option<Vec<Tensor>>> {
+    /// The cached answer to `inputs` (predictions that cost no run); on a miss, the copy
+    /// of them to `remember` the answer by (none without a cache).
+    fn recall(
+        &self,
+        inputs: &[Tensor],
+        bill: Bill<'_>,
+    ) -> Result<Vec<Tensor>, Option<Vec<Tensor>>> {
         let Some(cache) = &self.cache else {
             return Err(None);
         };
         match cache.get(inputs) {
-            Some(outputs) => Ok(Ran {
-                outputs,
-                cpu: Duration::ZERO,
-            }),
+            Some(outputs) => {
+                self.core
+                    .charge(Duration::ZERO, &[(rows(inputs), bill)], true);
+                Ok(outputs)
+            }
             None => Err(Some(inputs.to_vec())),
         }
     }
@@ -181,7 +191,7 @@ impl Runner {
         inputs: Vec<Tensor>,
         slots: &Arc<Semaphore>,
         deadline: Option<Instant>,
-    ) -> Result<Ran, RunFailure> {
+    ) -> Result<Vec<Tensor>, RunFailure> {
         let queued = Instant::now();
         let acquire = slots.clone().acquire_owned();
         let slot = match deadline {
@@ -196,14 +206,14 @@ impl Runner {
         }
         if self.core.runs_inline(rows(&inputs)) {
             let _slot = slot;
-            return self.core.run_now(inputs);
+            return self.core.run_billed(inputs, None);
         }
         let core = self.core.clone();
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
             let _span = span.enter();
-            core.run_now(inputs)
+            core.run_billed(inputs, None)
         })
         .await
         .unwrap_or_else(|join| Err(RunFailure::Crashed(join.to_string())))
@@ -223,7 +233,8 @@ impl Runner {
         runtime: &tokio::runtime::Handle,
         inputs: Vec<Tensor>,
         deadline: Option<Instant>,
-    ) -> Result<impl Future<Output = Result<Ran, RunFailure>> + use<>, RunFailure> {
+        bill: Option<Spending>,
+    ) -> Result<impl Future<Output = Result<Vec<Tensor>, RunFailure>> + use<>, RunFailure> {
         let queue = self.queue.get_or_init(|| {
             let (sender, receiver) = mpsc::channel(config.max_queue_size.max(1));
             runtime.spawn(batch::worker(self.core.clone(), config.clone(), receiver));
@@ -235,6 +246,7 @@ impl Runner {
             inputs,
             enqueued,
             deadline,
+            bill,
             reply,
         };
         queue.try_send(job).map_err(|e| match e {
@@ -263,5 +275,117 @@ impl Runner {
             };
             answer.unwrap_or(Err(RunFailure::ShuttingDown))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{RunError, cpu};
+    use crate::telemetry::{Spendings, Spent};
+    use crate::tensor::DataType;
+
+    /// A model that burns 3 ms of CPU a run and echoes its input; an input of 666 fails.
+    struct Burner;
+
+    impl Runnable for Burner {
+        fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+            let start = cpu::thread_now();
+            while cpu::thread_now() - start < Duration::from_millis(3) {
+                std::hint::black_box(());
+            }
+            if inputs[0].data[..4] == 666f32.to_le_bytes() {
+                return Err(RunError::Failed("666".into()));
+            }
+            Ok(inputs)
+        }
+    }
+
+    fn rows(values: &[f32]) -> Vec<Tensor> {
+        vec![Tensor {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![values.len(), 1],
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }]
+    }
+
+    fn runner(spendings: &Spendings, cache: bool, batching: bool) -> Runner {
+        Runner::new(
+            Arc::new(Burner),
+            // Slow enough never to run inline: on the pool, as a real model would.
+            Some(Duration::from_millis(3)),
+            batching.then(|| BatchingConfig {
+                max_batch_size: 8,
+                max_queue_delay_us: 50_000,
+                preferred_batch_sizes: vec![],
+                max_queue_size: 16,
+            }),
+            cache.then_some(CacheConfig { max_bytes: 1 << 20 }),
+            None,
+            Meters {
+                model: None,
+                scheduling: None,
+                spending: spendings.version("m", 1),
+            },
+        )
+    }
+
+    fn cpu_ms(spent: Spent) -> f64 {
+        spent.cpu_seconds * 1000.0
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_version_and_the_variant_pay_the_same_runs() {
+        let spendings = Spendings::new(None);
+        let variant = spendings.variant("e", "a");
+        let cached = runner(&spendings, true, false);
+        // A run, then the same input from the cache: two predictions, one run's CPU time.
+        tokio::task::block_in_place(|| {
+            for _ in 0..2 {
+                cached
+                    .run_blocking(rows(&[1.0, 2.0]), None, &variant)
+                    .unwrap();
+            }
+            // A failed run costs its time and predicts nothing.
+            cached
+                .run_blocking(rows(&[666.0]), None, &variant)
+                .unwrap_err();
+        });
+        let (version, billed) = (spendings.version("m", 1).spent(), variant.spent());
+        assert_eq!((version.predictions, billed.predictions), (4, 4));
+        assert!((5.9..9.0).contains(&cpu_ms(version)), "{version:?}");
+        assert!((cpu_ms(version) - cpu_ms(billed)).abs() < 1e-6);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_paid_by_its_requests_in_proportion_to_their_rows() {
+        let spendings = Spendings::new(None);
+        let batched = Arc::new(runner(&spendings, false, true));
+        let (a, b) = (spendings.variant("e", "a"), spendings.variant("e", "b"));
+        let calls = [(a.clone(), vec![1.0]), (b.clone(), vec![2.0, 3.0, 4.0])];
+        let handles: Vec<_> = calls
+            .into_iter()
+            .map(|(bill, values)| {
+                let batched = batched.clone();
+                tokio::task::spawn_blocking(move || {
+                    batched.run_blocking(rows(&values), None, &bill).unwrap()
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.await.unwrap();
+        }
+        let version = spendings.version("m", 1).spent();
+        let (a, b) = (a.spent(), b.spent());
+        assert_eq!(
+            (version.predictions, a.predictions, b.predictions),
+            (4, 1, 3)
+        );
+        // One run of both (within the queue delay) or two runs: either way, by rows.
+        assert!((cpu_ms(a) + cpu_ms(b) - cpu_ms(version)).abs() < 1e-4);
+        if cpu_ms(version) < 6.0 {
+            assert!((cpu_ms(b) / cpu_ms(a) - 3.0).abs() < 1e-4, "{a:?} {b:?}");
+        }
     }
 }

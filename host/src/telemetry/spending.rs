@@ -4,6 +4,7 @@
 //! exported at `/metrics` when they are. A prediction is one row of a request's batch.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -31,7 +32,7 @@ struct Families<L> {
     cost: Family<L, Gauge<f64, AtomicU64>>,
 }
 
-impl<L: Clone + std::hash::Hash + Eq> Families<L> {
+impl<L: Clone + std::hash::Hash + Eq + Send + Sync + 'static> Families<L> {
     fn new() -> Families<L> {
         Families {
             cpu: Family::default(),
@@ -41,11 +42,20 @@ impl<L: Clone + std::hash::Hash + Eq> Families<L> {
     }
 
     fn get(&self, labels: &L, price: Option<f64>) -> Spending {
+        let series = self.cost.clone();
+        let labels_kept = labels.clone();
         Spending {
             cpu: self.cpu.get_or_create(labels).clone(),
             predictions: self.predictions.get_or_create(labels).clone(),
-            // Without a price there is no cost to show, not a cost of 0.
-            cost: price.map(|p| (p, self.cost.get_or_create(labels).clone())),
+            // Without a price there is no cost to show, not a cost of 0; nor before the
+            // first prediction: the series appears with it.
+            cost: price.map(|price| {
+                Arc::new(Cost {
+                    price,
+                    gauge: OnceLock::new(),
+                    make: Box::new(move || series.get_or_create(&labels_kept).clone()),
+                })
+            }),
         }
     }
 
@@ -68,7 +78,14 @@ pub struct Spendings {
 pub struct Spending {
     cpu: Counter<f64, AtomicU64>,
     predictions: Counter,
-    cost: Option<(f64, Gauge<f64, AtomicU64>)>,
+    cost: Option<Arc<Cost>>,
+}
+
+/// The cost gauge of one version or variant, made with its first prediction.
+struct Cost {
+    price: f64,
+    gauge: OnceLock<Gauge<f64, AtomicU64>>,
+    make: Box<dyn Fn() -> Gauge<f64, AtomicU64> + Send + Sync>,
 }
 
 /// A [`Spending`] read at one moment, with the figures derived from it.
@@ -96,18 +113,20 @@ impl Spent {
 
 impl Spending {
     /// Charges one run's CPU time and the predictions it made (rows; 0 for a failed run).
+    /// The gauge is set from the counters as they are after this charge: when two charges
+    /// race, the later run's figures may lose to the earlier's until the next charge.
     pub fn charge(&self, cpu: Duration, predictions: u64) {
         self.cpu.inc_by(cpu.as_secs_f64());
         self.predictions.inc_by(predictions);
-        if let Some((price, cost)) = &self.cost
-            && let Some(per_million) = self.spent_at(Some(*price)).cost_per_million
+        if let Some(cost) = &self.cost
+            && let Some(per_million) = self.spent_at(Some(cost.price)).cost_per_million
         {
-            cost.set(per_million);
+            cost.gauge.get_or_init(|| (cost.make)()).set(per_million);
         }
     }
 
     pub fn spent(&self) -> Spent {
-        self.spent_at(self.cost.as_ref().map(|(price, _)| *price))
+        self.spent_at(self.cost.as_ref().map(|cost| cost.price))
     }
 
     fn spent_at(&self, price: Option<f64>) -> Spent {
@@ -233,5 +252,28 @@ mod tests {
 
         spendings.forget_version("iris", 2);
         assert_eq!(spendings.version("iris", 2).spent().predictions, 0);
+    }
+
+    #[test]
+    fn a_cost_is_exported_from_the_first_prediction_on() {
+        let spendings = Spendings::new(Some(0.36));
+        let mut registry = Registry::default();
+        spendings.register(&mut registry);
+        let (idle, busy) = (spendings.variant("ab", "a"), spendings.variant("ab", "b"));
+        idle.charge(Duration::from_millis(2), 0);
+        busy.charge(Duration::from_secs(2), 2000);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                r#"variant_cost_per_million_predictions{endpoint="ab",variant="b"} 0.0999"#
+            ) || text
+                .contains(r#"variant_cost_per_million_predictions{endpoint="ab",variant="b"} 0.1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"variant_cost_per_million_predictions{endpoint="ab",variant="a"}"#),
+            "{text}"
+        );
     }
 }

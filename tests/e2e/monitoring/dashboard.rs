@@ -14,6 +14,10 @@ const READER: (&str, &str) = ("authorization", "Bearer read-secret");
 #[test]
 fn cost_history_and_who_is_asking() {
     let setup = Setup::plugins(&["weighted"]);
+    // Two intra-op threads a session: ONNX Runtime runs one worker beside the caller.
+    let iris = setup.models.path().join("iris/model.toml");
+    let toml = std::fs::read_to_string(&iris).unwrap();
+    std::fs::write(&iris, format!("threads = 2\n{toml}")).unwrap();
     let server = setup.start(&format!(
         r#"{TOKENS}
 [server.tokens.reader]
@@ -39,6 +43,14 @@ router = {{ plugin = "weighted", config = {{ weights = {{ a = 100, b = 0 }} }} }
         assert_eq!(server.post_json("/v2/models/ab/infer", &two).variant(), "a");
     }
     let wall = started.elapsed().as_secs_f64();
+    // Those workers are the server's own threads, whose CPU clocks a run reads: one per
+    // session of the two versions (the sample models run on ONNX Runtime in this suite).
+    let workers = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim() == "onnxruntime-wor")
+        .count();
+    assert_eq!(workers, 2, "intra-op threads started by the server");
 
     // Per model version: a prediction is a row; the CPU time is measured, and no more
     // than the threads could have spent in the time the requests took.

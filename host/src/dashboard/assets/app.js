@@ -167,7 +167,7 @@
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     let res;
     try {
-      res = await fetch(path, { method, headers, cache: 'no-store', credentials: 'omit', body: body === undefined ? undefined : JSON.stringify(body) });
+      res = await fetch(path, { method, headers, cache: 'no-store', credentials: 'same-origin', body: body === undefined ? undefined : JSON.stringify(body) });
     } catch (e) {
       throw new ApiError(0, 'The server did not answer (' + e.message + ').');
     }
@@ -726,8 +726,21 @@
 
     async function refresh() {
       const base = '/admin/endpoints/' + enc(name);
-      const [detail, exp, hist] = await Promise.all([
-        api(base), api('/admin/experiments/' + enc(name)),
+      const detail = await api(base);
+      // Configured but not built: its error is all there is to show.
+      const built = Array.isArray(detail.variants);
+      for (const part of root.children) if (part !== title) part.hidden = !built;
+      if (!built) {
+        timed(() => {
+          const st = $('#endpoint-state', title);
+          setText(st, 'not built');
+          setClass(st, 'badge bad');
+          setText($('#endpoint-meta', title), detail.error || '');
+        });
+        return;
+      }
+      const [exp, hist] = await Promise.all([
+        api('/admin/experiments/' + enc(name)),
         noHistory ? null : api('/admin/history/' + enc(name)).catch((e) => {
           if (e.status === 401) throw e;
           noHistory = e.message;
