@@ -175,7 +175,7 @@
     try { data = await res.json(); } catch (e) { /* not JSON: the status says enough */ }
     const why = (data && typeof data.error === 'string' && data.error) || `${res.status} ${res.statusText}`;
     if (res.status === 401) {
-      const said = token ? 'The token was not accepted: ' + why : withoutToken ? 'This server needs a token: ' + why : null;
+      const said = token ? 'The token was not accepted: ' + why : withoutToken && !probing ? 'This server needs a token: ' + why : null;
       withoutToken = false;
       showSignIn(said);
       throw new ApiError(401, why);
@@ -221,10 +221,13 @@
     $('#token').focus();
   }
 
-  // Without a stored token there is nothing to ask the server (its 401 would only add a
-  // console error): the form shows at once. An empty sign-in asks without a token, for a
-  // server that configures none.
-  let withoutToken = false;
+  // Opened without a stored token, the page asks the server once without one: a server
+  // that configures no tokens answers and the dashboard shows (the sample configuration);
+  // one that does answers 401 and the form shows, with nothing said against the operator
+  // (the console lists that 401). After a sign-out the form shows without asking; an
+  // empty sign-in asks without a token again.
+  let withoutToken = true;
+  let probing = true;
   async function start() {
     if (!sessionStorage.getItem(TOKEN_KEY) && !withoutToken) { showSignIn(null); return; }
     try {
@@ -232,6 +235,8 @@
     } catch (e) {
       if (e.status !== 401) { report(e, 'auth'); setTimeout(start, 5000); }
       return;
+    } finally {
+      probing = false;
     }
     clearMessage('auth');
     $('#signin').hidden = true;
