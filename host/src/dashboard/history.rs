@@ -132,6 +132,16 @@ impl History {
         }
     }
 
+    /// The columns of an endpoint not sampled yet.
+    pub fn nothing_yet(&self) -> Columns {
+        Columns {
+            step_seconds: self.step.as_secs(),
+            span_seconds: SPAN.as_secs(),
+            times: Vec::new(),
+            variants: Vec::new(),
+        }
+    }
+
     /// One endpoint's points, or `None` for an endpoint not sampled yet.
     pub fn columns(&self, endpoint: &str) -> Option<Columns> {
         let endpoints = self
@@ -154,8 +164,6 @@ impl History {
                 .collect()
         };
         Some(Columns {
-            step_seconds: self.step.as_secs(),
-            span_seconds: SPAN.as_secs(),
             times: kept.points.iter().map(|p| p.at).collect(),
             variants: kept
                 .variants
@@ -169,6 +177,7 @@ impl History {
                     p99_ms: column(i, |s| s.p99_us.map(ms)),
                 })
                 .collect(),
+            ..self.nothing_yet()
         })
     }
 }

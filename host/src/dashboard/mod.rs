@@ -17,34 +17,34 @@ pub struct Asset {
     pub bytes: &'static [u8],
 }
 
+const HTML: &str = "text/html; charset=utf-8";
+const JAVASCRIPT: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
 /// Every file the page loads; the first is the page itself.
 pub const ASSETS: [Asset; 5] = [
-    Asset {
-        name: "",
-        media_type: "text/html; charset=utf-8",
-        bytes: include_bytes!("assets/index.html"),
-    },
-    Asset {
-        name: "app.js",
-        media_type: "text/javascript; charset=utf-8",
-        bytes: include_bytes!("assets/app.js"),
-    },
-    Asset {
-        name: "app.css",
-        media_type: "text/css; charset=utf-8",
-        bytes: include_bytes!("assets/app.css"),
-    },
-    Asset {
-        name: "uPlot.iife.min.js",
-        media_type: "text/javascript; charset=utf-8",
-        bytes: include_bytes!("assets/vendor/uplot/uPlot.iife.min.js"),
-    },
-    Asset {
-        name: "uPlot.min.css",
-        media_type: "text/css; charset=utf-8",
-        bytes: include_bytes!("assets/vendor/uplot/uPlot.min.css"),
-    },
+    file("", HTML, include_bytes!("assets/index.html")),
+    file("app.js", JAVASCRIPT, include_bytes!("assets/app.js")),
+    file("app.css", CSS, include_bytes!("assets/app.css")),
+    file(
+        "uPlot.iife.min.js",
+        JAVASCRIPT,
+        include_bytes!("assets/vendor/uplot/uPlot.iife.min.js"),
+    ),
+    file(
+        "uPlot.min.css",
+        CSS,
+        include_bytes!("assets/vendor/uplot/uPlot.min.css"),
+    ),
 ];
+
+const fn file(name: &'static str, media_type: &'static str, bytes: &'static [u8]) -> Asset {
+    Asset {
+        name,
+        media_type,
+        bytes,
+    }
+}
 
 /// The page's asset called `name`.
 pub fn asset(name: &str) -> Option<&'static Asset> {

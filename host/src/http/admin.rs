@@ -145,15 +145,12 @@ async fn history(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.tokens.authorize(&headers, Role::Read)?;
     endpoint(&state.pipeline.endpoints(), &name)?;
-    let mut body = match state.history.columns(&name) {
-        Some(columns) => json!(columns),
-        // Built since the last sample: nothing to draw yet, but the step is known.
-        None => json!({
-            "step_seconds": state.history.step().as_secs(),
-            "span_seconds": crate::dashboard::history::SPAN.as_secs(),
-            "times": [], "variants": [],
-        }),
-    };
+    // Built since the last sample: nothing to draw yet, but the step is known.
+    let columns = state
+        .history
+        .columns(&name)
+        .unwrap_or_else(|| state.history.nothing_yet());
+    let mut body = json!(columns);
     body["endpoint"] = json!(name);
     Ok(Json(body))
 }
@@ -173,12 +170,12 @@ async fn cost(
         .flat_map(|m| {
             m.versions
                 .iter()
-                .filter(|(_, e)| e.loaded.is_some())
+                .filter_map(|(version, entry)| Some((version, entry.loaded.as_ref()?)))
                 .map(|(version, loaded)| {
-                    let mut row = json!(spendings.version(&m.name, *version).spent());
+                    let mut row = json!(loaded.runner.spending().spent());
                     row["model"] = json!(m.name);
                     row["version"] = json!(version);
-                    row["backend"] = json!(loaded.loaded.as_ref().map(|l| l.engine.backend));
+                    row["backend"] = json!(loaded.engine.backend);
                     row
                 })
         })

@@ -155,9 +155,12 @@ async fn run(core: &Arc<Core>, batch: Vec<Job>) {
         }
     }
     let rows: Vec<usize> = batch.iter().map(|j| rows(&j.inputs)).collect();
-    let bills: Vec<Option<Spending>> = batch.iter().map(|j| j.bill.clone()).collect();
-    let (inputs, replies): (Vec<_>, Vec<_>) =
-        batch.into_iter().map(|j| (j.inputs, j.reply)).unzip();
+    let (mut inputs, mut replies, mut bills) = (Vec::new(), Vec::new(), Vec::new());
+    for job in batch {
+        inputs.push(job.inputs);
+        replies.push(job.reply);
+        bills.push(job.bill);
+    }
     let alone = inputs.len() == 1;
     let merged = match alone {
         true => inputs.into_iter().next().unwrap_or_default(),

@@ -86,6 +86,11 @@ impl Runner {
         }
     }
 
+    /// What this version's runs have cost so far.
+    pub fn spending(&self) -> &Spending {
+        &self.core.spending
+    }
+
     /// When a call turned away may be logged (see [`Throttle::pass`]).
     pub fn may_warn(&self) -> Option<u64> {
         self.warnings.pass()

@@ -105,8 +105,8 @@ impl Spent {
             predictions,
             predictions_per_cpu_second: per_cpu_second,
             cost_per_million: price
-                .zip((predictions > 0).then_some(()))
-                .map(|(price, ())| price * cpu_seconds / 3600.0 / predictions as f64 * 1e6),
+                .filter(|_| predictions > 0)
+                .map(|price| price * cpu_seconds / 3600.0 / predictions as f64 * 1e6),
         }
     }
 }
